@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from trainables.metrics import classification_metrics, confusion, probabilities
+
+
+def test_binary_metrics_match_hand_counts():
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.2, 0.9, 0.8, 0.4, 0.7, 0.95])  # predictions: 0 1 0 1 1 0 1 1
+    m = classification_metrics("binary", y, np.c_[1 - p1, p1])
+    # TP=4 FN=1 TN=2 FP=1
+    assert m["acc"] == pytest.approx(6 / 8)
+    assert m["specificity"] == pytest.approx(2 / 3)
+    assert m["recall_macro"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert m["balanced_acc"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    # AUC: of 15 (neg, pos) pairs only (0.6 > 0.4) is misordered
+    assert m["auc"] == pytest.approx(14 / 15)
+    assert confusion("binary", y, np.c_[1 - p1, p1]).tolist() == [[2, 1], [1, 4]]
+
+
+def test_multilabel_exact_match_and_hamming():
+    y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    probs = np.array([[0.9, 0.1, 0.8], [0.2, 0.7, 0.6], [0.7, 0.3, 0.1], [0.1, 0.2, 0.3]])
+    m = classification_metrics("multilabel", y, probs, class_names=("Mass", "Nodule", "Pleural Thickening"))
+    assert m["exact_match"] == pytest.approx(2 / 4)  # rows 0 and 3 exactly right
+    assert m["hamming_loss"] == pytest.approx(2 / 12)  # row 1 label 2, row 2 label 1
+    assert "auc_pleural_thickening" in m
+    assert m["auc"] == pytest.approx(np.mean([m["auc_mass"], m["auc_nodule"], m["auc_pleural_thickening"]]))
+
+
+def test_multiclass_auc_is_macro_one_vs_rest():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    probs = probabilities("multiclass", np.eye(3)[y] * 3.0)
+    m = classification_metrics("multiclass", y, probs)
+    assert m["auc"] == 1.0 and m["acc"] == 1.0 and m["specificity"] == 1.0
+
+
+def test_auc_is_nan_when_validation_has_one_class():
+    y = np.zeros(4, dtype=int)
+    p = np.full((4, 2), 0.5)
+    assert np.isnan(classification_metrics("binary", y, p)["auc"])

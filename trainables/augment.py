@@ -1,0 +1,91 @@
+"""Training-split augmentation from config, with torchvision v2, applied per sample.
+
+Names (joined with "+"): hflip, rotation, jitter, blur, noise, invert, autoaugment_imagenet,
+autoaugment_cifar10, autoaugment_svhn; "none" for no augmentation.
+Minority-class augmentation (the ResNet-D study) adds X % extra copies of each minority class,
+each copy transformed by one of: rotation with centre crop, inversion, Gaussian blur, Gaussian noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from .errors import UserError
+
+AUGMENTATIONS = ("hflip", "rotation", "jitter", "blur", "noise", "invert",
+                 "autoaugment_imagenet", "autoaugment_cifar10", "autoaugment_svhn")
+_POLICIES = {"imagenet": v2.AutoAugmentPolicy.IMAGENET, "cifar10": v2.AutoAugmentPolicy.CIFAR10,
+             "svhn": v2.AutoAugmentPolicy.SVHN}
+
+
+def parse_augment(spec: str) -> list[str]:
+    names = [] if spec in ("", "none", None) else spec.split("+")
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise UserError(f"Unknown augmentation {name!r} in {spec!r}; valid names: none, {', '.join(AUGMENTATIONS)}")
+    return names
+
+
+def _rotate_and_centre_crop(degrees: float, size: int) -> v2.Transform:
+    """Rotate, then crop the centre so no black corners reach the model, then restore the size."""
+    crop = max(1, int(round(size / (1 + np.sin(np.radians(min(degrees, 45))) * 0.75))))
+    return v2.Compose([v2.RandomRotation(degrees), v2.CenterCrop(crop), v2.Resize(size, antialias=True)])
+
+
+def _op(name: str, config: dict, size: int) -> v2.Transform:
+    if name == "hflip":
+        return v2.RandomHorizontalFlip()
+    if name == "rotation":
+        return _rotate_and_centre_crop(float(config["rotation_degrees"]), size)
+    if name == "jitter":
+        return v2.ColorJitter(brightness=config["jitter"], contrast=config["jitter"])
+    if name == "blur":
+        return v2.GaussianBlur(kernel_size=3, sigma=(0.1, float(config["blur_sigma"])))
+    if name == "noise":
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise(sigma=float(config["noise_std"])),
+                           v2.ToDtype(torch.uint8, scale=True)])
+    if name == "invert":
+        return v2.RandomInvert(p=0.5)
+    return v2.AutoAugment(_POLICIES[name.removeprefix("autoaugment_")])
+
+
+def build_train_transform(config: dict, size: int) -> v2.Transform | None:
+    """The per-sample uint8 CHW -> uint8 CHW transform for every training image, or None."""
+    names = parse_augment(config["augment"])
+    return v2.Compose([_op(name, config, size) for name in names]) if names else None
+
+
+def build_minority_transform(config: dict, size: int) -> v2.Transform:
+    """One of the study's four transforms, drawn per copy."""
+    return v2.RandomChoice([
+        _rotate_and_centre_crop(float(config["rotation_degrees"]) or 15.0, size),
+        v2.RandomInvert(p=1.0),
+        v2.GaussianBlur(kernel_size=3, sigma=(0.1, float(config["blur_sigma"]))),
+        _op("noise", config, size),
+    ])
+
+
+def minority_copies(labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
+    """Indices to copy: each class smaller than the largest gets round(pct % of its size) extra samples.
+
+    Multi-label samples count toward their rarest positive label (or "no label").
+    """
+    if pct <= 0:
+        return np.empty(0, dtype=np.int64)
+    classes = _rarest_label(labels) if labels.ndim == 2 else labels
+    values, counts = np.unique(classes, return_counts=True)
+    rng = np.random.default_rng(seed)
+    extra = []
+    for value, count in zip(values, counts):
+        if count < counts.max():
+            members = np.flatnonzero(classes == value)
+            extra.append(rng.choice(members, size=int(round(count * pct / 100)), replace=True))
+    return np.concatenate(extra).astype(np.int64) if extra else np.empty(0, dtype=np.int64)
+
+
+def _rarest_label(labels: np.ndarray) -> np.ndarray:
+    frequency = labels.sum(axis=0)
+    ranked = np.where(labels.astype(bool), frequency[None, :], np.inf)
+    return np.where(labels.any(axis=1), ranked.argmin(axis=1), -1)

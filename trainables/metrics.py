@@ -1,0 +1,83 @@
+"""Classification metrics from scikit-learn, one flat dict per split (what Ray and MLflow log)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def probabilities(task: str, logits: np.ndarray) -> np.ndarray:
+    """Softmax for single-label tasks, sigmoid per label for multi-label."""
+    if task == "multilabel":
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def predictions(task: str, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    if task == "multilabel":
+        return (probs >= threshold).astype(np.uint8)
+    if task == "binary":
+        return (probs[:, 1] >= threshold).astype(np.int64)
+    return probs.argmax(axis=1)
+
+
+def _safe_auc(y_true, score, **kwargs) -> float:
+    try:
+        return float(skm.roc_auc_score(y_true, score, **kwargs))
+    except ValueError:  # one class only in y_true: AUC is undefined
+        return float("nan")
+
+
+def _specificity(confusions: np.ndarray) -> float:
+    """Mean over classes of TN / (TN + FP), from one-vs-rest 2x2 matrices."""
+    tn, fp = confusions[:, 0, 0], confusions[:, 0, 1]
+    return float(np.mean(tn / np.maximum(tn + fp, 1)))
+
+
+def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, class_names=None,
+                           threshold: float = 0.5) -> dict[str, float]:
+    """accuracy, balanced accuracy, AUC, precision/recall/F1 (macro, micro), specificity; multi-label adds
+    exact match and Hamming loss and per-label AUC."""
+    y_pred = predictions(task, probs, threshold)
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined precision for an absent class is reported as 0
+        for average in ("macro", "micro"):
+            p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+            out |= {f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f}
+        if task == "multilabel":
+            per_label = [_safe_auc(y_true[:, j], probs[:, j]) for j in range(y_true.shape[1])]
+            out["auc"] = float(np.nanmean(per_label)) if not np.all(np.isnan(per_label)) else float("nan")
+            for j, value in enumerate(per_label):
+                out[f"auc_{_metric_safe(class_names[j] if class_names else str(j))}"] = value
+            out["exact_match"] = float(skm.accuracy_score(y_true, y_pred))
+            out["hamming_loss"] = float(skm.hamming_loss(y_true, y_pred))
+            out["acc"] = 1.0 - out["hamming_loss"]
+            out["specificity"] = _specificity(skm.multilabel_confusion_matrix(y_true, y_pred))
+        else:
+            labels = np.arange(probs.shape[1])
+            if task == "binary":
+                out["auc"] = _safe_auc(y_true, probs[:, 1])
+            else:
+                out["auc"] = _safe_auc(y_true, probs, multi_class="ovr", average="macro", labels=labels)
+            out["acc"] = float(skm.accuracy_score(y_true, y_pred))
+            out["balanced_acc"] = float(skm.balanced_accuracy_score(y_true, y_pred))
+            confusions = skm.multilabel_confusion_matrix(y_true, y_pred, labels=labels)
+            out["specificity"] = float(confusions[1, 0, 0] / max(confusions[1, 0, 0] + confusions[1, 0, 1], 1)) \
+                if task == "binary" else _specificity(confusions)
+    return {key: float(value) for key, value in out.items()}
+
+
+def confusion(task: str, y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(K, K) for single-label; (L, 2, 2) one-vs-rest matrices for multi-label."""
+    y_pred = predictions(task, probs, threshold)
+    if task == "multilabel":
+        return skm.multilabel_confusion_matrix(y_true, y_pred)
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(probs.shape[1]))
+
+
+def _metric_safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")

@@ -1,0 +1,165 @@
+"""Models by name. timm builds every standard architecture; two small CNNs from the studies are ours.
+
+`create_model(name, num_classes=k, in_chans=c, img_size=s)` is the one entry point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from .errors import UserError, unknown_name
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Add `fn(num_classes, in_chans, img_size, **timm_kwargs) -> nn.Module` under `name`."""
+
+    def add(fn):
+        _BUILDERS[name] = fn
+        return fn
+
+    return add
+
+
+def model_names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+# DenseNet's four transitions halve the input 5 times: below 32 px nothing is left to pool.
+MIN_IMAGE_SIZE = {"densenet121": 32, "densenet161": 32}
+
+
+def check_model_name(name: str, img_size: int | None = None) -> None:
+    if name not in _BUILDERS:
+        raise unknown_name("model", name, model_names())
+    smallest = MIN_IMAGE_SIZE.get(name, 1)
+    if img_size is not None and img_size < smallest:
+        raise UserError(f"Model {name} needs images of at least {smallest} px, got {img_size}; raise image_size")
+
+
+def _timm(arch: str, **fixed):
+    def build(num_classes, in_chans, img_size, **kwargs):
+        return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **fixed, **kwargs)
+
+    return build
+
+
+TIMM_MODELS = [f"resnet{d}d" for d in (18, 34, 50, 101, 152, 200)] + [
+    f"resnet{d}" for d in (18, 34, 50, 101, 152)
+] + ["densenet121", "densenet161", "efficientnet_b0"]
+for _arch in TIMM_MODELS:
+    register_model(_arch)(_timm(_arch))
+
+
+@register_model("vit_small_patch8")
+def vit_small_patch8(num_classes, in_chans, img_size, **kwargs):
+    """The small ViT of the model-zoo study: patch 8, dim 128, depth 6, 16 heads, MLP ratio 4, dropout 0.3."""
+    kwargs.setdefault("drop_rate", 0.3)
+    return timm.create_model(
+        "vit_small_patch8_224", num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+        embed_dim=128, depth=6, num_heads=16, mlp_ratio=4.0, **kwargs,
+    )
+
+
+class VGGLike(nn.Module):
+    """VGG-style CNN from scratch: 3x3 conv blocks, 2x2 max-pools, FC 2048, Xavier init."""
+
+    def __init__(self, num_classes: int, in_chans: int, widths=(64, 128, 256, 512), drop_rate: float = 0.5):
+        super().__init__()
+        layers, channels = [], in_chans
+        for width in widths:
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                       nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(channels, 2048), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
+                                  nn.Linear(2048, num_classes))
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class SimpleCNN(nn.Module):
+    """Two conv layers and a linear head: the baseline every study starts from."""
+
+    def __init__(self, num_classes: int, in_chans: int, drop_rate: float = 0.25):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(64 * 16, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@register_model("vgg_like")
+def vgg_like(num_classes, in_chans, img_size, **kwargs):
+    return VGGLike(num_classes, in_chans, **kwargs)
+
+
+@register_model("simple_cnn")
+def simple_cnn(num_classes, in_chans, img_size, **kwargs):
+    return SimpleCNN(num_classes, in_chans, **kwargs)
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int, pretrained: bool = False,
+                 pretrained_path: str | None = None, freeze_backbone: bool = False,
+                 drop_rate: float | None = None) -> nn.Module:
+    """Build `name`; `pretrained` loads ImageNet weights (from `pretrained_path` when offline)."""
+    check_model_name(name, img_size)
+    kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
+    if pretrained:
+        kwargs.update(_pretrained_kwargs(name, pretrained_path))
+    try:
+        model = _BUILDERS[name](num_classes, in_chans, img_size, **kwargs)
+    except (OSError, RuntimeError) as error:
+        if not pretrained:
+            raise
+        raise UserError(
+            f"Pretrained weights for {name} could not be loaded ({type(error).__name__}: {str(error)[:120]}); "
+            "download them where there is network and pass pretrained_path=<file>, or set pretrained: false"
+        ) from None
+    if freeze_backbone:
+        freeze_all_but_head(model)
+    return model
+
+
+def _pretrained_kwargs(name: str, pretrained_path: str | None) -> dict:
+    if name not in TIMM_MODELS:
+        raise UserError(f"Model {name} has no pretrained weights; set pretrained: false or use one of {', '.join(TIMM_MODELS)}")
+    if pretrained_path is None:
+        return {"pretrained": True}  # timm fetches from the Hugging Face hub
+    path = Path(pretrained_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"pretrained_path {path} does not exist; give the path of a downloaded timm weights file")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+
+
+def freeze_all_but_head(model: nn.Module) -> None:
+    """Train the classifier only: timm models name it via get_classifier(); ours call it `head`."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else model.head
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    for parameter in head.parameters():
+        parameter.requires_grad = True
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+torch.backends.cudnn.benchmark = True

@@ -1,0 +1,291 @@
+"""One trial: train on the training split, pick the best epoch on validation, score test once at the end.
+
+    python -m trainables.train --config trial.yaml          # one trial alone, no Ray
+    train(config, report=print)                              # the same from Python
+
+`iterate_epochs` yields once per epoch; Ray Tune's trainable (trainables/ray_trainable.py) reports
+and checkpoints each yield, `train` just prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import yaml
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from .augment import build_minority_transform, build_train_transform, minority_copies
+from .config import resolve_config
+from .datasets import Dataset, ImageSet, load_dataset
+from .errors import UserError
+from .losses import build_loss
+from .metrics import classification_metrics, probabilities
+from .models import create_model
+from .splits import train_val_indices
+
+MEAN, STD = 0.5, 0.5  # images are scaled to [-1, 1], as in the MedMNIST baselines
+
+
+class ArrayDataset(TorchDataset):
+    """uint8 NHWC images -> normalised float CHW tensors; `strong` rows get the minority transform."""
+
+    def __init__(self, images: ImageSet, transform=None, extra_index=None, extra_transform=None):
+        self.images, self.labels = images.images, images.labels
+        self.index = np.arange(len(images)) if extra_index is None else np.r_[np.arange(len(images)), extra_index]
+        self.first_extra = len(images)
+        self.transform, self.extra_transform = transform, extra_transform
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, position):
+        row = self.index[position]
+        image = torch.from_numpy(np.ascontiguousarray(self.images[row])).permute(2, 0, 1)
+        if position >= self.first_extra and self.extra_transform is not None:
+            image = self.extra_transform(image)
+        if self.transform is not None:
+            image = self.transform(image)
+        return normalise(image), torch.as_tensor(self.labels[row])
+
+
+def normalise(uint8_images: torch.Tensor) -> torch.Tensor:
+    return (uint8_images.float() / 255.0 - MEAN) / STD
+
+
+@dataclass
+class Epoch:
+    """What one epoch produced: the metrics to report and the state to checkpoint."""
+
+    epoch: int
+    metrics: dict
+    state: dict
+    final: bool = False
+    test_labels: np.ndarray | None = None  # only on the final epoch
+    test_probs: np.ndarray | None = None
+    history: list = field(default_factory=list)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_schedule(config: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Linear warm-up over `warmup_frac` of all steps then cosine to zero, or step decay, or None."""
+    total = config["epochs"] * steps_per_epoch
+    if config["schedule"] == "cosine":
+        warmup = int(round(config["warmup_frac"] * total))
+        return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup, warmup_prefix=True,
+                                 warmup_lr_init=config["lr"] * 1e-3, lr_min=0.0, t_in_epochs=False)
+    if config["schedule"] == "step":
+        milestones = [int(round(m * config["epochs"])) * steps_per_epoch for m in config["step_milestones"]]
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=config["step_gamma"], t_in_epochs=False)
+    return None
+
+
+def build_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
+    cls = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=config["lr"], weight_decay=config["weight_decay"])
+
+
+def _targets(labels: torch.Tensor, task: str) -> torch.Tensor:
+    return labels.float() if task == "multilabel" else labels.long()
+
+
+def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task, step: int, amp: bool) -> tuple[float, int]:
+    """One pass over `loader`; returns (mean loss, global step). A non-finite loss fails the trial."""
+    model.train()
+    total, seen = 0.0, 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = _targets(labels.to(device, non_blocking=True), task)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = criterion(model(images), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite loss ({loss.item()}) at step {step}; lower lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if schedule is not None:
+            schedule.step_update(step)
+        total += loss.item() * len(labels)
+        seen += len(labels)
+    return total / max(seen, 1), step
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, device, amp: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for a whole split, without autograd."""
+    model.eval()
+    logits, labels = [], []
+    for images, batch_labels in loader:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits.append(model(images).float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate(model, criterion, loader, device, task, class_names, amp: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics incl. loss, labels, probabilities) for one split."""
+    logits, labels = predict_logits(model, loader, device, amp)
+    loss = float(criterion(torch.from_numpy(logits), _targets(torch.from_numpy(labels), task)).item())
+    probs = probabilities(task, logits)
+    return {"loss": loss, **classification_metrics(task, labels, probs, class_names)}, labels, probs
+
+
+def eval_loader(images: ImageSet, batch_size: int, device: torch.device) -> DataLoader:
+    return DataLoader(ArrayDataset(images), batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+
+
+def build_model(config: dict, dataset: Dataset) -> torch.nn.Module:
+    return create_model(config["model"], num_classes=dataset.num_classes, in_chans=dataset.channels,
+                        img_size=int(dataset.dev.images.shape[1]), pretrained=config["pretrained"],
+                        pretrained_path=config["pretrained_path"], freeze_backbone=config["freeze_backbone"],
+                        drop_rate=config["drop_rate"])
+
+
+def _better(score: float, best: float | None, mode: str) -> bool:
+    if math.isnan(score):
+        return False
+    return best is None or (score > best if mode == "max" else score < best)
+
+
+def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -> Iterator[Epoch]:
+    """Train `config` on `dataset`, yielding each epoch; the last one carries the test metrics."""
+    config = resolve_config(config)
+    seed_everything(config["seed"])
+    device = pick_device(config["device"])
+    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    train_idx, val_idx = train_val_indices(dataset, config["split_ratio"], config["seed"])
+    train_set, val_set = dataset.dev.subset(train_idx), dataset.dev.subset(val_idx)
+    size = int(train_set.images.shape[1])
+    extra = minority_copies(train_set.labels, float(config["minority_aug_pct"]), config["seed"])
+    train_data = ArrayDataset(train_set, build_train_transform(config, size), extra,
+                              build_minority_transform(config, size) if len(extra) else None)
+    generator = torch.Generator().manual_seed(config["seed"])
+    train_loader = DataLoader(train_data, batch_size=config["batch_size"], shuffle=True, generator=generator,
+                              num_workers=config["num_workers"], pin_memory=device.type == "cuda",
+                              persistent_workers=config["num_workers"] > 0, drop_last=len(train_data) > config["batch_size"])
+    val_loader = eval_loader(val_set, 512, device)
+
+    model = build_model(config, dataset).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_loss(dataset.task, train_set.labels, dataset.num_classes, config["loss_weighting"],
+                           config["effective_beta"]).to(device)
+    optimizer = build_optimizer(config, model)
+    schedule = build_schedule(config, optimizer, len(train_loader))
+    start, best_score, best_epoch, best_state, history = 1, None, 0, None, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start, best_score, best_epoch = resume["epoch"] + 1, resume["best_score"], resume["best_epoch"]
+        best_state, history = resume["best_model"], list(resume["history"])
+        generator.manual_seed(config["seed"] + resume["epoch"])
+    step = (start - 1) * len(train_loader)
+    if schedule is not None:
+        schedule.step_update(step)
+    metric_key = config["metric"].removeprefix("val_")
+    cpu_criterion = criterion.cpu() if device.type == "cpu" else copy.deepcopy(criterion).cpu()
+
+    for epoch in range(start, config["epochs"] + 1):
+        started = time.perf_counter()
+        train_loss, step = train_one_epoch(model, criterion, optimizer, schedule, train_loader, device,
+                                           dataset.task, step, amp)
+        val_metrics, _, _ = evaluate(model, cpu_criterion, val_loader, device, dataset.task, dataset.class_names, amp)
+        score = val_metrics.get(metric_key, float("nan"))
+        if _better(score, best_score, config["mode"]):
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        metrics = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
+                   "best_epoch": best_epoch, f"best_{config['metric']}": best_score if best_score is not None else float("nan"),
+                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
+                   "train_images": len(train_data)}
+        history.append(metrics)
+        final = epoch == config["epochs"]
+        test_labels = test_probs = None
+        if final:  # the only place the test split is read
+            model.load_state_dict(best_state if best_state is not None else model.state_dict())
+            test_metrics, test_labels, test_probs = evaluate(model, cpu_criterion, eval_loader(dataset.test, 512, device),
+                                                             device, dataset.task, dataset.class_names, amp)
+            metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
+        state = {"config": config, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "best_model": best_state, "best_score": best_score, "best_epoch": best_epoch, "history": history,
+                 "dataset": {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
+                             "channels": dataset.channels, "image_size": size, "mean": MEAN, "std": STD}}
+        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history)
+
+
+def train(config: dict, data: Dataset | None = None, report: Callable[[dict], object] = print) -> dict:
+    """Run a whole trial, calling `report(metrics)` once per epoch; returns the last metrics."""
+    config = resolve_config(config)
+    dataset = data or load_dataset(config["dataset"], image_size=config["image_size"], data_root=config["data_root"])
+    metrics: dict = {}
+    for epoch in iterate_epochs(config, dataset):
+        metrics = epoch.metrics
+        report(metrics)
+    return metrics
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run one medtune trial without Ray.")
+    parser.add_argument("--config", help="YAML/JSON file of config keys (see trainables/config.py)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, YAML values")
+    parser.add_argument("--data-root", help="folder holding the datasets (default $MEDTUNE_DATA_ROOT)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        overrides = {}
+        if args.config:
+            with open(args.config) as handle:
+                overrides = yaml.safe_load(handle) or {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = yaml.safe_load(value)
+        if args.data_root:
+            overrides["data_root"] = args.data_root
+        config = resolve_config(overrides)
+        from .models import check_model_name
+        from .datasets import check_dataset_name
+        check_model_name(config["model"])
+        check_dataset_name(config["dataset"])
+        final = train(config, report=lambda m: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                                              for k, v in m.items() if not k.startswith("test_")})))
+        print("test:", json.dumps({k: round(v, 4) for k, v in final.items() if k.startswith("test_")}))
+    except (UserError, OSError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
