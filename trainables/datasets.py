@@ -55,7 +55,7 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {}
 
 
 def register_dataset(name: str):
-    """Add a loader `fn(path, image_size, data_root) -> Dataset` under `name`."""
+    """Add a loader `fn(*, path, image_size, data_root, skip_bad_images) -> Dataset` under `name`."""
 
     def add(fn):
         _LOADERS[name] = fn
@@ -82,11 +82,15 @@ def check_dataset_name(spec: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def load_dataset(spec: str, *, image_size: int = 28, data_root: str | None = None) -> Dataset:
-    """The dataset named `spec` (`pneumoniamnist`, or `kind:PATH`) at `image_size`, cached per process."""
+def load_dataset(spec: str, *, image_size: int = 28, data_root: str | None = None,
+                 skip_bad_images: bool = False) -> Dataset:
+    """The dataset named `spec` (`pneumoniamnist`, or `kind:PATH`) at `image_size`, cached per process.
+
+    `skip_bad_images` leaves unreadable image files out instead of failing (file-based kinds only)."""
     check_dataset_name(spec)
     kind, _, path = spec.partition(":")
-    return _LOADERS[kind](path=path or None, image_size=int(image_size), data_root=default_data_root(data_root))
+    return _LOADERS[kind](path=path or None, image_size=int(image_size), data_root=default_data_root(data_root),
+                          skip_bad_images=bool(skip_bad_images))
 
 
 # --- MedMNIST -------------------------------------------------------------------------------------
@@ -126,7 +130,8 @@ def _fetch_medmnist(flag: str, image_size: int, root: Path) -> Path:
     return path
 
 
-def load_medmnist(flag: str, *, path: str | None, image_size: int, data_root: Path) -> Dataset:
+def load_medmnist(flag: str, *, path: str | None, image_size: int, data_root: Path,
+                  skip_bad_images: bool = False) -> Dataset:
     import medmnist
 
     if image_size not in MEDMNIST_SIZES:
@@ -163,3 +168,5 @@ def _register_medmnist() -> None:
 
 
 _register_medmnist()
+
+from . import folder_datasets  # noqa: E402,F401  (registers imagefolder:, csv:, nih_chestxray14:)
