@@ -1,5 +1,5 @@
 """What ONE trial does: data, models, augmentation, losses, metrics and the train loop.
 
-Nothing here imports Ray, MLflow, `tune.py` or `analysis`: a trial runs alone with
+Only `ray_trainable.py` imports Ray; nothing imports MLflow, `tune.py` or `analysis`. A trial runs alone:
 `python -m trainables.train --config trial.yaml`.
 """

@@ -1,0 +1,1 @@
+"""After (and around) the search: MLflow conventions, tables, reports, export of the winner."""

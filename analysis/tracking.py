@@ -1,0 +1,185 @@
+"""How a search is laid out in MLflow, and the Ray Tune callback that writes it.
+
+One experiment ("medtune"), one parent run per search, one nested run per trial. The callback runs on
+the driver: trials on other machines never talk to the tracking server. Tags below are the contract
+that `tune.py`, the callback and `analysis/` share.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+EXPERIMENT = "medtune"
+TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
+TAG_ROLE = "medtune.role"  # "search" (parent) or "trial"
+TAG_TRIAL = "medtune.trial_id"  # Ray's trial id: a resumed trial finds its run again
+TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | failed
+TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
+TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
+TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
+PARENT = "mlflow.parentRunId"
+TRIAL_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
+_RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
+                    "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
+
+
+def default_tracking_uri() -> str:
+    """MLflow 3's default store, pinned to an absolute path so every process agrees on it."""
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str) -> MlflowClient:
+    """A client that has answered once; raises ConnectionError with the reason otherwise."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as error:  # MlflowException, requests errors, sqlalchemy errors
+        raise ConnectionError(f"{type(error).__name__}: {str(error).splitlines()[0][:160]}") from None
+    return client
+
+
+def get_experiment_id(client: MlflowClient, name: str = EXPERIMENT) -> str:
+    """The experiment, created on first use and tagged so the UI opens on its runs table."""
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    return experiment_id
+
+
+def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
+    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def find_search_run(client: MlflowClient, search: str, experiment_id: str | None = None):
+    """The parent run of a search, by search name or run id; None when there is none."""
+    try:
+        run = client.get_run(search)
+        if run.data.tags.get(TAG_ROLE) == "search":
+            return run
+    except Exception:
+        pass
+    experiments = [experiment_id] if experiment_id else [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_ROLE}` = 'search'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def trial_runs(client: MlflowClient, parent) -> list:
+    """Every trial run nested under `parent`."""
+    return client.search_runs([parent.info.experiment_id], f"tags.`{PARENT}` = '{parent.info.run_id}'",
+                              max_results=10000)
+
+
+def start_search_run(client: MlflowClient, experiment_id: str, search: str, tags: dict) -> str:
+    """The parent run for `search`: reopened when the search resumes, created otherwise."""
+    existing = find_search_run(client, search, experiment_id)
+    if existing is not None:
+        client.update_run(existing.info.run_id, status="RUNNING")
+        return existing.info.run_id
+    run = client.create_run(experiment_id, run_name=search, tags={TAG_SEARCH: search, TAG_ROLE: "search", **tags})
+    return run.info.run_id
+
+
+def flat_params(config: dict) -> list[Param]:
+    return [Param(key, str(value)[:6000]) for key, value in sorted(config.items())]
+
+
+def numeric_metrics(result: dict, step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in result.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _RAY_BOOKKEEPING
+            and not (isinstance(value, float) and math.isinf(value))]
+
+
+def checkpoint_uri(checkpoint) -> str:
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+class MLflowTrialCallback(Callback):
+    """Mirror every trial into a run nested under the search's parent run.
+
+    Params at start, one metric step per epoch, and at the end the trial's report files (read from its
+    final checkpoint on shared storage), the checkpoint URI and how the trial ended.
+    """
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, search: str, max_t: int):
+        self.tracking_uri, self.parent_run_id, self.search, self.max_t = tracking_uri, parent_run_id, search, max_t
+        self._runs: dict[str, str] = {}
+
+    def setup(self, **info):
+        self.client = MlflowClient(self.tracking_uri)
+        parent = self.client.get_run(self.parent_run_id)
+        for run in trial_runs(self.client, parent):  # a resumed search finds its trials' runs again
+            self._runs[run.data.tags.get(TAG_TRIAL, "")] = run.info.run_id
+
+    def _run_id(self, trial) -> str:
+        if trial.trial_id not in self._runs:
+            parent = self.client.get_run(self.parent_run_id)
+            run = self.client.create_run(parent.info.experiment_id, run_name=str(trial), tags={
+                PARENT: self.parent_run_id, TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial.trial_id})
+            self._runs[trial.trial_id] = run.info.run_id
+            self.client.log_batch(run.info.run_id, params=flat_params(trial.config))
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.client.update_run(self._run_id(trial), status="RUNNING")
+
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self.client.update_run(self._run_id(trial), status="RUNNING")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("training_iteration", 0))
+        self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        epochs = int(trial.last_result.get("training_iteration", 0))
+        outcome = "completed" if epochs >= self.max_t else "stopped_early"
+        tags = [RunTag(TAG_OUTCOME, outcome)]
+        checkpoint = trial.checkpoint
+        if checkpoint is not None:
+            tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
+            with checkpoint.as_directory() as directory:
+                for name in TRIAL_ARTIFACTS:
+                    if (Path(directory) / name).exists():
+                        self.client.log_artifact(run_id, str(Path(directory) / name))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        error = (trial.error_file and Path(trial.error_file).exists() and
+                 Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
+        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, "failed"), RunTag("medtune.error", error[:5000])])
+        self.client.set_terminated(run_id, status="FAILED")
+
+
+def close_search(client: MlflowClient, parent_run_id: str, best_trial_id: str | None, best_metrics: dict,
+                 live_trial_ids: set[str]) -> str | None:
+    """Name the winner on the parent, end runs of trials Ray no longer knows, end the parent run."""
+    parent = client.get_run(parent_run_id)
+    best_run_id = None
+    for run in trial_runs(client, parent):
+        trial_id = run.data.tags.get(TAG_TRIAL)
+        if trial_id == best_trial_id:
+            best_run_id = run.info.run_id
+            client.set_tag(best_run_id, TAG_IS_BEST, "true")
+        if run.info.status == "RUNNING":  # killed mid-trial and not resumed: never leave it RUNNING
+            client.set_terminated(run.info.run_id, status="KILLED" if trial_id not in live_trial_ids else "FINISHED")
+    if best_run_id:
+        client.set_tag(parent_run_id, TAG_BEST_RUN, best_run_id)
+        client.log_batch(parent_run_id, metrics=numeric_metrics(
+            {k: v for k, v in best_metrics.items() if k.startswith(("val_", "test_", "best_"))}, 0))
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return best_run_id

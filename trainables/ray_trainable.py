@@ -1,0 +1,41 @@
+"""The Ray Tune function trainable: `iterate_epochs` plus one `tune.report` and checkpoint per epoch.
+
+The only module of `trainables` that imports Ray. Datasets arrive through `tune.with_parameters`
+(object store, one copy per node), keyed by (dataset spec, image size).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from ray import tune
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .figures import write_trial_figures
+from .train import iterate_epochs
+
+
+def dataset_key(config: dict) -> tuple[str, int]:
+    return config["dataset"], int(config["image_size"])
+
+
+def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -> None:
+    """One trial under Ray Tune; resumes from the trial's latest checkpoint after a restore or retry.
+
+    `variants` maps a space's variant names to the config keys they fix (see search_spaces)."""
+    if "variant" in config:
+        config = dict(config)
+        config.update(variants[config.pop("variant")])
+    dataset = datasets[dataset_key(config)]
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            resume = load_checkpoint(directory)
+    for epoch in iterate_epochs(config, dataset, resume):
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(epoch.state, directory)
+            if epoch.final:
+                write_trial_figures(directory, dataset.task, dataset.class_names, epoch.test_labels,
+                                    epoch.test_probs, epoch.history)
+            tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))
