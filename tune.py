@@ -255,16 +255,18 @@ def search_tags(space: SearchSpace, seed: int) -> dict:
     return tags
 
 
-def best_result(results, space: SearchSpace):
-    """The winner by validation only: the best `best_<metric>` among trials that trained to the end
-    (ASHA-stopped trials have no test metrics), or among all when none did."""
-    finished = [r for r in results if r.error is None and r.metrics
-                and r.metrics.get("training_iteration", 0) >= space.max_t]
-    pool = finished or [r for r in results if r.error is None and r.metrics]
-    key = f"best_{space.metric}"
-    sign = 1 if space.mode == "max" else -1
-    ranked = sorted(pool, key=lambda r: sign * float(r.metrics.get(key, float("nan")) or float("-inf")), reverse=True)
-    return ranked
+def rank_trials(results, space: SearchSpace) -> list:
+    """Trials best first, by validation only: `best_<metric>` among trials that trained to the end
+    (ASHA-stopped trials have no test metrics), or among all successful ones when none did."""
+    ok = [r for r in results if r.error is None and r.metrics]
+    pool = [r for r in ok if r.metrics.get("training_iteration", 0) >= space.max_t] or ok
+    key, sign = f"best_{space.metric}", (1 if space.mode == "max" else -1)
+
+    def score(result) -> float:
+        value = float(result.metrics.get(key, float("nan")))
+        return sign * value if value == value else float("-inf")  # NaN ranks last
+
+    return sorted(pool, key=score, reverse=True)
 
 
 def print_summary(ranked, results, space: SearchSpace, top: int = 5) -> None:
@@ -324,7 +326,7 @@ def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
         else:
             tuner = build_tuner(space, name, storage, datasets, [callback], args.seed)
         results = tuner.fit()
-        ranked = best_result(results, space)
+        ranked = rank_trials(results, space)
         best = ranked[0] if ranked else None
         live = {r.metrics.get("trial_id") for r in results if r.metrics}
         best_run = close_search(client, parent_id, best.metrics.get("trial_id") if best else None,
@@ -337,12 +339,13 @@ def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
         print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  then open {runs_table_url(tracking_uri, experiment_id)}")
     finally:
         ray.shutdown()
-    return 0
+    return 0 if ranked else 1  # every trial failed: say so to scripts too
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.getLogger("mlflow").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    for library in ("mlflow", "optuna", "ray.tune"):
+        logging.getLogger(library).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     try:
         if args.list_spaces:
             for name, path in shipped_spaces().items():

@@ -27,7 +27,7 @@ def real_data(relative: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def medmnist_root() -> Path:
     return real_data("medmnist/pneumoniamnist.npz").parent
 

@@ -11,6 +11,7 @@ import tempfile
 from ray import tune
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import resolve_config
 from .figures import write_trial_figures
 from .train import iterate_epochs
 
@@ -23,9 +24,10 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -
     """One trial under Ray Tune; resumes from the trial's latest checkpoint after a restore or retry.
 
     `variants` maps a space's variant names to the config keys they fix (see search_spaces)."""
+    config = dict(config)
     if "variant" in config:
-        config = dict(config)
         config.update(variants[config.pop("variant")])
+    config = resolve_config(config)
     dataset = datasets[dataset_key(config)]
     resume = None
     checkpoint = tune.get_checkpoint()

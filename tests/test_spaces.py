@@ -1,0 +1,90 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from search_spaces import load_space, shipped_spaces
+from trainables.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ["smoke", "resnetd_depth", "pneumonia_resnet18", "medmnist_resnet", "chestxray14_multilabel",
+           "architecture_zoo", "medmnist_baseline"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_space_validates_and_builds_a_tune_space(name):
+    space = load_space(name)
+    param_space = space.param_space()
+    assert param_space["dataset"] == space.dataset and param_space["epochs"] == space.max_t
+    assert space.description and space.metric.startswith("val_")
+
+
+def test_resnetd_depth_covers_the_study_grid():
+    space = load_space("resnetd_depth")
+    assert space.values_of("model") == [f"resnet{d}d" for d in (18, 34, 50, 101, 152, 200)]
+    assert space.values_of("split_ratio") == [0.9, 0.8, 0.7]
+    assert space.values_of("minority_aug_pct") == [0, 10, 20, 30]
+    assert space.values_of("loss_weighting") == ["none", "inverse", "effective"]
+    assert space.params["warmup_frac"] == {"uniform": [0.0, 0.2]} and "loguniform" in space.params["lr"]
+
+
+def test_list_spaces_prints_one_line_per_space():
+    result = subprocess.run([sys.executable, "tune.py", "--list-spaces"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(shipped_spaces())
+    assert set(SHIPPED) <= set(shipped_spaces())
+
+
+BAD = {
+    "unknown top-level key": ("dataset: pneumoniamnist\ndescription: x\nsamples: 3\n", "samples: unknown key"),
+    "unknown config key": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  learning_rate: {uniform: [0, 1]}\n",
+                           "params.learning_rate: unknown config key"),
+    "empty range": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  lr: {loguniform: [1.0e-2, 1.0e-4]}\n",
+                    "params.lr: loguniform range"),
+    "bad model": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  model: {choice: [resnet18, resnet19]}\n",
+                  "Unknown model 'resnet19'"),
+    "bad dataset": ("dataset: pneumomnist\ndescription: x\n", "Unknown dataset 'pneumomnist'"),
+    "test metric": ("dataset: pneumoniamnist\ndescription: x\nmetric: test_auc\n", "metric: 'test_auc' must be a validation"),
+    "bad choice value": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  optimizer: {choice: [adam, lion]}\n",
+                         "Invalid optimizer 'lion'"),
+    "broken yaml": ("dataset: [pneumoniamnist\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_space_names_file_and_key(tmp_path, case):
+    text, expected = BAD[case]
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as error:
+        load_space(str(path))
+    assert str(path) in str(error.value) and expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--space", "smok"], "Unknown search space 'smok'"),
+    (["--space", "smoke", "--dataset", "pneumonia"], "Unknown dataset 'pneumonia'"),
+    (["--space", "smoke", "--set", "model=resnet19"], "Unknown model 'resnet19'"),
+    (["--resume", "no-such-search"], "No search named 'no-such-search'"),
+])
+def test_user_errors_exit_2_with_one_line_before_ray_starts(tmp_path, argv, expected):
+    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and expected in result.stderr
+    assert not (tmp_path / "medtune_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_data_and_unreachable_tracking_server_are_user_errors(tmp_path, medmnist_root):
+    missing = subprocess.run([sys.executable, str(REPO / "tune.py"), "--space", "smoke", "--data-root", str(tmp_path),
+                              "--dataset", "breastmnist", "--image-size", "64"], cwd=tmp_path,
+                             capture_output=True, text=True, env={**__import__("os").environ, "no_proxy": "*"})
+    assert missing.returncode == 2 and "breastmnist_64.npz is not in" in missing.stderr
+    unreachable = subprocess.run([sys.executable, str(REPO / "tune.py"), "--space", "smoke", "--data-root",
+                                  str(medmnist_root), "--tracking-uri", "http://127.0.0.1:9"], cwd=tmp_path,
+                                 capture_output=True, text=True)
+    assert unreachable.returncode == 2, unreachable.stderr
+    assert unreachable.stderr.count("\n") == 1 and "http://127.0.0.1:9 is unreachable" in unreachable.stderr
+    assert not (tmp_path / "medtune_results").exists()
