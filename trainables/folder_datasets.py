@@ -127,6 +127,8 @@ def _take(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_size: int, options: dict,
              skip_bad_images: bool) -> FileDataset:
     """Decode (or reuse) the images, hold out the test split if the data has none, drop unreadable rows."""
+    if image_size < 8:
+        raise UserError(f"Invalid image_size {image_size}; images are resized to a square of at least 8 pixels, e.g. 64")
     if len(class_names) < 2:
         raise UserError(f"{name}: found {len(class_names)} class(es) {list(class_names)}; a classifier needs at least 2")
     test = table.test
