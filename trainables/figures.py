@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report  # noqa: E402
 
@@ -84,5 +85,7 @@ def _learning_curves(history):
     auc_ax.plot(epochs, [h["val_acc"] for h in history], "o-", label="val accuracy")
     auc_ax.set(xlabel="epoch", title="Validation")
     auc_ax.legend()
+    for ax in (loss_ax, auc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
