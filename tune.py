@@ -28,7 +28,9 @@ from ray.tune import Callback
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces, validate_space
 from trainables.datasets import load_dataset
 from trainables.errors import UserError
+from trainables.leaks import format_leak_report, leak_metrics, leak_report
 from trainables.models import create_model
+from trainables.splits import train_val_indices
 
 STATE_FILE = "medtune_search.yaml"  # what --resume needs to rebuild the search, next to Ray's state
 
@@ -42,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="override the space's dataset (name, imagefolder:PATH, csv:PATH, ...)")
     parser.add_argument("--image-size", type=int, help="override the image size (pixels)")
     parser.add_argument("--data-root", help="folder with the datasets (default $MEDTUNE_DATA_ROOT or ~/.medmnist)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="skip unreadable images (counted and logged) instead of stopping")
     parser.add_argument("--num-samples", type=int, help="number of trials")
     parser.add_argument("--max-epochs", type=int, help="epochs per trial (ASHA max_t)")
     parser.add_argument("--cpus-per-trial", type=float, help="CPUs per trial")
@@ -85,11 +89,25 @@ def apply_overrides(space: SearchSpace, args) -> SearchSpace:
     return space
 
 
-def load_datasets(space: SearchSpace) -> dict:
+def load_datasets(space: SearchSpace, skip_bad_images: bool) -> dict:
     """Every (dataset, image size) a trial may ask for, loaded once on the driver (missing data fails here)."""
     data_root = space.fixed.get("data_root")
-    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size), data_root=data_root)
+    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size), data_root=data_root,
+                                                     skip_bad_images=skip_bad_images)
             for size in space.values_of("image_size")}
+
+
+def check_leaks(space: SearchSpace, datasets: dict, seed: int) -> tuple[dict, dict]:
+    """Duplicate images and shared patients across train/val/test, printed now; (metrics, detail) for MLflow."""
+    dataset = next(iter(datasets.values()))
+    report = leak_report(dataset, *train_val_indices(dataset, space.values_of("split_ratio")[0], seed))
+    print(format_leak_report(report))
+    metrics = leak_metrics(report)
+    skipped = getattr(dataset, "skipped_files", ())
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images (--skip-bad-images), e.g. {skipped[0]}")
+        metrics["skipped_images"] = float(len(skipped))
+    return metrics, {**report["leak_detail"], "skipped_images": [str(f) for f in skipped]}
 
 
 def check_pretrained(space: SearchSpace, datasets: dict) -> None:
@@ -225,9 +243,8 @@ def restore_tuner(space: SearchSpace, name: str, storage: str, datasets: dict):
 def start_ray(address: str | None, space: SearchSpace, debug: bool) -> None:
     import ray
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
-    if not debug:
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not debug:  # our ProgressLines replace Ray's tables and banners
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
              log_to_driver=debug, logging_level="ERROR" if not debug else "INFO")
     resources = ray.cluster_resources()
@@ -298,16 +315,17 @@ def _fmt(value) -> str:
 
 def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
     from analysis.tracking import (MLflowTrialCallback, close_search, default_tracking_uri, flat_params,
-                                   get_experiment_id, runs_table_url, start_search_run)
+                                   get_experiment_id, numeric_metrics, runs_table_url, start_search_run)
 
-    datasets = load_datasets(space)
+    datasets = load_datasets(space, args.skip_bad_images)
     check_pretrained(space, datasets)
+    leak_metrics_, leak_detail = check_leaks(space, datasets, args.seed)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     client = check_tracking(tracking_uri)
     storage = storage_root(args.storage)
     if not resuming:
         write_state(storage, name, {"space": space.as_dict(), "space_name": space.name, "seed": args.seed,
-                                    "tracking_uri": tracking_uri})
+                                    "tracking_uri": tracking_uri, "skip_bad_images": args.skip_bad_images})
 
     import ray
 
@@ -317,6 +335,8 @@ def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
         parent_id = start_search_run(client, experiment_id, name, search_tags(space, args.seed))
         if not resuming:
             client.log_dict(parent_id, space.as_dict(), "search_space.yaml")
+            client.log_dict(parent_id, leak_detail, "leak_report.json")
+            client.log_batch(parent_id, metrics=numeric_metrics(leak_metrics_, 0))
             client.log_batch(parent_id, params=flat_params({"space": space.name, "dataset": space.dataset,
                                                             "num_samples": space.num_samples, "max_t": space.max_t,
                                                             "metric": space.metric, "seed": args.seed}))
@@ -344,8 +364,12 @@ def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    for library in ("mlflow", "optuna", "ray.tune"):
+    for library in ("mlflow", "ray.tune"):
         logging.getLogger(library).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    if not args.debug:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         if args.list_spaces:
             for name, path in shipped_spaces().items():
@@ -353,6 +377,7 @@ def main(argv=None) -> int:
             return 0
         if args.resume:
             state = read_state(args.storage, args.resume)
+            args.skip_bad_images = state.get("skip_bad_images", False)
             space = parse_space(state["space"], Path(f"{state['space_name']}.yaml"))
             args.seed = state["seed"]
             args.tracking_uri = args.tracking_uri or state["tracking_uri"]

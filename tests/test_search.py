@@ -63,7 +63,9 @@ def test_one_parent_and_one_nested_run_per_trial(finished_search):
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert {r.info.status for r in parents + children} <= {"FINISHED", "FAILED"}
-    assert parent.data.tags["medtune.space"] == "tiny" and "search_space.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert parent.data.tags["medtune.space"] == "tiny"
+    assert {"search_space.yaml", "leak_report.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["leak_dup_images"] == 27  # PneumoniaMNIST's known duplicates across its splits
 
 
 def test_completed_trials_hold_curves_test_metrics_and_plots(finished_search):
