@@ -54,3 +54,14 @@ def test_missing_pretrained_file_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="pretrained_path .* does not exist"):
         create_model("resnet18", num_classes=2, in_chans=1, img_size=28, pretrained=True,
                      pretrained_path=str(tmp_path / "nope.pth"))
+
+
+def test_pretrained_without_file_or_hub_fails_fast_with_the_fix(monkeypatch):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(UserError, match="hub is unreachable.*pretrained_path=<file>"):
+        create_model("resnet18", num_classes=2, in_chans=1, img_size=28, pretrained=True)

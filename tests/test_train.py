@@ -72,11 +72,9 @@ def test_test_metrics_come_from_the_best_validation_epoch(toy):
         assert torch.equal(final.state["model"][key], tensor)  # test was scored with the best weights
 
 
-def test_nan_loss_fails_the_trial(toy):
-    data = toy()
-    poisoned = Dataset(data.name, data.task, data.class_names, data.dev, data.test, data.official_val)
+def test_diverging_loss_fails_the_trial_with_the_fix(toy):
     with pytest.raises(FloatingPointError, match="lower lr"):
-        train({**FAST, "lr": 1e30, "optimizer": "sgd"}, data=poisoned)
+        train({**FAST, "lr": 1e30, "optimizer": "sgd"}, data=toy())
 
 
 def test_resume_continues_from_the_checkpointed_epoch(toy):

@@ -142,11 +142,35 @@ def _pretrained_kwargs(name: str, pretrained_path: str | None) -> dict:
     if name not in TIMM_MODELS:
         raise UserError(f"Model {name} has no pretrained weights; set pretrained: false or use one of {', '.join(TIMM_MODELS)}")
     if pretrained_path is None:
-        return {"pretrained": True}  # timm fetches from the Hugging Face hub
+        if not _hub_weights_reachable(name):
+            raise UserError(f"Pretrained weights for {name} are not cached and the Hugging Face hub is unreachable; "
+                            "download them where there is network and pass pretrained_path=<file>, or set pretrained: false")
+        return {"pretrained": True}  # timm fetches from the Hugging Face hub (or its local cache)
     path = Path(pretrained_path).expanduser()
     if not path.is_file():
         raise UserError(f"pretrained_path {path} does not exist; give the path of a downloaded timm weights file")
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
+
+
+def _hub_weights_reachable(name: str) -> bool:
+    """True when timm can get `name`'s weights: already in the local HF cache, or the hub answers within 3 s
+    (instead of a minute of retries before the same failure)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None)
+    if hub_id and any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                      for f in ("model.safetensors", "pytorch_model.bin")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 
 def freeze_all_but_head(model: nn.Module) -> None:
