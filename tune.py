@@ -313,9 +313,21 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def quiet_libraries(debug: bool) -> None:
+    """MLflow, Ray Tune and Optuna log INFO chatter by default; keep the terminal to our lines."""
+    import mlflow  # noqa: F401  (configures its loggers on import: set levels after)
+    import optuna
+
+    for library in ("mlflow", "ray.tune"):
+        logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
+
+
 def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
     from analysis.tracking import (MLflowTrialCallback, close_search, default_tracking_uri, flat_params,
                                    get_experiment_id, numeric_metrics, runs_table_url, start_search_run)
+
+    quiet_libraries(args.debug)
 
     datasets = load_datasets(space, args.skip_bad_images)
     check_pretrained(space, datasets)
@@ -364,12 +376,6 @@ def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    for library in ("mlflow", "ray.tune"):
-        logging.getLogger(library).setLevel(logging.DEBUG if args.debug else logging.WARNING)
-    if not args.debug:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         if args.list_spaces:
             for name, path in shipped_spaces().items():
