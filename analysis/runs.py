@@ -1,0 +1,145 @@
+"""Read a finished search back from MLflow: its parent run, its trials, its winner, their checkpoints.
+
+Every `analysis` CLI starts here; what cannot be found is a UserError that names the fix. The tags
+are the contract written by `analysis.tracking` (not repeated here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from analysis.tracking import (PARENT, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL,
+                               check_tracking_uri, default_tracking_uri, find_search_run, trial_runs)
+from trainables.checkpoint import FILENAME, load_checkpoint
+from trainables.errors import UserError
+
+
+def add_common_args(parser: argparse.ArgumentParser, search: bool = True) -> argparse.ArgumentParser:
+    """--search, --tracking-uri and --debug, the same for every analysis CLI."""
+    if search:
+        parser.add_argument("--search", required=True, help="search name or the id of its parent MLflow run")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default sqlite:///mlflow.db in the current folder)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run_cli(body: Callable[[], int], debug: bool) -> int:
+    """Run a CLI body: a UserError becomes one `error: ...` line on stderr and exit code 2."""
+    for library in ("mlflow", "optuna", "alembic"):
+        logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
+    try:
+        return body()
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def connect(tracking_uri: str | None):
+    """A client for `tracking_uri` (default: ./mlflow.db) that has answered once."""
+    uri = tracking_uri or default_tracking_uri()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in CLI output
+    try:
+        return check_tracking_uri(uri)
+    except ConnectionError as error:
+        raise UserError(f"MLflow tracking server {uri} is unreachable ({error}); start it or pass a reachable "
+                        "--tracking-uri") from None
+
+
+def get_search(client, search: str):
+    """The parent run of `search` (name or run id)."""
+    parent = find_search_run(client, search)
+    if parent is None:
+        raise UserError(f"No search {search!r} in MLflow at {client.tracking_uri}; pass a search name or parent run id "
+                        "printed by tune.py, and the --tracking-uri it used")
+    return parent
+
+
+def search_space(client, parent) -> dict:
+    """The search_space.yaml logged with the search ({} for a search logged without it)."""
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = client.download_artifacts(parent.info.run_id, "search_space.yaml", directory)
+        except Exception:  # MlflowException / OSError: artifact missing
+            return {}
+        return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def searched_keys(space: dict) -> list[str]:
+    """The config keys the search varied (a space with variants varies `variant` too)."""
+    return list(space.get("params") or {}) + (["variant"] if space.get("variants") else [])
+
+
+def selection(parent, space: dict) -> tuple[str, str]:
+    """(`best_<metric>`, mode): the validation score tune.py ranked trials by."""
+    metric = space.get("metric") or parent.data.params.get("metric") or "val_auc"
+    return f"best_{metric}", space.get("mode", "max")
+
+
+def trials(client, parent, outcome: str | None = None) -> list:
+    """The search's trial runs, optionally only those with `medtune.outcome == outcome`."""
+    runs = [r for r in trial_runs(client, parent) if r.data.tags.get(TAG_ROLE) == "trial"]
+    return [r for r in runs if outcome is None or r.data.tags.get(TAG_OUTCOME) == outcome]
+
+
+def ranked_trials(client, parent, space: dict) -> list:
+    """Trials that trained to the end (they have test metrics), best validation score first."""
+    key, mode = selection(parent, space)
+    done = [r for r in trials(client, parent, "completed") if r.data.metrics.get(key, float("nan")) == r.data.metrics.get(key)]
+    sign, best = (1 if mode == "max" else -1), parent.data.tags.get(TAG_BEST_RUN)
+    return sorted(done, key=lambda r: (sign * r.data.metrics[key], r.info.run_id == best), reverse=True)  # ties: winner first
+
+
+def winner(client, parent):
+    """The trial tune.py chose on validation (the parent's `medtune.best_run_id`)."""
+    run_id = parent.data.tags.get(TAG_BEST_RUN)
+    name = parent.data.tags.get("medtune.search", parent.info.run_id)
+    if not run_id:
+        raise UserError(f"Search {name!r} has no finished trial (its parent run names no best trial); "
+                        f"finish it with `python tune.py --resume {name}` or run a new search")
+    run = client.get_run(run_id)
+    if run.data.tags.get(PARENT) != parent.info.run_id:
+        raise UserError(f"Run {run_id} named as best by search {name!r} is not one of its trials; re-run the search")
+    return run
+
+
+def trial_label(run) -> str:
+    return run.data.tags.get(TAG_TRIAL) or run.info.run_id[:8]
+
+
+def checkpoint_state(run, override: str | None = None) -> dict:
+    """The trial's checkpoint (`--checkpoint` when given), read with weights_only=True."""
+    location = override or run.data.tags.get(TAG_CHECKPOINT)
+    if not location:
+        raise UserError(f"Trial {trial_label(run)} has no checkpoint tag ({TAG_CHECKPOINT}); it never reported an "
+                        "epoch. Pass --checkpoint DIR or pick another trial")
+    if "://" not in location and not override and not (Path(location) / FILENAME).exists() and not Path(location).is_file():
+        raise UserError(f"The checkpoint of trial {trial_label(run)} is missing at {location} (results folder moved "
+                        "or deleted?); pass --checkpoint DIR pointing at its copy")
+    if "://" in location:
+        with tempfile.TemporaryDirectory() as directory:
+            return load_checkpoint(_download(location, directory))
+    return load_checkpoint(location)
+
+
+def _download(uri: str, directory: str) -> str:
+    """Copy a checkpoint directory from s3://, gs://, ... to `directory` (pyarrow, as Ray stores it)."""
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.copy_files(uri, directory)
+    except Exception as error:  # OSError, ArrowInvalid: no credentials, no such key...
+        raise UserError(f"Cannot download checkpoint {uri} ({type(error).__name__}: {str(error)[:120]}); check "
+                        "credentials or pass --checkpoint DIR with a local copy") from None
+    return directory
+
