@@ -131,3 +131,15 @@ def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_
     assert len(set(trial_ids)) == len(trial_ids), "a trial appears twice in MLflow"
     assert len(lrs) == 5 and len(set(lrs)) == 5, "a config was evaluated twice"
     assert all(c.info.status != "RUNNING" for c in children)
+
+
+def test_resnetd_depth_space_runs_end_to_end(tmp_path, medmnist_root):
+    """The shipped study space as shipped (GPU request falls back to CPU), on BreastMNIST to stay fast."""
+    result = subprocess.run(tune_cmd(tmp_path, medmnist_root, "--space", "resnetd_depth", "--max-epochs", "1",
+                                     "--num-samples", "2", "--dataset", "breastmnist", "--name", "depth"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 trials: 2 completed" in result.stdout and "no GPU in the Ray cluster" in result.stdout
+    _, _, children = runs(tmp_path)
+    assert len(children) == 2 and all(c.data.params["model"].startswith("resnet") for c in children)
+    assert all(c.data.params["model"].endswith("d") and "test_auc" in c.data.metrics for c in children)
