@@ -68,7 +68,7 @@ def best_table(client, parent, args) -> pd.DataFrame:
     for rank, run in enumerate(shown, 1):
         m = run.data.metrics
         row = {"rank": rank, "trial": runs.trial_label(run) + (" *" if run.info.run_id == best_id else ""),
-               **{k: run.data.params.get(k) for k in columns}, key: f"{m[key]:.4f}"}
+               **{k: _short(run.data.params.get(k)) for k in columns}, key: f"{m[key]:.4f}"}
         cis = None if args.no_ci else test_cis(run, args.data_root, args.n_resamples, args.seed)
         if cis is None:  # --no-ci, or the checkpoint is gone: the logged point values
             row |= {f"test_{name}": f"{m[f'test_{name}']:.3f}" for name in ("acc", "auc") if f"test_{name}" in m}
@@ -79,6 +79,14 @@ def best_table(client, parent, args) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _short(param: str | None) -> str | None:
+    """A logged param as shown: floats to 4 significant digits (0.02239, not 0.022390921945103375)."""
+    try:
+        return param if param is None or "." not in param and "e" not in param else f"{float(param):.4g}"
+    except ValueError:
+        return param
+
+
 def _task(cis: dict) -> str:
     return "binary" if "sensitivity" in cis else "multilabel" if "exact_match" in cis else "multiclass"
 
@@ -87,8 +95,12 @@ def best(args) -> int:
     client = runs.connect(args.tracking_uri)
     parent = runs.get_search(client, args.search)
     table = best_table(client, parent, args)
+    everything = runs.trials(client, parent)
+    unfinished = sum(r.data.tags.get(runs.TAG_OUTCOME) != "completed" for r in everything)
+    test = "logged values" if args.no_ci else f"value [95% CI], percentile bootstrap, {args.n_resamples} resamples"
     print(f"search {parent.data.tags.get('medtune.search')} (run {parent.info.run_id}): top {len(table)} trials by "
-          f"validation; * = the winner. Test: value [95% CI], percentile bootstrap, {args.n_resamples} resamples.")
+          f"validation ({unfinished} of {len(everything)} stopped early or failed: not listed); * = the winner. "
+          f"Test: {test}.")
     print(table.to_string(index=False))
     if args.csv:
         table.to_csv(args.csv, index=False)

@@ -24,7 +24,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
@@ -151,6 +150,13 @@ def importances(study: optuna.Study) -> tuple[pd.Series, str | None]:
     return pd.Series(result, dtype=float, name="importance"), None
 
 
+def importance_text(importance: pd.Series, note: str | None, completed: int) -> str:
+    if note:
+        return note
+    caveat = f" (from {completed} completed trials{': rough' if completed < 10 else ''})"
+    return ", ".join(f"{k} {v:.3f}" for k, v in importance.items()) + caveat
+
+
 # --- plots -------------------------------------------------------------------------------------------
 
 def plot_metric_vs_params(frame: pd.DataFrame, space: dict, keys: list[str], objective: str, metric: str, path: Path):
@@ -205,8 +211,11 @@ def write_tables(path: Path, name: str, frame: pd.DataFrame, tables, importance:
              f"Selection: `{objective}` (validation). Test columns are reported, never used to choose.", ""]
     for title, table in tables:
         parts += [f"## {title}", "", "```", table.round(4).to_string(), "```", ""]
+    completed = int((frame["outcome"] == "completed").sum())
     parts += ["## Hyperparameter importance (fANOVA, Optuna)", "",
-              note or "```\n" + importance.round(4).to_string() + "\n```", ""]
+              f"For `{objective}`; ASHA-stopped trials enter as pruned (not fitted), as in Optuna. "
+              + importance_text(importance, note, completed), "",
+              *(["```", importance.round(4).to_string(), "```", ""] if note is None else [])]
     parts += ["## Trials (best validation first)", "", "```", frame.drop(columns=["run_id"]).round(4).to_string(index=False),
               "```", ""]
     path.write_text("\n".join(parts))
@@ -237,7 +246,8 @@ def report(args) -> int:
 
     for title, table in tables[:1] + [t for t in tables if " x " in t[0]][:1]:
         print(f"{title}:\n{table.round(4).to_string()}\n")
-    print("fANOVA importance for " + objective + ": " + (note or ", ".join(f"{k} {v:.3f}" for k, v in importance.items())))
+    completed = int((frame["outcome"] == "completed").sum())
+    print(f"fANOVA importance for {objective}: {importance_text(importance, note, completed)}")
     if not args.no_log:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})"

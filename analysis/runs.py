@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -95,7 +96,7 @@ def trials(client, parent, outcome: str | None = None) -> list:
 def ranked_trials(client, parent, space: dict) -> list:
     """Trials that trained to the end (they have test metrics), best validation score first."""
     key, mode = selection(parent, space)
-    done = [r for r in trials(client, parent, "completed") if r.data.metrics.get(key, float("nan")) == r.data.metrics.get(key)]
+    done = [r for r in trials(client, parent, "completed") if not math.isnan(r.data.metrics.get(key, math.nan))]
     sign, best = (1 if mode == "max" else -1), parent.data.tags.get(TAG_BEST_RUN)
     return sorted(done, key=lambda r: (sign * r.data.metrics[key], r.info.run_id == best), reverse=True)  # ties: winner first
 
