@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from analysis import runs
 from trainables.errors import UserError
-from trainables.image_cache import decode_image
+from trainables.image_cache import READ_ERRORS, decode_image
 from trainables.metrics import probabilities
 
 FORMAT = "medtune-export-v1"
-READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ method is compared on identical training outcomes and repeated over several seed
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 import sys

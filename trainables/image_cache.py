@@ -43,7 +43,7 @@ CACHE_FORMAT = 1  # part of the key: bump when the preprocessing below changes
 COLOUR_SPREAD = 4.0  # mean per-pixel max-min over R, G, B (0-255) above which an image counts as colour
 COLOUR_SAMPLE = 32  # images probed by `guess_channels`
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def guess_channels(files: Sequence[str | os.PathLike], image_size: int) -> int:
     for row in probe:
         try:
             spreads.append(colour_spread(files[row], image_size))
-        except _READ_ERRORS:
+        except READ_ERRORS:
             continue  # the build reports it
     colour = sum(spread > COLOUR_SPREAD for spread in spreads)
     return 3 if spreads and colour * 2 > len(spreads) else 1
@@ -173,7 +173,7 @@ def _try_decode(args: tuple[str, int, str]) -> tuple[np.ndarray | None, str | No
         return decode_image(path, image_size, mode), None
     except FileNotFoundError:
         return None, "file not found"
-    except _READ_ERRORS as error:
+    except READ_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return None, f"{type(error).__name__}: {reason}"
 
