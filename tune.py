@@ -117,7 +117,7 @@ def check_pretrained(space: SearchSpace, datasets: dict) -> None:
             continue
         models = [variant["model"]] if "model" in variant else space.values_of("model")
         for model in models:
-                create_model(model, num_classes=dataset.num_classes, in_chans=dataset.channels,
+            create_model(model, num_classes=dataset.num_classes, in_chans=dataset.channels,
                          img_size=int(dataset.dev.images.shape[1]), pretrained=True,
                          pretrained_path=space.fixed.get("pretrained_path"))
 
@@ -136,35 +136,28 @@ def storage_root(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def read_state(storage: str, name: str) -> dict:
-    path = Path(storage_root(storage)) / name / STATE_FILE
-    if "://" in storage:
-        import pyarrow.fs
+def _state_location(storage: str, name: str):
+    """(filesystem, path) of a search's state file: local folder, s3:// or gs:// alike, as Ray stores them."""
+    import pyarrow.fs
 
-        fs, base = pyarrow.fs.FileSystem.from_uri(f"{storage_root(storage)}/{name}/{STATE_FILE}")
-        try:
-            with fs.open_input_stream(base) as handle:
-                return yaml.safe_load(handle.read())
-        except OSError:
-            pass
-    elif path.exists():
-        return yaml.safe_load(path.read_text())
-    raise UserError(f"No search named {name!r} in {storage_root(storage)}; check --resume NAME and --storage")
+    return pyarrow.fs.FileSystem.from_uri(f"{storage_root(storage)}/{name}/{STATE_FILE}")
+
+
+def read_state(storage: str, name: str) -> dict | None:
+    """The state `write_state` left for search `name`, or None when there is no such search."""
+    fs, path = _state_location(storage, name)
+    try:
+        with fs.open_input_stream(path) as handle:
+            return yaml.safe_load(handle.read())
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def write_state(storage: str, name: str, state: dict) -> None:
-    text = yaml.safe_dump(state, sort_keys=False)
-    if "://" in storage:
-        import pyarrow.fs
-
-        fs, base = pyarrow.fs.FileSystem.from_uri(f"{storage_root(storage)}/{name}/{STATE_FILE}")
-        fs.create_dir(base.rsplit("/", 1)[0])
-        with fs.open_output_stream(base) as handle:
-            handle.write(text.encode())
-        return
-    path = Path(storage_root(storage)) / name / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    fs, path = _state_location(storage, name)
+    fs.create_dir(path.rsplit("/", 1)[0])
+    with fs.open_output_stream(path) as handle:
+        handle.write(yaml.safe_dump(state, sort_keys=False).encode())
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -382,6 +375,9 @@ def main(argv=None) -> int:
             return 0
         if args.resume:
             state = read_state(args.storage, args.resume)
+            if state is None:
+                raise UserError(f"No search named {args.resume!r} in {storage_root(args.storage)}; "
+                                "check --resume NAME and --storage")
             args.skip_bad_images = state.get("skip_bad_images", False)
             space = parse_space(state["space"], Path(f"{state['space_name']}.yaml"))
             args.seed = state["seed"]
@@ -389,7 +385,7 @@ def main(argv=None) -> int:
             return run_search(space, args, args.resume, resuming=True)
         space = apply_overrides(load_space(args.space), args)
         name = args.name or f"{space.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        if (Path(storage_root(args.storage)) / name / STATE_FILE).exists():
+        if read_state(args.storage, name) is not None:
             raise UserError(f"A search named {name!r} already exists; resume it with --resume {name} or pick another --name")
         return run_search(space, args, name, resuming=False)
     except UserError as error:
