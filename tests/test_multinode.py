@@ -7,14 +7,18 @@ MLflow callback must have one nested run per trial, whichever node ran it.
 """
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from local_cluster import LocalCluster, _pids_in_sessions
+from local_cluster import LocalCluster, _pids_in_sessions, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -114,3 +118,57 @@ def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(search):
 def test_a_driver_with_the_wrong_token_is_refused(search):
     *_, (returncode, output) = search
     assert returncode != 0 and "Authentication token is missing or incorrect" in output, output[-2000:]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: drop srun's own options, run the command here (every "node" is this machine)
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in -w|--nodelist|-N|-n) shift 2 ;; *) shift ;; esac
+done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: `scontrol show hostnames LIST` for a comma-separated LIST
+[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
+"""
+
+
+def test_slurm_script_runs_a_search_on_a_two_node_allocation(tmp_path, medmnist_root):
+    """cluster/slurm.sbatch as sbatch would run it, with srun/scontrol stand-ins that start every node here."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    (tmp_path / "tiny.yaml").write_text(TINY.replace("num_samples: 4", "num_samples: 2")
+                                        .replace("max_t: 2, grace_period: 1", "max_t: 1, grace_period: 1"))
+    ray_tmp = tempfile.mkdtemp(prefix="mtslurm-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "RAY_TMPDIR": ray_tmp,
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1",
+           "MEDTUNE_VENV": sys.prefix, "MEDTUNE_SHARED": str(tmp_path / "shared"), "RAY_PORT": str(free_port()),
+           "MEDTUNE_DATA_ROOT": str(medmnist_root), "MEDTUNE_SPACE": str(tmp_path / "tiny.yaml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "SLURM_GPUS_PER_TASK"):
+        env.pop(name, None)
+    log = tmp_path / "medtune-4242.out"  # a file, not a pipe: the Ray nodes outlive the script and hold it open
+    with open(log, "w") as handle:
+        job = subprocess.Popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5"],
+                               cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        job.wait(timeout=900)
+    finally:  # what SLURM does at the end of a job: end every step (the `ray start --block` nodes)
+        for pid in _pids_in_sessions({job.pid}):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    output = log.read_text()
+    assert job.returncode == 0, output[-4000:]
+    assert "2 Ray nodes up" in output and "2 trials:" in output
+    assert not list((tmp_path / "shared").glob(".ray-token-*")), "the job's token outlived it"
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sum(r.data.tags.get("medtune.role") == "trial" for r in runs) == 2
+    assert (tmp_path / "shared" / "results" / "slurm").is_dir()
