@@ -128,6 +128,9 @@ def check_tracking(uri: str):
     try:
         return check_tracking_uri(uri)
     except ConnectionError as error:
+        if "error code 401" in str(error) or "error code 403" in str(error):
+            raise UserError(f"MLflow tracking server {uri} refused the login; set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)") from None
         raise UserError(f"MLflow tracking server {uri} is unreachable ({error}); start it or pass a reachable "
                         "--tracking-uri") from None
 
@@ -237,8 +240,17 @@ def start_ray(address: str | None, space: SearchSpace, debug: bool) -> None:
 
     if not debug:  # our ProgressLines replace Ray's tables and banners
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
-             log_to_driver=debug, logging_level="ERROR" if not debug else "INFO")
+    if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray switches token auth on by itself only for "auto"
+    try:
+        ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
+                 log_to_driver=debug, logging_level="ERROR" if not debug else "INFO")
+    except ConnectionError as error:
+        if address is None:
+            raise
+        raise UserError(f"Cannot join the Ray cluster at {address} ({str(error).splitlines()[0]}); check the address "
+                        "and, with token authentication, set RAY_AUTH_MODE=token and the cluster's token "
+                        "(RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
     resources = ray.cluster_resources()
     if space.gpu > 0 and resources.get("GPU", 0) == 0:
         print(f"note: no GPU in the Ray cluster; trials run on CPU (asked for {space.gpu} GPU per trial)")
@@ -327,14 +339,14 @@ def run_search(space: SearchSpace, args, name: str, resuming: bool) -> int:
     tracking_uri = args.tracking_uri or default_tracking_uri()
     client = check_tracking(tracking_uri)
     storage = storage_root(args.storage)
-    if not resuming:
-        write_state(storage, name, {"space": space.as_dict(), "space_name": space.name, "seed": args.seed,
-                                    "tracking_uri": tracking_uri, "skip_bad_images": args.skip_bad_images})
 
     import ray
 
     start_ray(args.address, space, args.debug)
     try:
+        if not resuming:  # only once Ray is up: a failed join must not leave a search behind
+            write_state(storage, name, {"space": space.as_dict(), "space_name": space.name, "seed": args.seed,
+                                        "tracking_uri": tracking_uri, "skip_bad_images": args.skip_bad_images})
         experiment_id = get_experiment_id(client)
         parent_id = start_search_run(client, experiment_id, name, search_tags(space, args.seed))
         if not resuming:
