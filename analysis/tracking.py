@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+
+from analysis.ranking import FAILED, outcome
 
 EXPERIMENT = "medtune"
 TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
@@ -31,19 +36,55 @@ _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iteration
 
 
 def default_tracking_uri() -> str:
-    """MLflow 3's default store, pinned to an absolute path so every process agrees on it."""
-    return f"sqlite:///{Path('mlflow.db').resolve()}"
+    """MLflow's convention: $MLFLOW_TRACKING_URI when set, else the local sqlite store (MLflow 3's default),
+    pinned to an absolute path so every process agrees on it."""
+    return normalise_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+
+
+def tracking_uri_from(flag: str | None) -> str:
+    """The tracking URI a command uses: --tracking-uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    return normalise_tracking_uri(flag or default_tracking_uri())
+
+
+def normalise_tracking_uri(uri: str) -> str:
+    """A relative sqlite path made absolute, so a search and its resume agree from any folder."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return f"{prefix}{Path(uri[len(prefix):]).resolve()}"
+    return uri
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` with any user:password removed, for state files, tags and printed lines."""
+    parts = urlsplit(uri)
+    if not parts.username and not parts.password:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def adopt_credentials(uri: str) -> str:
+    """Move user:password from `uri` into MLflow's own variables and return the URI without them, so the
+    secret lives in this process's environment only (never in Ray's pickled state, MLflow tags or output)."""
+    parts = urlsplit(uri)
+    if parts.username:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return without_credentials(uri)
 
 
 def check_tracking_uri(uri: str) -> MlflowClient:
-    """A client that has answered once; raises ConnectionError with the reason otherwise."""
+    """A client (for `uri` without credentials) that has answered once; ConnectionError with the reason otherwise."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = adopt_credentials(uri)
     client = MlflowClient(uri)
     try:
         client.search_experiments(max_results=1)
     except Exception as error:  # MlflowException, requests errors, sqlalchemy errors
-        raise ConnectionError(f"{type(error).__name__}: {str(error).splitlines()[0][:160]}") from None
+        raise ConnectionError(f"{type(error).__name__}: {str(error).splitlines()[0][:160]}") from error
     return client
 
 
@@ -62,12 +103,15 @@ def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
 
 def find_search_run(client: MlflowClient, search: str, experiment_id: str | None = None):
     """The parent run of a search, by search name or run id; None when there is none."""
-    try:
-        run = client.get_run(search)
-        if run.data.tags.get(TAG_ROLE) == "search":
-            return run
-    except Exception:
-        pass
+    if re.fullmatch(r"[0-9a-f]{32}", search):  # a run id
+        try:
+            run = client.get_run(search)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        else:
+            if run.data.tags.get(TAG_ROLE) == "search":
+                return run
     experiments = [experiment_id] if experiment_id else [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_ROLE}` = 'search'",
                               order_by=["attributes.start_time DESC"], max_results=1)
@@ -145,8 +189,7 @@ class MLflowTrialCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_id(trial)
         epochs = int(trial.last_result.get("training_iteration", 0))
-        outcome = "completed" if epochs >= self.max_t else "stopped_early"
-        tags = [RunTag(TAG_OUTCOME, outcome)]
+        tags = [RunTag(TAG_OUTCOME, outcome(epochs, self.max_t))]
         checkpoint = trial.checkpoint
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
@@ -161,7 +204,7 @@ class MLflowTrialCallback(Callback):
         run_id = self._run_id(trial)
         error = (trial.error_file and Path(trial.error_file).exists() and
                  Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
-        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, "failed"), RunTag("medtune.error", error[:5000])])
+        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, FAILED), RunTag("medtune.error", error[:5000])])
         self.client.set_terminated(run_id, status="FAILED")
 
 

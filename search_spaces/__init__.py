@@ -1,6 +1,7 @@
 """Named search spaces: one YAML file each, validated on load, turned into a Ray Tune param space.
 
-Schema (every key but `description`, `params` optional; see smoke.yaml):
+Schema (every key but `description` and `dataset` optional; see smoke.yaml). `SpaceFile` below is the
+typed version: an unknown key, a wrong type or an out-of-range value is one line naming file, key and fix.
 
     description: one line shown by --list-spaces
     dataset: pneumoniamnist            # registered name or kind:PATH
@@ -8,7 +9,7 @@ Schema (every key but `description`, `params` optional; see smoke.yaml):
     mode: max
     num_samples: 8                     # trials
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
-    max_failures: 1                    # retries per trial (FailureConfig)
+    max_failures: 1                    # retries per trial (FailureConfig); 0 = none
     scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = epochs
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
     fixed: {model: resnet18, ...}      # trainables/config.py keys
@@ -28,18 +29,98 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from trainables.config import DEFAULTS, resolve_config
-from trainables.datasets import check_dataset_name
+from trainables.config import DEFAULTS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
 from trainables.errors import UserError
-from trainables.models import check_model_name
 
 SPACES_DIR = Path(__file__).resolve().parent
-TOP_LEVEL = {"description", "dataset", "metric", "mode", "num_samples", "max_concurrent", "max_failures",
-             "scheduler", "resources", "fixed", "params", "variants"}
-DOMAINS = {"choice", "uniform", "loguniform", "int", "quniform"}
+SET_BY_SPACE = ("dataset", "epochs", "metric", "mode")  # trial keys the space's top-level keys decide
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Scheduler(_Strict):
+    """ASHA: every trial trains at most max_t epochs; the first rung is at grace_period."""
+
+    max_t: PositiveInt = 3
+    grace_period: PositiveInt = 1
+    reduction_factor: int = Field(2, ge=2)
+
+    @model_validator(mode="after")
+    def _grace_within_max_t(self) -> "Scheduler":
+        if self.grace_period > self.max_t:
+            raise ValueError(f"grace_period {self.grace_period} exceeds max_t {self.max_t}; lower it")
+        return self
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0)  # per trial
+    gpu: float = Field(0.0, ge=0)  # per trial; a fraction shares a card
+
+
+class Domain(_Strict):
+    """Exactly one of: choice, uniform, loguniform, int (inclusive bounds), quniform."""
+
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = Field(None, alias="int")
+    quniform: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_valid_range(self) -> "Domain":
+        given = [name for name in ("choice", "uniform", "loguniform", "integer", "quniform")
+                 if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one domain: choice, uniform, loguniform, int or quniform, "
+                             "e.g. {loguniform: [1.0e-4, 1.0e-2]}")
+        kind, args = self.kind, self.args
+        if kind != "choice" and not args[0] < args[1]:
+            raise ValueError(f"{kind} range [{args[0]}, {args[1]}] is empty; low must be < high")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ValueError(f"loguniform needs 0 < low; got {args[0]}")
+        if kind == "quniform" and args[2] <= 0:
+            raise ValueError(f"quniform step must be > 0; got {args[2]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "uniform", "loguniform", "integer", "quniform")
+                    if getattr(self, k) is not None).replace("integer", "int")
+
+    @property
+    def args(self) -> list:
+        return list(getattr(self, "integer" if self.kind == "int" else self.kind))
+
+    def edge_values(self) -> list:
+        """The values that decide whether the domain is valid for its key: every choice, or both bounds."""
+        return self.args if self.kind == "choice" else self.args[:2]
+
+    def as_yaml(self) -> dict:
+        return {self.kind: self.args}
+
+
+class SpaceFile(_Strict):
+    """A search-space YAML file, typed."""
+
+    description: str
+    dataset: str
+    metric: str = "val_auc"
+    mode: Literal["max", "min"] = "max"
+    num_samples: PositiveInt = 8
+    max_concurrent: PositiveInt = 2
+    max_failures: NonNegativeInt = 1
+    scheduler: Scheduler = Scheduler()
+    resources: Resources = Resources()
+    fixed: dict[str, Any] = {}
+    params: dict[str, Domain] = {}
+    variants: dict[str, dict[str, Any]] = {}
 
 
 @dataclass
@@ -128,113 +209,93 @@ def load_space(name_or_path: str) -> SearchSpace:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)}); fix the syntax") from None
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)}); fix the syntax") from error
     return parse_space(raw, path)
 
 
-def parse_space(raw, path: Path) -> SearchSpace:
-    def fail(key: str, problem: str) -> UserError:
-        return UserError(f"{path}: {key}: {problem}")
-
+def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
+    """Type-check a space (a mapping, as in YAML) and every trial config it can produce."""
+    origin = origin or str(path)
     if not isinstance(raw, dict):
-        raise fail("(top level)", "expected a mapping of keys (description, dataset, params, ...)")
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise fail(key, f"unknown key; valid keys: {', '.join(sorted(TOP_LEVEL))}")
-    for key in ("description", "dataset"):
-        if not isinstance(raw.get(key), str):
-            raise fail(key, "required (a string)")
-    scheduler, resources = raw.get("scheduler") or {}, raw.get("resources") or {}
-    for section, valid in ((scheduler, {"max_t", "grace_period", "reduction_factor"}), (resources, {"cpu", "gpu"})):
-        for key in section:
-            if key not in valid:
-                raise fail(key, f"unknown key; valid keys: {', '.join(sorted(valid))}")
+        raise UserError(f"{origin}: expected a mapping of keys (description, dataset, params, ...)")
+    try:
+        typed = SpaceFile.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after")) or "(top level)"
+        raise UserError(f"{origin}: {where}: {_space_problem(error, first)}") from error
     space = SearchSpace(
-        name=path.stem, source=path, description=raw["description"], dataset=raw["dataset"],
-        metric=raw.get("metric", "val_auc"), mode=raw.get("mode", "max"),
-        num_samples=raw.get("num_samples", 8), max_concurrent=raw.get("max_concurrent", 2),
-        max_failures=raw.get("max_failures", 1), max_t=scheduler.get("max_t", 3),
-        grace_period=scheduler.get("grace_period", 1), reduction_factor=scheduler.get("reduction_factor", 2),
-        cpu=resources.get("cpu", 1), gpu=resources.get("gpu", 0),
-        fixed=dict(raw.get("fixed") or {}), params=dict(raw.get("params") or {}),
-        variants=dict(raw.get("variants") or {}),
+        name=path.stem, source=path, description=typed.description, dataset=typed.dataset, metric=typed.metric,
+        mode=typed.mode, num_samples=typed.num_samples, max_concurrent=typed.max_concurrent,
+        max_failures=typed.max_failures, max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
+        reduction_factor=typed.scheduler.reduction_factor, cpu=typed.resources.cpu, gpu=typed.resources.gpu,
+        fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
+        variants={k: dict(v) for k, v in typed.variants.items()},
     )
-    validate_space(space, fail)
+    check_trial_configs(space, typed, origin)
     return space
 
 
-def validate_space(space: SearchSpace, fail=None) -> None:
-    """Every check that can be made without data: keys, ranges, names, counts."""
-    if fail is None:
-        def fail(key, problem):
-            return UserError(f"{space.source}: {key}: {problem}")
-    if not space.metric.startswith("val_"):
-        raise fail("metric", f"{space.metric!r} must be a validation metric (val_...): test never selects")
-    if space.mode not in ("max", "min"):
-        raise fail("mode", "use max or min")
-    for key in ("num_samples", "max_concurrent", "max_t", "grace_period", "reduction_factor"):
-        value = getattr(space, key)
-        if not isinstance(value, int) or value < 1:
-            raise fail(key, f"{value!r} is not a positive integer")
-    if space.grace_period > space.max_t:
-        raise fail("grace_period", f"{space.grace_period} exceeds max_t {space.max_t}")
-    if space.reduction_factor < 2:
-        raise fail("reduction_factor", "must be at least 2")
-    if space.cpu <= 0 or space.gpu < 0:
-        raise fail("resources", "cpu must be > 0 and gpu >= 0")
+def _space_problem(error: ValidationError, first: dict) -> str:
+    if first["type"] == "extra_forbidden":
+        return "unknown key; valid keys: see the schema in search_spaces/__init__.py"
+    if first["type"] == "missing":
+        return "required"
+    if first["type"] == "value_error":
+        return first["msg"].removeprefix("Value error, ")
+    return f"{first['input']!r}: {first['msg'][0].lower()}{first['msg'][1:]}" if not isinstance(
+        first.get("input"), dict) else first["msg"]
+
+
+def validate_space(space: SearchSpace, origin: str | None = None) -> SearchSpace:
+    """The space checked again as a whole (after command-line overrides changed it)."""
+    return parse_space(space.as_dict(), space.source, origin)
+
+
+def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> None:
+    """Every trial the space can produce is a valid TrialConfig: its fixed part, each variant, both bounds
+    (or every choice) of each searched key, and every model x image size pair."""
+    def fail(where: str, problem: str) -> UserError:
+        return UserError(f"{origin}: {where}: {problem}")
+
     for section in ("fixed", "params"):
         for key in getattr(space, section):
-            if key not in DEFAULTS or key in ("dataset", "epochs", "metric", "mode"):
-                reason = "is set by the space's top-level keys" if key in DEFAULTS else "unknown config key"
-                raise fail(f"{section}.{key}", f"{reason}; valid keys: see trainables/config.py")
+            if key not in TRIAL_KEYS:
+                raise fail(f"{section}.{key}", "unknown config key; valid keys: see trainables/config.py")
+            if key in SET_BY_SPACE:
+                raise fail(f"{section}.{key}", "is set by the space's top-level keys (dataset, scheduler.max_t, "
+                                               "metric, mode); set it there")
     overlap = set(space.fixed) & set(space.params)
     if overlap:
         raise fail(f"params.{sorted(overlap)[0]}", "is both fixed and searched; keep one")
-    for key, spec in space.params.items():
-        _check_domain(f"params.{key}", spec, fail)
     for name, keys in space.variants.items():
-        clash = set(keys) & (set(space.params) | set(space.fixed)) if isinstance(keys, dict) else None
-        if clash is None or clash:
-            raise fail(f"variants.{name}", "must map config keys not also fixed or searched"
-                       + (f" (clash: {sorted(clash)[0]})" if clash else ""))
+        clash = set(keys) & (set(space.params) | set(space.fixed) | set(SET_BY_SPACE))
+        if clash:
+            raise fail(f"variants.{name}", f"{sorted(clash)[0]} is also fixed or searched; keep one")
+    base = space.base_config()
+    _check(base, fail, "fixed")
+    for name, keys in space.variants.items():
+        _check({**base, **keys}, fail, f"variants.{name}")
+    for key, domain in typed.params.items():
+        if domain.kind in ("uniform", "loguniform", "quniform") and TrialConfig.model_fields[key].annotation is int:
+            raise fail(f"params.{key}", f"{key} is an integer; search it with int or choice, not {domain.kind}")
+        for value in domain.edge_values():
+            _check({**base, key: value}, fail, f"params.{key}")
+    for model, size in itertools.product(space.values_of("model"), space.values_of("image_size")):
+        _check({**base, "model": model, "image_size": size}, fail, "params")
+
+
+TOP_LEVEL_SOURCE = {"dataset": "dataset", "epochs": "scheduler.max_t", "metric": "metric", "mode": "mode"}
+
+
+def _check(config: dict, fail, where: str) -> None:
     try:
-        base = space.base_config()
-        resolve_config(base)
-        for name, keys in space.variants.items():
-            resolve_config({**base, **keys})
-        for key, spec in space.params.items():
-            for value in _edge_values(spec):
-                resolve_config({**base, key: value})
-        check_dataset_name(space.dataset)
-        for model, size in itertools.product(space.values_of("model"), space.values_of("image_size")):
-            check_model_name(model, int(size))
+        resolve_config(config)
     except UserError as error:
-        raise fail("fixed/params", str(error)) from None
+        cause = error.__cause__
+        key = str(cause.errors()[0]["loc"][0]) if isinstance(cause, ValidationError) and cause.errors()[0]["loc"] else ""
+        raise fail(TOP_LEVEL_SOURCE.get(key, where), str(error)) from error
 
 
-def _edge_values(spec: dict) -> list:
-    """The values that decide whether a domain is valid for its key: every choice, or both bounds."""
-    (kind, args), = spec.items()
-    return list(args) if kind == "choice" else [args[0], args[1]]
-
-
-def _check_domain(key: str, spec, fail) -> None:
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        raise fail(key, f"give exactly one domain: {', '.join(sorted(DOMAINS))}, e.g. {{loguniform: [1.0e-4, 1.0e-2]}}")
-    (kind, args), = spec.items()
-    if kind == "choice":
-        if not isinstance(args, list) or not args:
-            raise fail(key, "choice needs a non-empty list")
-        return
-    expected = 3 if kind == "quniform" else 2
-    if not isinstance(args, list) or len(args) != expected or not all(isinstance(a, (int, float)) for a in args):
-        raise fail(key, f"{kind} needs [{'low, high, step' if expected == 3 else 'low, high'}] numbers")
-    low, high = args[0], args[1]
-    if not low < high:
-        raise fail(key, f"{kind} range [{low}, {high}] is empty; low must be < high")
-    if kind == "loguniform" and low <= 0:
-        raise fail(key, f"loguniform needs 0 < low; got {low}")
-    if kind == "int" and not all(isinstance(a, int) for a in args):
-        raise fail(key, "int bounds must be integers")
-    if kind == "quniform" and args[2] <= 0:
-        raise fail(key, "quniform step must be > 0")
+__all__ = ["SearchSpace", "SpaceFile", "describe_error", "load_space", "parse_space", "shipped_spaces",
+           "validate_space"]

@@ -46,7 +46,7 @@ BAD = {
     "bad model": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  model: {choice: [resnet18, resnet19]}\n",
                   "Unknown model 'resnet19'"),
     "bad dataset": ("dataset: pneumomnist\ndescription: x\n", "Unknown dataset 'pneumomnist'"),
-    "test metric": ("dataset: pneumoniamnist\ndescription: x\nmetric: test_auc\n", "metric: 'test_auc' must be a validation"),
+    "test metric": ("dataset: pneumoniamnist\ndescription: x\nmetric: test_auc\n", "metric: metric 'test_auc' must be a validation"),
     "bad choice value": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  optimizer: {choice: [adam, lion]}\n",
                          "Invalid optimizer 'lion'"),
     "broken yaml": ("dataset: [pneumoniamnist\n", "not valid YAML"),

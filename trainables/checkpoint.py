@@ -10,7 +10,8 @@ import torch
 
 from .errors import UserError
 
-FORMAT = "medtune-checkpoint-v1"
+FORMAT = "medtune-checkpoint-v2"  # v2: optimizer only in resumable checkpoints, best weights never duplicated
+READABLE = ("medtune-checkpoint-v1", FORMAT)
 FILENAME = "checkpoint.pt"
 
 
@@ -36,6 +37,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a zip, a pickle with code in it, truncated...
         raise UserError(f"{path} is not a medtune checkpoint ({type(error).__name__}); export from a medtune trial") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE:
         raise UserError(f"{path} is not a medtune checkpoint (format {FORMAT} expected)")
     return state
+
+
+def best_weights(state: dict) -> dict:
+    """The best-validation weights a checkpoint holds; a checkpoint without them is an error, never a fallback.
+
+    v2: `model` holds the best weights when the checkpoint is final or its epoch is the best one, otherwise
+    `best_model` does. v1 checkpoints always carried `best_model`."""
+    if state.get("best_model") is not None:
+        return state["best_model"]
+    if state.get("final") or state.get("epoch") == state.get("best_epoch"):
+        return state["model"]
+    raise UserError(f"This checkpoint (epoch {state.get('epoch')}) does not hold the best-validation weights "
+                    f"(epoch {state.get('best_epoch')}); pass the trial's latest checkpoint")

@@ -1,79 +1,159 @@
-"""Every key a trial understands, with its default. Unknown keys are an error, never ignored."""
+"""Every key a trial understands: its type, its range and its default, in one pydantic model.
+
+A wrong key, type or range is one `UserError` line naming the key, the value and what is expected.
+Search-space files (search_spaces/), `--set` and `python -m trainables.train` all go through here.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from .errors import UserError
 
-DEFAULTS: dict = {
-    # --- data ---
-    "dataset": "pneumoniamnist",  # registered name (trainables.datasets) or kind:PATH
-    "image_size": 28,  # MedMNIST size 28/64/128/224; folder datasets are resized to it
-    "split_ratio": None,  # train share of the development pool; None keeps the official train/val split
-    "seed": 0,  # seeds the split, the initialisation, the augmentation and the loader order
-    # --- model ---
-    "model": "resnet18",  # registered name (trainables.models)
-    "pretrained": False,  # start from ImageNet weights (needs `pretrained_path` offline)
-    "pretrained_path": None,  # local weights file (.pth / .safetensors) for `pretrained`
-    "freeze_backbone": False,  # train the classifier head only
-    "drop_rate": None,  # classifier dropout; None keeps the model's default
-    # --- augmentation (training split only) ---
-    "augment": "none",  # "+"-joined names, e.g. "hflip+rotation+jitter", or "autoaugment_imagenet"
-    "rotation_degrees": 15.0,  # for "rotation"
-    "jitter": 0.2,  # brightness/contrast strength for "jitter"
-    "blur_sigma": 1.0,  # upper sigma for "blur"
-    "noise_std": 0.05,  # std (on the 0-1 scale) for "noise"
-    "minority_aug_pct": 0.0,  # each minority class gets this % extra augmented copies of its own samples
-    # --- loss ---
-    "loss_weighting": "none",  # none | inverse | effective (multi-label: positive weights per label)
-    "effective_beta": 0.999,  # beta of the effective-number weighting
-    # --- optimisation ---
-    "optimizer": "adam",  # adam | adamw | sgd
-    "lr": 1e-3,  # peak learning rate
-    "weight_decay": 0.0,
-    "momentum": 0.9,  # sgd only
-    "batch_size": 128,
-    "epochs": 3,
-    "schedule": "cosine",  # cosine (linear warm-up then cosine) | step (MultiStepLR) | constant
-    "warmup_frac": 0.0,  # fraction of all steps spent in linear warm-up (cosine schedule)
-    "step_milestones": [0.5, 0.75],  # step schedule: fractions of the epochs where lr *= step_gamma
-    "step_gamma": 0.1,
-    # --- selection (validation only; the test split never chooses anything) ---
-    "metric": "val_auc",  # picks the best epoch of a trial (and, in tune.py, the best trial)
-    "mode": "max",  # max | min
-    # --- runtime ---
-    "device": "auto",  # auto | cpu | cuda
-    "num_workers": 0,  # DataLoader workers for per-sample augmentation
-    "data_root": None,  # where datasets live; None: $MEDTUNE_DATA_ROOT or ~/.medmnist
-}
+SPLIT_VERSION = 2  # 1: patient groups split by GroupShuffleSplit (not stratified); 2: stratified and grouped
 
-CHOICES = {
-    "optimizer": ("adam", "adamw", "sgd"),
-    "schedule": ("cosine", "step", "constant"),
-    "loss_weighting": ("none", "inverse", "effective"),
-    "device": ("auto", "cpu", "cuda"),
-    "mode": ("max", "min"),
-}
+
+class TrialConfig(BaseModel):
+    """One trial's configuration. Field order is the order `--help`-style listings show."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    # --- data ---
+    dataset: str = "pneumoniamnist"  # registered name (trainables.datasets) or kind:PATH
+    image_size: int = Field(28, ge=8, le=1024)  # MedMNIST 28/64/128/224; folder datasets are resized to it
+    split_ratio: float | None = Field(None, gt=0.0, lt=1.0)  # train share of the development pool; None: official split
+    split_version: int = Field(SPLIT_VERSION, ge=1, le=SPLIT_VERSION)  # how splits are made (replay of old searches)
+    skip_bad_images: bool = False  # leave unreadable image files out (counted) instead of failing
+    seed: int = Field(0, ge=0)  # seeds the split, the initialisation, the augmentation and the loader order
+    # --- model ---
+    model: str = "resnet18"  # registered name (trainables.models)
+    pretrained: bool = False  # start from ImageNet weights (needs `pretrained_path` offline)
+    pretrained_path: str | None = None  # local weights file (.pth / .safetensors) for `pretrained`
+    freeze_backbone: bool = False  # train the classifier head only
+    drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # classifier dropout; None keeps the model's default
+    # --- augmentation (training split only) ---
+    augment: str = "none"  # "+"-joined names, e.g. "hflip+rotation+jitter", or "autoaugment_imagenet"
+    rotation_degrees: float = Field(15.0, ge=0.0, le=180.0)  # for "rotation"
+    jitter: float = Field(0.2, ge=0.0, le=1.0)  # brightness/contrast strength for "jitter"
+    blur_sigma: float = Field(1.0, gt=0.0)  # upper sigma for "blur"
+    noise_std: float = Field(0.05, ge=0.0)  # std (on the 0-1 scale) for "noise"
+    minority_aug_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra augmented copies
+    # --- loss ---
+    loss_weighting: Literal["none", "inverse", "effective"] = "none"  # multi-label: positive weights per label
+    effective_beta: float = Field(0.999, gt=0.0, lt=1.0)  # beta of the effective-number weighting
+    # --- optimisation ---
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)  # peak learning rate
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(3, ge=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # cosine = linear warm-up then cosine
+    warmup_frac: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of all steps spent in linear warm-up (cosine)
+    step_milestones: list[float] = [0.5, 0.75]  # step schedule: fractions of the epochs where lr *= step_gamma
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    # --- selection (validation only; the test split never chooses anything) ---
+    metric: str = "val_auc"  # picks the best epoch (and, in tune.py, the best trial); never a test_ metric
+    mode: Literal["max", "min"] = "max"
+    # --- runtime ---
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a CUDA GPU that has it, else fp32
+    num_workers: int = Field(0, ge=0)  # DataLoader workers for per-sample augmentation
+    data_root: str | None = None  # where datasets live; None: $MEDTUNE_DATA_ROOT or ~/.medmnist
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from .datasets import check_dataset_name
+
+        check_dataset_name(value)
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .models import check_model_name
+
+        check_model_name(value)
+        return value
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, value: str) -> str:
+        from .augment import parse_augment
+
+        parse_augment(value)
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, value: str) -> str:
+        if not value.startswith("val_"):
+            raise ValueError(f"metric {value!r} must be a validation metric (val_...): the test split never selects")
+        return value
+
+    @field_validator("step_milestones")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < m <= 1.0 for m in value):
+            raise ValueError(f"step_milestones {value} must be fractions of the epochs in (0, 1], e.g. [0.5, 0.75]")
+        return value
+
+    @model_validator(mode="after")
+    def _model_fits_images(self) -> "TrialConfig":
+        from .models import check_model_name
+
+        check_model_name(self.model, self.image_size)
+        return self
+
+
+DEFAULTS: dict = TrialConfig().model_dump()
+TRIAL_KEYS = tuple(TrialConfig.model_fields)
 
 
 def resolve_config(overrides: dict) -> dict:
-    """DEFAULTS updated by `overrides`; raises UserError on an unknown key or an invalid value."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise UserError(f"Unknown config key {unknown[0]!r}; valid keys: {', '.join(DEFAULTS)}")
-    config = {**DEFAULTS, **overrides}
-    for key, valid in CHOICES.items():
-        if config[key] not in valid:
-            raise UserError(f"Invalid {key} {config[key]!r}; choose one of: {', '.join(valid)}")
-    ratio = config["split_ratio"]
-    if ratio is not None and not 0.0 < float(ratio) < 1.0:
-        raise UserError(f"Invalid split_ratio {ratio}; use a train share between 0 and 1, e.g. 0.8")
-    if not 0.0 <= float(config["warmup_frac"]) < 1.0:
-        raise UserError(f"Invalid warmup_frac {config['warmup_frac']}; use a fraction in [0, 1)")
-    if float(config["minority_aug_pct"]) < 0:
-        raise UserError(f"Invalid minority_aug_pct {config['minority_aug_pct']}; use a percentage >= 0")
-    for key in ("epochs", "batch_size"):
-        if int(config[key]) < 1:
-            raise UserError(f"Invalid {key} {config[key]}; use a positive integer")
-    if float(config["lr"]) <= 0:
-        raise UserError(f"Invalid lr {config['lr']}; use a positive learning rate")
-    return config
+    """The defaults updated by `overrides`, type-checked; a UserError names the first wrong key."""
+    try:
+        return TrialConfig.model_validate(dict(overrides)).model_dump()
+    except ValidationError as error:
+        raise UserError(describe_error(error, "config key")) from error
+
+
+def describe_error(error: ValidationError, what: str, model: type[BaseModel] = TrialConfig) -> str:
+    """pydantic's first error as one line: the key, the value given and what is expected."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"Unknown {what} {key!r}; valid keys: {', '.join(model.model_fields)}"
+    if first["type"] == "missing":
+        return f"Missing {what} {key!r}; it is required"
+    message = first["msg"]
+    if first["type"] == "value_error":  # our validators' messages already name the value and the fix
+        return message.removeprefix("Value error, ")
+    shown = first.get("input")
+    value = "" if isinstance(shown, dict) else f" {shown!r}"
+    return f"Invalid {key}{value}: {message[0].lower()}{message[1:]}"
+
+
+def check_value(key: str, value: Any) -> None:
+    """Validate one key on its own (a command-line override), before it is merged into a space."""
+    resolve_config({key: value})
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set KEY=VALUE ...` -> {key: YAML value}; a malformed item is a UserError naming it."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: write KEY=VALUE, e.g. --set batch_size=64")
+        try:
+            overrides[key] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise UserError(f"--set {item!r}: {text!r} is not a YAML value ({getattr(error, 'problem', error)}); "
+                            "quote strings and close brackets, e.g. --set step_milestones=[0.5,0.75]") from error
+    return overrides

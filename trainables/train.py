@@ -25,7 +25,8 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from .augment import build_minority_transform, build_train_transform, minority_copies
-from .config import resolve_config
+from .checkpoint import best_weights
+from .config import parse_overrides, resolve_config
 from .datasets import Dataset, ImageSet, load_dataset
 from .errors import UserError
 from .losses import build_loss
@@ -79,6 +80,13 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was asked for but no CUDA GPU is visible; use device: auto or cpu")
     return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: asked for, or `auto` on a CUDA GPU that has it (CPU autocast is the same code path)."""
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
 
 
 def seed_everything(seed: int) -> None:
@@ -178,7 +186,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     config = resolve_config(config)
     seed_everything(config["seed"])
     device = pick_device(config["device"])
-    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = use_bf16(config["precision"], device)
     train_idx, val_idx = train_val_indices(dataset, config["split_ratio"], config["seed"])
     train_set, val_set = dataset.dev.subset(train_idx), dataset.dev.subset(val_idx)
     size = int(train_set.images.shape[1])
@@ -200,10 +208,12 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     schedule = build_schedule(config, optimizer, len(train_loader))
     start, best_score, best_epoch, best_state, history = 1, None, 0, None, []
     if resume is not None:
+        if "optimizer" not in resume:
+            raise UserError(f"Checkpoint of epoch {resume['epoch']} is a finished trial's; there is nothing to resume")
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start, best_score, best_epoch = resume["epoch"] + 1, resume["best_score"], resume["best_epoch"]
-        best_state, history = resume["best_model"], list(resume["history"])
+        best_state, history = best_weights(resume), list(resume["history"])
         generator.manual_seed(config["seed"] + resume["epoch"])
     step = (start - 1) * len(train_loader)
     if schedule is not None:
@@ -220,6 +230,8 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         if _better(score, best_score, config["mode"]):
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if best_state is None:  # no epoch scored yet (NaN metric): the first epoch's weights stand in
+            best_epoch, best_state = epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         metrics = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
                    "best_epoch": best_epoch, f"best_{config['metric']}": best_score if best_score is not None else float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
@@ -228,15 +240,26 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         final = epoch == config["epochs"]
         test_labels = test_probs = None
         if final:  # the only place the test split is read
-            model.load_state_dict(best_state if best_state is not None else model.state_dict())
+            model.load_state_dict(best_state)
             test_metrics, test_labels, test_probs = evaluate(model, cpu_criterion, eval_loader(dataset.test, 512, device),
                                                              device, dataset.task, dataset.class_names, amp)
             metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
-        state = {"config": config, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "best_model": best_state, "best_score": best_score, "best_epoch": best_epoch, "history": history,
+        state = {"config": config, "epoch": epoch, "final": final, "best_score": best_score, "best_epoch": best_epoch,
+                 "history": history, "precision": "bf16" if amp else "fp32", "device": device.type,
                  "dataset": {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
-                             "channels": dataset.channels, "image_size": size, "mean": MEAN, "std": STD}}
+                             "channels": dataset.channels, "image_size": size, "mean": MEAN, "std": STD},
+                 **checkpoint_weights(model, optimizer, best_state, best_epoch == epoch, final)}
         yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history)
+
+
+def checkpoint_weights(model, optimizer, best_state: dict, best_is_current: bool, final: bool) -> dict:
+    """What a checkpoint must hold, and no more: the final one only the best weights (nothing is left to
+    resume); an earlier one the model and optimizer to resume from, plus the best weights when they are an
+    earlier epoch's (Ray hands a resumed trial its latest checkpoint only, so they travel with it)."""
+    if final:
+        return {"model": model.state_dict()}  # the best weights: loaded above for the test score
+    weights = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    return weights if best_is_current else {**weights, "best_model": best_state}
 
 
 def train(config: dict, data: Dataset | None = None, report: Callable[[dict], object] = print) -> dict:
@@ -259,27 +282,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_config_file(path: str) -> dict:
+    """A trial config file (YAML or JSON mapping of config keys); unreadable or malformed is one UserError."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"Cannot read config file {path} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0]}); fix the path or the YAML") from error
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a mapping of config keys (see trainables/config.py)")
+    return loaded or {}
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        overrides = {}
-        if args.config:
-            with open(args.config) as handle:
-                overrides = yaml.safe_load(handle) or {}
-        for item in args.set:
-            key, _, value = item.partition("=")
-            overrides[key] = yaml.safe_load(value)
+        overrides = read_config_file(args.config) if args.config else {}
+        overrides |= parse_overrides(args.set)
         if args.data_root:
             overrides["data_root"] = args.data_root
         config = resolve_config(overrides)
-        from .models import check_model_name
-        from .datasets import check_dataset_name
-        check_model_name(config["model"])
-        check_dataset_name(config["dataset"])
         final = train(config, report=lambda m: print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                                               for k, v in m.items() if not k.startswith("test_")})))
         print("test:", json.dumps({k: round(v, 4) for k, v in final.items() if k.startswith("test_")}))
-    except (UserError, OSError) as error:
+    except UserError as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,41 @@
+"""The two rules every part of medtune shares: how a trial ended, and which trial is best.
+
+tune.py (on Ray's results), the MLflow callback (the `medtune.outcome` tag) and analysis/ (on MLflow runs)
+all call these, so a search ranks its trials the same way wherever it is read.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, TypeVar
+
+COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
+OUTCOMES = (COMPLETED, STOPPED_EARLY, FAILED)
+T = TypeVar("T")
+
+
+def outcome(epochs_done: int, max_t: int, failed: bool = False) -> str:
+    """A trial is completed when it trained all `max_t` epochs (it then has test metrics); a trial that
+    stopped before without an error was stopped early by ASHA."""
+    if failed:
+        return FAILED
+    return COMPLETED if epochs_done >= max_t else STOPPED_EARLY
+
+
+def selection_key(metric: str) -> str:
+    """The score trials are ranked by: the best validation value a trial reached (`best_val_auc`, ...)."""
+    return metric if metric.startswith("best_") else f"best_{metric}"
+
+
+def rank(items: Iterable[T], score: Callable[[T], float], mode: str, tie: Callable[[T], str] = str) -> list[T]:
+    """`items` best first by `score` (validation only) in `mode` ("max" or "min"); NaN ranks last; equal
+    scores are ordered by `tie` (the trial id), so every caller breaks ties the same way."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be max or min, not {mode!r}")
+    sign = -1.0 if mode == "max" else 1.0
+
+    def key(item):
+        value = float(score(item))
+        return (math.isnan(value), sign * value if not math.isnan(value) else 0.0, tie(item))
+
+    return sorted(items, key=key)

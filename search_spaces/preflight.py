@@ -1,0 +1,63 @@
+"""Every check a search makes before it spends compute: data, pretrained weights, leaks, MLflow, storage.
+
+Each failure is a UserError (one line, exit 2) raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+from search_spaces import SearchSpace
+from trainables.datasets import load_dataset
+from trainables.errors import UserError
+from trainables.leaks import format_leak_report, leak_metrics, leak_report
+from trainables.models import create_model
+from trainables.splits import train_val_indices
+
+
+def load_datasets(space: SearchSpace) -> dict:
+    """Every (dataset, image size) a trial may ask for, loaded once on the driver (missing data fails here)."""
+    base = space.base_config()
+    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size),
+                                                     data_root=base.get("data_root"),
+                                                     skip_bad_images=bool(base.get("skip_bad_images", False)))
+            for size in space.values_of("image_size")}
+
+
+def check_leaks(space: SearchSpace, datasets: dict, seed: int) -> tuple[dict, dict]:
+    """Duplicate images and shared patients across train/val/test, printed now; (metrics, detail) for MLflow."""
+    dataset = next(iter(datasets.values()))
+    report = leak_report(dataset, *train_val_indices(dataset, space.values_of("split_ratio")[0], seed))
+    print(format_leak_report(report))
+    metrics = leak_metrics(report)
+    skipped = getattr(dataset, "skipped_files", ())
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images (--skip-bad-images), e.g. {skipped[0]}")
+        metrics["skipped_images"] = float(len(skipped))
+    return metrics, {**report["leak_detail"], "skipped_images": [str(f) for f in skipped]}
+
+
+def check_pretrained(space: SearchSpace, datasets: dict) -> None:
+    """Build each pretrained model once, so missing weights fail now and not in every trial."""
+    dataset = next(iter(datasets.values()))
+    for variant in space.variants.values() or [{}]:
+        if True not in ([variant["pretrained"]] if "pretrained" in variant else space.values_of("pretrained")):
+            continue
+        models = [variant["model"]] if "model" in variant else space.values_of("model")
+        for model in models:
+            create_model(model, num_classes=dataset.num_classes, in_chans=dataset.channels,
+                         img_size=int(dataset.dev.images.shape[1]), pretrained=True,
+                         pretrained_path=space.fixed.get("pretrained_path"))
+
+
+def check_tracking(uri: str):
+    """A client for the tracking server that has answered; a login or network problem is one line."""
+    from analysis.tracking import check_tracking_uri, without_credentials
+
+    try:
+        return check_tracking_uri(uri)
+    except ConnectionError as error:
+        shown = without_credentials(uri)
+        if "error code 401" in str(error) or "error code 403" in str(error):
+            raise UserError(f"MLflow tracking server {shown} refused the login; set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)") from error
+        raise UserError(f"MLflow tracking server {shown} is unreachable ({error}); start it or pass a reachable "
+                        "--tracking-uri (or set MLFLOW_TRACKING_URI)") from error

@@ -1,0 +1,96 @@
+"""A search's state file beside Ray's own (`<storage>/<name>/medtune_search.yaml`): what `--resume` needs.
+
+Local folders, s3:// and gs:// alike, through pyarrow (as Ray stores results). Every storage failure is a
+UserError that says which kind it is (permission, credentials, missing bucket, unreachable), checked before
+Ray starts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import yaml
+
+from trainables.errors import UserError
+
+STATE_FILE = "medtune_search.yaml"
+_KINDS = (  # (words in the storage library's message, what the user should do)
+    (("accessdenied", "access denied", "permission", "forbidden", "403", "read-only file system"),
+     "permission denied; use a location you can write to, or ask for write access"),
+    (("credential", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken", "security token",
+      "unauthenticated", "401"),
+     "the cloud credentials were refused or are missing; set them (e.g. AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)"),
+    (("nosuchbucket", "bucket does not exist", "bucket not found", "the specified bucket"),
+     "the bucket does not exist; create it or fix the name"),
+    (("not a directory", "file exists"),
+     "a file is in the way; pass a folder path"),
+    (("connection", "resolve", "timed out", "curl", "unreachable", "network"),
+     "the storage is unreachable; check the address and the network"),
+)
+
+
+def storage_root(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def storage_error(storage: str, error: OSError) -> UserError:
+    """One line naming the storage, the kind of failure and the fix."""
+    text = str(error).lower()
+    advice = next((fix for words, fix in _KINDS if any(w in text for w in words)),
+                  "check the --storage location and your access to it")
+    detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return UserError(f"Cannot use --storage {storage}: {advice} ({type(error).__name__}: {detail})")
+
+
+def _location(storage: str, relative: str):
+    """(filesystem, path) of `relative` under the storage root."""
+    import pyarrow.fs
+
+    base, _, query = storage_root(storage).partition("?")  # s3://bucket/x?endpoint_override=...
+    try:
+        return pyarrow.fs.FileSystem.from_uri(f"{base.rstrip('/')}/{relative}" + (f"?{query}" if query else ""))
+    except (OSError, ValueError) as error:
+        raise storage_error(storage, OSError(str(error))) from error
+
+
+def check_storage(storage: str) -> None:
+    """Write and delete a probe file under the storage root, so a storage problem shows before any compute."""
+    import pyarrow.fs
+
+    fs, path = _location(storage, f".medtune-probe-{uuid.uuid4().hex}")
+    root = path.rsplit("/", 1)[0]
+    try:
+        created = fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound
+        fs.create_dir(root)
+        with fs.open_output_stream(path) as handle:
+            handle.write(b"probe")
+        fs.delete_file(path)
+        if created:  # leave nothing behind: a later check may still stop the search
+            fs.delete_dir(root)
+    except OSError as error:
+        raise storage_error(storage, error) from error
+
+
+def read_state(storage: str, name: str) -> dict | None:
+    """The state `write_state` left for search `name`; None when there is no such search."""
+    fs, path = _location(storage, f"{name}/{STATE_FILE}")
+    try:
+        with fs.open_input_stream(path) as handle:
+            return yaml.safe_load(handle.read())
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if "not found" in str(error).lower() or "no such file" in str(error).lower():
+            return None
+        raise storage_error(storage, error) from error
+
+
+def write_state(storage: str, name: str, state: dict) -> None:
+    fs, path = _location(storage, f"{name}/{STATE_FILE}")
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0])
+        with fs.open_output_stream(path) as handle:
+            handle.write(yaml.safe_dump(state, sort_keys=False).encode())
+    except OSError as error:
+        raise storage_error(storage, error) from error

@@ -1,0 +1,119 @@
+"""The Ray side of a search: start or join Ray, build the Tuner (Optuna TPE + ASHA), print progress lines.
+
+Ray is imported inside the functions so that `tune.py --help` and every input check stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray.tune import Callback
+
+from analysis.ranking import outcome, selection_key
+from search_spaces import SearchSpace
+from trainables.errors import UserError
+
+CHECKPOINTS_KEPT = 1  # the latest only: it holds the best weights (trainables/train.py checkpoint_weights)
+
+
+def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
+    """Start or join Ray; returns the GPUs per trial the cluster can give (0 when it has none). The space
+    itself keeps what the user asked for: the state file and a resume see that, not this fallback."""
+    import ray
+
+    if not debug:  # our ProgressLines replace Ray's tables and banners
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # Keeping one checkpoint makes Ray snapshot its small experiment state at every checkpoint (so a
+        # restore never points at a deleted one), and warn about it each time: the snapshot is wanted.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray switches token auth on by itself only for "auto"
+    try:
+        ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
+                 log_to_driver=debug, logging_level="ERROR" if not debug else "INFO")
+    except ConnectionError as error:
+        if address is None:
+            raise
+        raise UserError(f"Cannot join the Ray cluster at {address} ({str(error).splitlines()[0]}); check the address "
+                        "and, with token authentication, set RAY_AUTH_MODE=token and the cluster's token "
+                        "(RAY_AUTH_TOKEN_PATH, RAY_AUTH_TOKEN or ~/.ray/auth_token)") from error
+    if space.cpu > max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]):
+        raise UserError(f"{space.cpu} CPUs per trial but no node has that many; lower --cpus-per-trial")
+    if space.gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        print(f"note: no GPU in the Ray cluster; trials run on CPU (asked for {space.gpu} GPU per trial)")
+        return 0.0
+    return space.gpu
+
+
+def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
+    """The function trainable with its data in the object store and its resources attached."""
+    from ray import tune
+
+    from trainables.ray_trainable import tune_trainable
+
+    return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants),
+                               {"cpu": space.cpu, "gpu": gpu})
+
+
+def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callbacks: list, seed: int):
+    from optuna.samplers import TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    startup = max(2, min(10, space.num_samples // 3))
+    searcher = OptunaSearch(metric=selection_key(space.metric), mode=space.mode,
+                            sampler=TPESampler(seed=seed, n_startup_trials=startup))
+    if not space.params and not space.variants:
+        searcher = None  # nothing to search: run the fixed config num_samples times
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode,
+                              max_t=space.max_t, grace_period=space.grace_period,
+                              reduction_factor=space.reduction_factor)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space)], verbose=0,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        failure_config=tune.FailureConfig(max_failures=space.max_failures),
+    )
+    return tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
+                      tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                                  num_samples=space.num_samples,
+                                                  max_concurrent_trials=space.max_concurrent,
+                                                  trial_name_creator=trial_name, trial_dirname_creator=trial_name))
+
+
+def restore_tuner(space: SearchSpace, name: str, storage: str, trainable):
+    """The interrupted search, with its sampler state and callbacks (they hold its MLflow parent run)."""
+    from ray import tune
+
+    return tune.Tuner.restore(f"{storage}/{name}", trainable=trainable, resume_unfinished=True,
+                              resume_errored=False, param_space=space.param_space())
+
+
+def trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+class ProgressLines(Callback):
+    """One short line per epoch and per trial end, instead of Ray's wide tables."""
+
+    def __init__(self, space: SearchSpace):
+        self.metric, self.max_t, self.searched = space.metric, space.max_t, list(space.params)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[{trial.trial_id}] start " + " ".join(f"{k}={fmt(trial.config.get(k))}" for k in self.searched),
+              flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        print(f"[{trial.trial_id}] epoch {result['training_iteration']}/{self.max_t} "
+              f"{self.metric}={fmt(result.get(self.metric))} ({result.get('epoch_seconds', 0):.0f}s)", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        ended = outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t)
+        print(f"[{trial.trial_id}] {ended.replace('_', ' ')}{' by ASHA' if ended != 'completed' else ''}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[{trial.trial_id}] FAILED (see {trial.error_file})", flush=True)
+
+
+def fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
