@@ -4,7 +4,9 @@ Ray cluster launcher YAMLs go through Ray's own `prepare_config` + `validate_con
 every `ray start` line is parsed by Ray's own CLI; every tune.py command by tune.py's `get_args_parser()`;
 KubeRay manifests, the SLURM script and the MLflow server recipe are checked for the keys and settings
 their tools need. The MLflow start script is also run: it refuses unsafe settings, and (where MLflow's
-auth extra is installed) starts a server that turns away requests without a login.
+auth extra is installed) starts a server that turns away requests without a login. The SLURM script is run
+with stand-ins for SLURM, `ray` and the search (its token's life), and each KubeRay NetworkPolicy is
+evaluated against the pods KubeRay makes (who reaches the head, on which port).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -86,7 +90,7 @@ def tune_commands(path: Path) -> list[str]:
     for candidate in candidates:
         match = TUNE.search(candidate)
         if match:
-            command = match.group(0).strip()
+            command = re.sub(r"\s+&$", "", match.group(0).strip())  # started in the background (slurm.sbatch)
             try:
                 shlex.split(command)
             except ValueError:  # ends in the closing quote of an enclosing argument: ray exec ... 'cd && python ...'
@@ -210,9 +214,16 @@ def test_launcher_shell_commands_parse(provider):
 
 # --- KubeRay ------------------------------------------------------------------------------------
 
+def kuberay_docs(name: str) -> dict:
+    """The documents of cluster/kuberay/<name> by kind: the Ray resource and its NetworkPolicy."""
+    docs = load_all(KUBERAY / name)
+    assert len({doc["kind"] for doc in docs}) == len(docs), f"{name}: one document of each kind"
+    return {doc["kind"]: doc for doc in docs}
+
+
 def cluster_specs() -> dict:
-    raycluster = load(KUBERAY / "raycluster.yaml")
-    rayjob = load(KUBERAY / "rayjob.yaml")
+    raycluster = kuberay_docs("raycluster.yaml")["RayCluster"]
+    rayjob = kuberay_docs("rayjob.yaml")["RayJob"]
     assert raycluster["apiVersion"] == rayjob["apiVersion"] == "ray.io/v1"
     assert raycluster["kind"] == "RayCluster" and rayjob["kind"] == "RayJob"
     return {"RayCluster": raycluster["spec"], "RayJob": rayjob["spec"]["rayClusterSpec"]}
@@ -249,12 +260,208 @@ def test_kuberay_cluster_has_cpu_head_gpu_worker_group_token_auth_and_shared_vol
 def test_rayjob_runs_tune_py_on_the_cluster_and_cleans_up():
     from tune import get_args_parser
 
-    job = load(KUBERAY / "rayjob.yaml")["spec"]
+    job = kuberay_docs("rayjob.yaml")["RayJob"]["spec"]
     args = get_args_parser().parse_args(tune_args(job["entrypoint"]))
     assert args.space == "resnetd_depth" and args.address == "auto"
     mount = "/mnt/medtune"  # on every pod (see the test above): results written by any node reach the driver
     assert args.storage.startswith(mount + "/") and args.data_root.startswith(mount + "/")
     assert job["shutdownAfterJobFinishes"] is True and job["submissionMode"] == "K8sJobMode"
+
+
+# --- KubeRay: the head's NetworkPolicy ------------------------------------------------------------
+
+_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["key", "operator"], "properties": {
+            "key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+            "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_PEER = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "podSelector": _SELECTOR, "namespaceSelector": _SELECTOR,
+    "ipBlock": {"type": "object", "additionalProperties": False, "required": ["cidr"], "properties": {
+        "cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}}}
+_PORT = {"type": "object", "additionalProperties": False, "properties": {
+    "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+    "port": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, {"type": "string"}]},
+    "endPort": {"type": "integer", "minimum": 1, "maximum": 65535}}}
+# networking.k8s.io/v1 NetworkPolicy, transcribed from the Kubernetes API reference (the kubernetes client,
+# which carries the OpenAPI models, is not a dependency): unknown or misspelt fields are errors, as in `kubectl
+# apply --validate=strict`.
+NETWORK_POLICY_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "maxLength": 253, "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"}}},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["podSelector"], "properties": {
+            "podSelector": _SELECTOR,
+            "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "from": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}},
+            "egress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "to": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}}}}}}
+
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+
+
+def valid_label(key: str, value: str) -> bool:
+    """Kubernetes label syntax: [DNS-subdomain prefix/]name, and a value of at most 63 name characters."""
+    prefix, _, name = key.rpartition("/")
+    return (re.fullmatch(_LABEL_NAME, name) is not None and (value == "" or re.fullmatch(_LABEL_NAME, value) is not None)
+            and (prefix == "" or (len(prefix) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", prefix))))
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """Kubernetes label-selector semantics: every matchLabels pair and matchExpression holds; {} selects all."""
+    selector = selector or {}
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        present, values = expression["key"] in labels, expression.get("values") or []
+        holds = {"In": present and labels.get(expression["key"]) in values,
+                 "NotIn": not present or labels.get(expression["key"]) not in values,
+                 "Exists": present, "DoesNotExist": not present}[expression["operator"]]
+        if not holds:
+            return False
+    return True
+
+
+NAMESPACE = "ml"  # where the manifests are applied (they name none: the current namespace)
+
+
+def pod(labels: dict, namespace: str = NAMESPACE) -> dict:
+    return {"namespace": namespace, "labels": labels}
+
+
+def kuberay_pod(cluster: str, node_type: str, group: str, template: dict) -> dict:
+    """A Ray pod as KubeRay labels it (ray-operator common/pod.go, labelPod): its labels over the template's,
+    except ray.io/node-type, ray.io/group and ray.io/cluster, which the template cannot set."""
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+              "ray.io/group": group, "ray.io/identifier": f"{cluster}-{node_type}",
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    reserved = {"ray.io/node-type", "ray.io/group", "ray.io/cluster"}
+    labels.update({k: v for k, v in ((template.get("metadata") or {}).get("labels") or {}).items() if k not in reserved})
+    return pod(labels)
+
+
+def admitted(policies: list[dict], source: dict, target: dict, port: int) -> bool:
+    """Whether TCP traffic from `source` reaches `target`:`port` (NetworkPolicy v1: a pod that no ingress policy
+    selects takes everything; a selected pod takes what at least one rule of one of them allows)."""
+    selecting = [p for p in policies if target["namespace"] == NAMESPACE
+                 and selects(p["spec"]["podSelector"], target["labels"])
+                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and p["port"] <= port <= p.get("endPort", p["port"])
+                                 for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                if "namespaceSelector" in peer:
+                    in_namespace = selects(peer["namespaceSelector"],
+                                           {"kubernetes.io/metadata.name": source["namespace"]})
+                else:
+                    in_namespace = source["namespace"] == NAMESPACE
+                if in_namespace and ("podSelector" not in peer or selects(peer["podSelector"], source["labels"])):
+                    return True
+    return False
+
+
+GCS, DASHBOARD, CLIENT, METRICS, RAYLET = 6379, 8265, 10001, 8080, 43211  # RAYLET: a port Ray picks at start
+
+
+def head_policy_scene(file: str) -> dict:
+    """The pods around a cluster made from cluster/kuberay/<file>: its own, the submitter (RayJob), the
+    operator, and pods that must not reach the head."""
+    docs = kuberay_docs(file)
+    ray = docs["RayCluster"] if "RayCluster" in docs else docs["RayJob"]
+    spec = ray["spec"] if ray["kind"] == "RayCluster" else ray["spec"]["rayClusterSpec"]
+    # a RayJob's cluster is named <RayJob name>-<random suffix> by KubeRay
+    cluster = ray["metadata"]["name"] + ("" if ray["kind"] == "RayCluster" else "-x7k2q")
+    (group,) = spec["workerGroupSpecs"]
+    scene = {
+        "head": kuberay_pod(cluster, "head", "headgroup", spec["headGroupSpec"]["template"]),
+        "worker": kuberay_pod(cluster, "worker", group["groupName"], group["template"]),
+        "operator": pod({"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+                         "app.kubernetes.io/component": "kuberay-operator"}, namespace="kuberay-system"),
+        "another Ray cluster's worker": kuberay_pod("someone-else", "worker", "cpu", {}),
+        "another Ray cluster's head": kuberay_pod("someone-else", "head", "headgroup", {}),
+        "a pod of the namespace": pod({"app": "notebook"}),
+        "a pod of another namespace": pod({"app": "notebook"}, namespace="web"),
+        "another Job's pod": pod({"batch.kubernetes.io/job-name": "nightly-export", "job-name": "nightly-export"}),
+    }
+    if ray["kind"] == "RayJob":  # the Job controller labels its pods with the Job's name: KubeRay's is the RayJob's
+        name = ray["metadata"]["name"]
+        scene["submitter"] = pod({"batch.kubernetes.io/job-name": name, "job-name": name})
+    return {"policies": [docs["NetworkPolicy"]], "ray": ray, "pods": scene}
+
+
+@pytest.mark.parametrize("file", ["raycluster.yaml", "rayjob.yaml"])
+def test_head_network_policy_is_a_valid_kubernetes_object(file):
+    import jsonschema
+
+    policy = kuberay_docs(file)["NetworkPolicy"]
+    jsonschema.validate(policy, NETWORK_POLICY_SCHEMA)
+    selectors = [policy["spec"]["podSelector"]] + [peer[key] for rule in policy["spec"]["ingress"]
+                                                   for peer in rule["from"] for key in peer]
+    for selector in selectors:
+        for key, value in (selector.get("matchLabels") or {}).items():
+            assert valid_label(key, value), f"{file}: not a Kubernetes label: {key}: {value}"
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress stays open: workers reach MLflow, buckets, pip
+
+
+@pytest.mark.parametrize("file", ["raycluster.yaml", "rayjob.yaml"])
+def test_head_network_policy_lets_only_the_clusters_own_pods_reach_the_head(file):
+    scene = head_policy_scene(file)
+    policies, pods, ray = scene["policies"], scene["pods"], scene["ray"]
+    (policy,) = policies
+    head = pods["head"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    # the head pod, by the labels KubeRay gives it; ray.io/cluster where the cluster's name is known
+    assert selector["ray.io/node-type"] == "head"
+    if ray["kind"] == "RayCluster":
+        assert selector["ray.io/cluster"] == ray["metadata"]["name"]
+    else:
+        assert selector["medtune/rayjob"] == ray["metadata"]["name"]
+    assert [name for name, p in pods.items() if not admitted(policies, pods["a pod of another namespace"], p, GCS)] \
+        == ["head"], "the policy selects the head pod, and no other"
+
+    for port in (GCS, DASHBOARD, CLIENT, METRICS, RAYLET):  # workers reach the GCS and every port Ray picks
+        for own in ("head", "worker"):
+            assert admitted(policies, pods[own], head, port), f"{file}: the {own} cannot reach the head on {port}"
+    submitters = ["operator"] + (["submitter"] if ray["kind"] == "RayJob" else [])
+    for name in submitters:
+        assert admitted(policies, pods[name], head, DASHBOARD), f"{file}: the {name} cannot reach the dashboard"
+        for port in (GCS, CLIENT, METRICS, RAYLET):
+            assert not admitted(policies, pods[name], head, port), f"{file}: the {name} reaches the head on {port}"
+    for name, stranger in pods.items():
+        if name not in ("head", "worker", *submitters):
+            for port in (GCS, DASHBOARD, CLIENT, METRICS, RAYLET):
+                assert not admitted(policies, stranger, head, port), f"{file}: {name} reaches the head on {port}"
+
+    # in the manifest: every rule names its sources (no ipBlock, no empty `from` that admits all), and the
+    # only port opened beyond the cluster's own pods is the dashboard's
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and all("ipBlock" not in peer for peer in rule["from"]), rule
+    listed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+    assert listed == {DASHBOARD}
+
+
+def test_rayjob_labels_its_pods_for_the_policy_with_the_rayjob_name():
+    """A RayJob renamed (say, to resume) must carry the new name into its pod labels and policy, or its own
+    submitter would be shut out of the dashboard."""
+    docs = kuberay_docs("rayjob.yaml")
+    name = docs["RayJob"]["metadata"]["name"]
+    spec = docs["RayJob"]["spec"]["rayClusterSpec"]
+    for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        assert template["metadata"]["labels"]["medtune/rayjob"] == name
+    assert name in docs["NetworkPolicy"]["metadata"]["name"]
+    assert len(name) <= 47  # KubeRay's limit for a RayJob's name (its cluster's is name + 6 characters)
 
 
 def test_ray_versions_agree_with_the_installed_ray():
@@ -286,6 +493,201 @@ def test_sbatch_starts_head_then_workers_with_a_private_token():
     assert all("--block" in line for line in head + workers)
     assert "export RAY_AUTH_MODE=token" in text and "export RAY_AUTH_TOKEN_PATH=" in text
     assert "umask 077" in text and "chmod 700" in text
+
+
+# cluster/slurm.sbatch run for real, with stand-ins for SLURM (srun runs the command here, scontrol expands a
+# comma-separated node list, squeue lists $FAKE_SQUEUE_JOBS) and for the venv's `ray` and `python` (the token
+# is made by the real interpreter; `ray start`, the wait for the nodes and the search only note what they see).
+# tests/test_multinode.py runs the same script with real Ray nodes and a real search.
+SLURM_STANDINS = {
+    "srun": """#!/usr/bin/env bash
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in -w|--nodelist|-N|-n) shift 2 ;; *) shift ;; esac
+done
+exec "$@"
+""",
+    "scontrol": """#!/usr/bin/env bash
+[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
+""",
+    "squeue": """#!/usr/bin/env bash
+[[ -z ${FAKE_SQUEUE_FAIL:-} ]] || { echo "squeue: error: Unable to contact slurm controller" >&2; exit 1; }
+printf '%s\\n' $FAKE_SQUEUE_JOBS
+""",
+}
+VENV_STANDINS = {
+    "activate": 'PATH="$(dirname "${BASH_SOURCE[0]}"):$PATH"\n',
+    "ray": """#!/usr/bin/env bash
+if [[ $1 == start ]]; then
+  echo "$RAY_AUTH_MODE $RAY_AUTH_TOKEN_PATH $(cat "$RAY_AUTH_TOKEN_PATH") ${RAY_AUTH_TOKEN-unset}" \\
+    >> "$STANDIN_LOG/ray-start"
+fi
+""",
+    "python": f"""#!/usr/bin/env bash
+case $1 in
+  -)  # the wait for the nodes: until every `ray start` has run
+      cat > /dev/null
+      for _ in $(seq 200); do
+        [[ $(cat "$STANDIN_LOG/ray-start" 2> /dev/null | wc -l) -ge $3 ]] && {{ echo "$3 Ray nodes up"; exit 0; }}
+        sleep 0.05
+      done
+      exit 1 ;;
+  -m) # the search: what it sees of the token
+      token_dir=$(dirname "$RAY_AUTH_TOKEN_PATH")
+      {{ echo "pid $$"; echo "mode $RAY_AUTH_MODE"; echo "path $RAY_AUTH_TOKEN_PATH"
+         echo "perms $(stat -c %a "$token_dir") $(stat -c %a "$RAY_AUTH_TOKEN_PATH")"
+         echo "token $(cat "$RAY_AUTH_TOKEN_PATH")"; echo "env-token ${{RAY_AUTH_TOKEN-unset}}"
+         echo "token-dirs $(cd "$token_dir/.." && echo *)"; echo "args $*"; }} > "$STANDIN_LOG/driver"
+      [[ -z ${{DRIVER_SLEEPS:-}} ]] || exec sleep 60
+      exit "${{DRIVER_EXIT:-0}}" ;;
+  *)  exec {sys.executable} "$@" ;;
+esac
+""",
+}
+JOB = "4242"
+
+
+@pytest.fixture
+def sbatch(tmp_path):
+    """cluster/slurm.sbatch as job 4242 on node-a,node-b, with the stand-ins: `.start(**env)` runs it (extra
+    environment as keywords) and returns the Popen; `.token_root`, `.log` (what the stand-ins noted) and
+    `.output` (the job's output file) are its paths."""
+    slurm_bin, venv = tmp_path / "slurm-bin", tmp_path / "venv"
+    for folder, files in ((slurm_bin, SLURM_STANDINS), (venv / "bin", VENV_STANDINS)):
+        folder.mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+            (folder / name).chmod(0o755)
+    shared, log, output = tmp_path / "shared", tmp_path / "log", tmp_path / f"medtune-{JOB}.out"
+    log.mkdir()
+    env = {"PATH": f"{slurm_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "USER": "medtune-test",
+           "SLURM_JOB_ID": JOB, "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1",
+           "MEDTUNE_VENV": str(venv), "MEDTUNE_SHARED": str(shared), "MEDTUNE_HEAD_IP": "127.0.0.1",
+           "RAY_PORT": "6399", "MEDTUNE_SPACE": "tiny", "MLFLOW_TRACKING_URI": "http://10.0.0.10:5000",
+           "STANDIN_LOG": str(log), "FAKE_SQUEUE_JOBS": JOB, "RAY_AUTH_TOKEN": "a-token-of-the-submitting-shell"}
+    jobs = []
+
+    def start(**extra) -> subprocess.Popen:
+        job_env = {name: value for name, value in {**env, **extra}.items() if value is not None}  # None: unset
+        with open(output, "w") as handle:  # a file: a stand-in left running must not hold a pipe open
+            jobs.append(subprocess.Popen(["bash", str(SBATCH), "--seed", "5"], env=job_env, stdout=handle,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+        return jobs[-1]
+
+    yield SimpleNamespace(start=start, token_root=shared / ".ray-auth-medtune-test", log=log, output=output)
+    for job in jobs:  # what SLURM does at the end of a job: end whatever the script left running
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.wait(timeout=10)
+
+
+def noted_by_the_search(log: Path) -> dict:
+    return dict(line.split(" ", 1) for line in (log / "driver").read_text().splitlines())
+
+
+@pytest.mark.parametrize("exit_code", [0, 3], ids=["search-succeeds", "search-fails"])
+def test_sbatch_token_is_private_shared_by_every_node_and_removed_at_the_end(sbatch, exit_code):
+    job = sbatch.start(DRIVER_EXIT=str(exit_code))
+    assert job.wait(timeout=30) == exit_code, sbatch.output.read_text()
+
+    during = noted_by_the_search(sbatch.log)
+    token_dir = Path(during["path"]).parent
+    assert during["mode"] == "token" and token_dir.parent == sbatch.token_root and token_dir.name.startswith(f"{JOB}.")
+    assert during["perms"] == "700 600", "the token dir must be 700 and the token 600 while the search runs"
+    assert re.fullmatch(r"[0-9a-f]{64}", during["token"])
+    assert during["env-token"] == "unset", "RAY_AUTH_TOKEN from the submitting shell would override the job's token"
+    assert during["args"].endswith("--seed 5")
+    starts = (sbatch.log / "ray-start").read_text().splitlines()  # the head's and the worker's `ray start`
+    assert starts == [f"token {during['path']} {during['token']} unset"] * 2
+
+    assert not token_dir.exists(), "the job's token outlived it"
+    assert stat.S_IMODE(sbatch.token_root.stat().st_mode) == 0o700 and not list(sbatch.token_root.iterdir())
+    assert during["token"] not in sbatch.output.read_text()
+
+
+def test_sbatch_without_USER_names_the_token_root_after_the_account(sbatch):
+    job = sbatch.start(USER=None)
+    assert job.wait(timeout=30) == 0, sbatch.output.read_text()
+    account = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(noted_by_the_search(sbatch.log)["path"]).parent.parent.name == f".ray-auth-{account}"
+
+
+EARLIER = {"1111.aB3dE5gH": "ended", "2222.kL7mN9pQ": "running", f"{JOB}.rS2tU4vW": "this job, before a requeue"}
+
+
+def lay_out_earlier_token_dirs(token_root: Path):
+    for name in EARLIER:
+        (token_root / name).mkdir(parents=True)
+        (token_root / name / "auth_token").write_text("0" * 8)
+
+
+def test_sbatch_first_removes_the_token_dirs_its_earlier_jobs_left(sbatch):
+    lay_out_earlier_token_dirs(sbatch.token_root)
+    job = sbatch.start(FAKE_SQUEUE_JOBS=f"{JOB} 2222")
+    assert job.wait(timeout=30) == 0, sbatch.output.read_text()
+    during = noted_by_the_search(sbatch.log)
+    assert sorted(during["token-dirs"].split()) == sorted(["2222.kL7mN9pQ", Path(during["path"]).parent.name])
+    assert [p.name for p in sbatch.token_root.iterdir()] == ["2222.kL7mN9pQ"]
+    assert "stale Ray token directory of job 1111" in sbatch.output.read_text()
+
+
+@pytest.mark.parametrize("squeue", [{"FAKE_SQUEUE_FAIL": "1"}, {"FAKE_SQUEUE_JOBS": "2222"}],
+                         ids=["squeue-fails", "squeue-lacks-this-job"])
+def test_sbatch_removes_no_token_dir_when_squeue_cannot_tell(sbatch, squeue):
+    lay_out_earlier_token_dirs(sbatch.token_root)
+    job = sbatch.start(**squeue)
+    assert job.wait(timeout=30) == 0, sbatch.output.read_text()
+    assert sorted(p.name for p in sbatch.token_root.iterdir()) == sorted(EARLIER)
+
+
+def test_sbatch_cancelled_mid_search_stops_the_search_and_removes_its_token(sbatch):
+    job = sbatch.start(DRIVER_SLEEPS="1")
+    deadline = time.time() + 30
+    while not (sbatch.log / "driver").exists():
+        assert job.poll() is None and time.time() < deadline, sbatch.output.read_text()
+        time.sleep(0.05)
+    during = noted_by_the_search(sbatch.log)
+    job.send_signal(signal.SIGTERM)  # scancel, or the time limit
+    assert job.wait(timeout=10) == 143, sbatch.output.read_text()
+    assert not Path(during["path"]).parent.exists(), "a cancelled job's token outlived it"
+    state = Path(f"/proc/{during['pid']}/stat")
+    for _ in range(100):  # the search got the SIGTERM too (gone, or a zombie waiting for its reaper)
+        if not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the search kept running after the job was cancelled")
+
+
+# --- secrets stay out of output and logs ----------------------------------------------------------
+
+def cluster_shell_code() -> dict[str, list[str]]:
+    """Every shell line that cluster/ runs: the scripts (comments dropped) and the launchers' commands."""
+    code = {path.name: [line for line in shell_lines(path.read_text()) if not line.lstrip().startswith("#")]
+            for path in SCRIPTS}
+    for path in LAUNCHER.values():
+        config = load(path)
+        code[path.name] = [command for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                                               "worker_setup_commands", "head_start_ray_commands",
+                                               "worker_start_ray_commands") for command in config.get(key) or []]
+    return code
+
+
+def test_cluster_scripts_never_trace_or_print_secrets():
+    """xtrace prints every command with its variables expanded (tokens, passwords); an echo of a secret
+    variable lands in the job's output file or the journal; `ray get-auth-token` prints the token."""
+    for name, lines in cluster_shell_code().items():
+        for line in lines:
+            assert not re.search(r"\bset\s+(-[a-zA-Z]*x|-o\s+xtrace)|\bbash\s+-[a-z]*x", line), f"{name}: {line}"
+            if re.search(r"\b(echo|printf)\b", line):
+                assert not re.search(r"\$\{?\w*(token|password|secret|credential)", line, re.I), f"{name}: {line}"
+    readme = (REPO / "README.md").read_text()
+    texts = {"README.md": readme, **{p.name: p.read_text() for p in CLUSTER.rglob("*") if p.is_file()}}
+    for name, text in texts.items():
+        for line in text.splitlines():
+            if "ray get-auth-token" in line and "--generate" in line and line.lstrip("#` ").startswith("ray "):
+                assert "> /dev/null" in line, f"{name}: `ray get-auth-token` prints the token: {line}"
 
 
 # --- MLflow server recipe -----------------------------------------------------------------------
@@ -363,6 +765,15 @@ def test_server_script_keeps_the_database_password_off_the_command_line():
                               "MLFLOW_FLASK_SERVER_SECRET_KEY": "k",
                               "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://mlflow:hunter2@db/mlflow"})
     assert done.returncode == 2 and "PGPASSWORD" in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr  # the refusal does not print what it refuses
+
+
+def test_server_script_takes_a_database_uri_with_a_user_and_no_password():
+    # a public MLFLOW_HOST stops it at the next check, before MLflow would start
+    done = run_server_script({"MLFLOW_HOST": "8.8.8.8", "MLFLOW_ARTIFACTS_DESTINATION": "/tmp/a", "PGHOST": "db",
+                              "MLFLOW_FLASK_SERVER_SECRET_KEY": "k",
+                              "MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://mlflow@db:5432/mlflow"})
+    assert done.returncode == 2 and "public address" in done.stderr and "PGPASSWORD" not in done.stderr
 
 
 def http_status(url: str, auth: tuple[str, str] | None = None) -> int:

@@ -167,7 +167,7 @@ def test_slurm_script_runs_a_search_on_a_two_node_allocation(tmp_path, medmnist_
     output = log.read_text()
     assert job.returncode == 0, output[-4000:]
     assert "2 Ray nodes up" in output and "2 trials:" in output
-    assert not list((tmp_path / "shared").glob(".ray-token-*")), "the job's token outlived it"
+    assert not list((tmp_path / "shared").glob(".ray-auth-*/*")), "the job's token outlived it"
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sum(r.data.tags.get("medtune.role") == "trial" for r in runs) == 2

@@ -33,7 +33,8 @@ export MLFLOW_AUTH_CONFIG_PATH=${MLFLOW_AUTH_CONFIG_PATH:-$here/basic_auth.ini}
 MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-postgresql+psycopg:///${MLFLOW_DATABASE:-mlflow}}
 if [[ $MLFLOW_BACKEND_STORE_URI == postgresql* ]]; then
   [ -n "${PGHOST:-}" ] || fail "set PGHOST (and PGUSER, PGPASSWORD or ~/.pgpass) for the PostgreSQL server"
-  [[ $MLFLOW_BACKEND_STORE_URI != *:*@* ]] || fail "keep the password out of MLFLOW_BACKEND_STORE_URI; use PGPASSWORD"
+  [[ $MLFLOW_BACKEND_STORE_URI != *://*:*@* ]] ||  # user:password@ (a user alone is fine)
+    fail "keep the password out of MLFLOW_BACKEND_STORE_URI; use PGPASSWORD"
 fi
 
 # Private addresses only. 0.0.0.0 only inside a container whose port is published on a private address.
