@@ -68,3 +68,89 @@ def toy_dataset(task: str = "binary", n_dev: int = 160, n_test: int = 60, seed: 
 @pytest.fixture
 def toy():
     return toy_dataset
+
+
+# --- one real search, shared by every test that only reads its results ----------------------------------
+
+# Minimises validation loss (a min-mode search end to end); one lr diverges (a trial that fails alone);
+# ASHA stops some trials; asks for a GPU that this machine lacks (the fallback, and the state keeping the ask).
+SHARED_SPACE = """\
+description: the test suite's shared real search
+dataset: pneumoniamnist
+metric: val_loss
+mode: min
+num_samples: 6
+max_concurrent: 2
+max_failures: 0
+scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}
+resources: {cpu: 1, gpu: 0.25}
+fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
+params:
+  lr: {choice: [1.0e+30, 0.3, 0.1, 0.03, 0.01]}
+  split_ratio: {choice: [0.8, 0.9]}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server over HTTP (artifacts proxied by the server), as teams run one."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
+         str(folder / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def shared_search(tmp_path_factory, medmnist_root, mlflow_server):
+    """`python tune.py` on SHARED_SPACE against the HTTP server named only by MLFLOW_TRACKING_URI (no flag)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("shared-search")
+    (tmp / "shared.yaml").write_text(SHARED_SPACE)
+    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "shared.yaml"), "--name", "shared",
+               "--seed", "1", "--storage", str(tmp / "results"), "--data-root", str(medmnist_root)]
+    result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = mlflow.MlflowClient(mlflow_server)
+    found = client.search_runs([client.get_experiment_by_name("medtune").experiment_id], max_results=1000)
+    parent = next(r for r in found if r.data.tags.get("medtune.role") == "search"
+                  and r.data.tags.get("medtune.search") == "shared")
+    trials = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return SimpleNamespace(tmp=tmp, stdout=result.stdout, uri=mlflow_server, client=client, parent=parent,
+                           trials=trials, storage=tmp / "results", data_root=medmnist_root, name="shared",
+                           winner=client.get_run(parent.data.tags["medtune.best_run_id"]))

@@ -1,4 +1,4 @@
-"""End to end: real searches on PneumoniaMNIST through tune.py, Ray Tune and MLflow (sqlite)."""
+"""End to end: real searches on PneumoniaMNIST through tune.py, Ray Tune and an MLflow server over HTTP."""
 
 import os
 import signal
@@ -9,6 +9,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+
+from search_spaces.state import read_state
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -19,7 +22,7 @@ dataset: pneumoniamnist
 num_samples: {num_samples}
 max_concurrent: 2
 max_failures: 0
-scheduler: {{max_t: 3, grace_period: 1, reduction_factor: 2}}
+scheduler: {{max_t: {max_t}, grace_period: 1, reduction_factor: 2}}
 resources: {{cpu: 1}}
 fixed: {{model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}}
 params:
@@ -32,7 +35,7 @@ def tune_cmd(tmp: Path, data_root: Path, *args: str) -> list[str]:
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *args]
 
 
-def runs(tmp: Path):
+def local_runs(tmp: Path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     found = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
     parents = [r for r in found if r.data.tags.get("medtune.role") == "search"]
@@ -40,76 +43,80 @@ def runs(tmp: Path):
     return client, parents, children
 
 
-@pytest.fixture(scope="module")
-def finished_search(tmp_path_factory, medmnist_root):
-    tmp = tmp_path_factory.mktemp("search")
-    space = tmp / "tiny.yaml"
-    space.write_text(TINY.format(num_samples=6, lr="{choice: [1.0e+30, 0.3, 0.1, 0.03, 0.01]}"))
-    result = subprocess.run(tune_cmd(tmp, medmnist_root, "--space", str(space), "--name", "tiny", "--seed", "1"),
-                            cwd=tmp, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp, result.stdout
+def completed(search):
+    return [t for t in search.trials if t.data.tags.get("medtune.outcome") == "completed"]
 
 
-def test_search_prints_the_best_config_and_its_test_metrics(finished_search):
-    _, stdout = finished_search
-    assert "best config:" in stdout and '"test_auc"' in stdout.split("best test metrics:")[1]
+def test_search_prints_the_best_config_and_its_test_metrics(shared_search):
+    assert "best config:" in shared_search.stdout
+    assert '"test_auc"' in shared_search.stdout.split("best test metrics:")[1]
 
 
-def test_one_parent_and_one_nested_run_per_trial(finished_search):
-    tmp, _ = finished_search
-    client, parents, children = runs(tmp)
-    assert len(parents) == 1 and len(children) == 6
-    parent = parents[0]
-    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    assert {r.info.status for r in parents + children} <= {"FINISHED", "FAILED"}
-    assert parent.data.tags["medtune.space"] == "tiny"
+def test_mlflow_tracking_uri_from_the_environment_is_honoured(shared_search):
+    assert not (shared_search.tmp / "mlflow.db").exists()  # nothing went to a local store
+    assert f"MLflow:   {shared_search.uri}" in shared_search.stdout
+
+
+def test_one_parent_and_one_nested_run_per_trial(shared_search):
+    client, parent, trials = shared_search.client, shared_search.parent, shared_search.trials
+    assert len(trials) == 6 and all(t.data.tags["medtune.role"] == "trial" for t in trials)
+    assert {r.info.status for r in [parent, *trials]} <= {"FINISHED", "FAILED"}
+    assert parent.data.tags["medtune.space"] == "shared" and parent.data.params["mode"] == "min"
     assert {"search_space.yaml", "leak_report.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.data.metrics["leak_dup_images"] == 27  # PneumoniaMNIST's known duplicates across its splits
 
 
-def test_completed_trials_hold_curves_test_metrics_and_plots(finished_search):
-    tmp, _ = finished_search
-    client, parents, children = runs(tmp)
-    completed = [c for c in children if c.data.tags.get("medtune.outcome") == "completed"]
-    assert completed
-    for run in completed:
-        history = client.get_metric_history(run.info.run_id, "val_auc")
-        assert [m.step for m in history] == [1, 2, 3]
+def test_completed_trials_hold_curves_test_metrics_and_plots_on_the_server(shared_search):
+    client = shared_search.client
+    assert completed(shared_search)
+    for run in completed(shared_search):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
         assert "test_auc" in run.data.metrics and "lr" in run.data.params
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json"} <= artifacts
-        assert Path(run.data.tags["medtune.checkpoint"], "checkpoint.pt").exists()
+    local = client.download_artifacts(shared_search.winner.info.run_id, "roc_curve.png", str(shared_search.tmp))
+    assert Path(local).read_bytes()[:4] == b"\x89PNG"  # proxied through the server
 
 
-def test_parent_names_the_best_trial_by_validation(finished_search):
-    tmp, _ = finished_search
-    client, parents, children = runs(tmp)
-    best_id = parents[0].data.tags["medtune.best_run_id"]
-    best = next(c for c in children if c.info.run_id == best_id)
-    assert best.data.tags["medtune.best_trial"] == "true"
-    completed = [c for c in children if c.data.tags.get("medtune.outcome") == "completed"]
-    assert best.data.metrics["best_val_auc"] == max(c.data.metrics["best_val_auc"] for c in completed)
-    assert parents[0].data.metrics["test_auc"] == best.data.metrics["test_auc"]
+def test_min_mode_search_names_the_lowest_validation_loss_as_winner(shared_search):
+    winner, done = shared_search.winner, completed(shared_search)
+    assert winner.data.tags["medtune.best_trial"] == "true"
+    assert winner.data.metrics["best_val_loss"] == min(c.data.metrics["best_val_loss"] for c in done)
+    assert len({c.data.metrics["best_val_loss"] for c in done}) > 1  # a real choice was made
+    assert shared_search.parent.data.metrics["test_auc"] == winner.data.metrics["test_auc"]
 
 
-def test_nan_trial_fails_alone_asha_stops_some_and_trials_overlap(finished_search):
-    tmp, stdout = finished_search
-    _, _, children = runs(tmp)
-    failed = [c for c in children if c.info.status == "FAILED"]
+def test_nan_trial_fails_alone_asha_stops_some_and_trials_overlap(shared_search):
+    trials = shared_search.trials
+    failed = [c for c in trials if c.info.status == "FAILED"]
     assert failed and all(float(c.data.params["lr"]) == 1e30 for c in failed)
     assert "Non-finite loss" in failed[0].data.tags["medtune.error"]
-    assert any(c.data.tags.get("medtune.outcome") == "stopped_early" for c in children)
-    assert sum(c.data.tags.get("medtune.outcome") == "completed" for c in children) >= 1
-    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(c.data.tags.get("medtune.outcome") == "stopped_early" for c in trials)
+    spans = sorted((c.info.start_time, c.info.end_time) for c in trials)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), "no two trials ran at once"
+
+
+def test_gpu_request_falls_back_to_cpu_but_the_state_keeps_the_request(shared_search):
+    assert "no GPU in the Ray cluster; trials run on CPU (asked for 0.25 GPU per trial)" in shared_search.stdout
+    state = read_state(str(shared_search.storage), "shared")
+    assert state["space"]["resources"]["gpu"] == 0.25 and state["tracking_uri"] == shared_search.uri
+
+
+def test_a_finished_trial_keeps_one_checkpoint_with_its_best_weights_only(shared_search):
+    for run in completed(shared_search):
+        folder = Path(run.data.tags["medtune.checkpoint"])
+        assert len(list(folder.parent.glob("checkpoint_*"))) == 1
+        state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+        assert state["final"] and "optimizer" not in state and "best_model" not in state
+        assert state["best_epoch"] <= 3 and state["precision"] == "fp32"
 
 
 def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_root):
     space = tmp_path / "resumable.yaml"
-    space.write_text(TINY.format(num_samples=5, lr="{loguniform: [1.0e-3, 0.3]}"))
-    driver = subprocess.Popen(tune_cmd(tmp_path, medmnist_root, "--space", str(space), "--name", "resumable"), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    space.write_text(TINY.format(num_samples=4, max_t=2, lr="{loguniform: [1.0e-3, 0.3]}"))
+    driver = subprocess.Popen(tune_cmd(tmp_path, medmnist_root, "--space", str(space), "--name", "resumable"),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     deadline, seen = time.time() + 300, []
     for line in driver.stdout:
         seen.append(line)
@@ -120,26 +127,26 @@ def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_
     driver.wait()
     assert any("completed" in line or "stopped early" in line for line in seen), "".join(seen)[-3000:]
 
-    resumed = subprocess.run(tune_cmd(tmp_path, medmnist_root, "--resume", "resumable"), cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(tune_cmd(tmp_path, medmnist_root, "--resume", "resumable"), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "5 trials:" in resumed.stdout
-    _, parents, children = runs(tmp_path)
+    assert "4 trials:" in resumed.stdout
+    _, parents, children = local_runs(tmp_path)
     trial_ids = [c.data.tags["medtune.trial_id"] for c in children]
     lrs = [c.data.params["lr"] for c in children if c.info.status != "KILLED"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(set(trial_ids)) == len(trial_ids), "a trial appears twice in MLflow"
-    assert len(lrs) == 5 and len(set(lrs)) == 5, "a config was evaluated twice"
+    assert len(lrs) == 4 and len(set(lrs)) == 4, "a config was evaluated twice"
     assert all(c.info.status != "RUNNING" for c in children)
 
 
 def test_resnetd_depth_space_runs_end_to_end(tmp_path, medmnist_root):
-    """The shipped study space as shipped (GPU request falls back to CPU), on BreastMNIST to stay fast."""
+    """The shipped study space as shipped, on BreastMNIST to stay fast."""
     result = subprocess.run(tune_cmd(tmp_path, medmnist_root, "--space", "resnetd_depth", "--max-epochs", "1",
                                      "--num-samples", "2", "--dataset", "breastmnist", "--name", "depth"),
                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 trials: 2 completed" in result.stdout and "no GPU in the Ray cluster" in result.stdout
-    _, _, children = runs(tmp_path)
+    assert "2 trials: 2 completed" in result.stdout
+    _, _, children = local_runs(tmp_path)
     assert len(children) == 2 and all(c.data.params["model"].startswith("resnet") for c in children)
     assert all(c.data.params["model"].endswith("d") and "test_auc" in c.data.metrics for c in children)

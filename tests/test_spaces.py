@@ -62,29 +62,3 @@ def test_bad_space_names_file_and_key(tmp_path, case):
         load_space(str(path))
     assert str(path) in str(error.value) and expected in str(error.value)
     assert "\n" not in str(error.value)
-
-
-@pytest.mark.parametrize("argv, expected", [
-    (["--space", "smok"], "Unknown search space 'smok'"),
-    (["--space", "smoke", "--dataset", "pneumonia"], "Unknown dataset 'pneumonia'"),
-    (["--space", "smoke", "--set", "model=resnet19"], "Unknown model 'resnet19'"),
-    (["--resume", "no-such-search"], "No search named 'no-such-search'"),
-])
-def test_user_errors_exit_2_with_one_line_before_ray_starts(tmp_path, argv, expected):
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), *argv], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and expected in result.stderr
-    assert not (tmp_path / "medtune_results").exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_missing_data_and_unreachable_tracking_server_are_user_errors(tmp_path, medmnist_root):
-    missing = subprocess.run([sys.executable, str(REPO / "tune.py"), "--space", "smoke", "--data-root", str(tmp_path),
-                              "--dataset", "breastmnist", "--image-size", "64"], cwd=tmp_path,
-                             capture_output=True, text=True, env={**__import__("os").environ, "no_proxy": "*"})
-    assert missing.returncode == 2 and "breastmnist_64.npz is not in" in missing.stderr
-    unreachable = subprocess.run([sys.executable, str(REPO / "tune.py"), "--space", "smoke", "--data-root",
-                                  str(medmnist_root), "--tracking-uri", "http://127.0.0.1:9"], cwd=tmp_path,
-                                 capture_output=True, text=True)
-    assert unreachable.returncode == 2, unreachable.stderr
-    assert unreachable.stderr.count("\n") == 1 and "http://127.0.0.1:9 is unreachable" in unreachable.stderr
-    assert not (tmp_path / "medtune_results").exists()

@@ -102,7 +102,9 @@ def build_schedule(config: dict, optimizer: torch.optim.Optimizer, steps_per_epo
         return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup, warmup_prefix=True,
                                  warmup_lr_init=config["lr"] * 1e-3, lr_min=0.0, t_in_epochs=False)
     if config["schedule"] == "step":
-        milestones = [int(round(m * config["epochs"])) * steps_per_epoch for m in config["step_milestones"]]
+        # timm decays once t + 1 reaches a milestone, and the loop calls step_update(k) before step k + 1:
+        # +1 makes the first step after the milestone epoch the first one at the lower rate.
+        milestones = [int(round(m * config["epochs"])) * steps_per_epoch + 1 for m in config["step_milestones"]]
         return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=config["step_gamma"], t_in_epochs=False)
     return None
 
@@ -214,7 +216,6 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         optimizer.load_state_dict(resume["optimizer"])
         start, best_score, best_epoch = resume["epoch"] + 1, resume["best_score"], resume["best_epoch"]
         best_state, history = best_weights(resume), list(resume["history"])
-        generator.manual_seed(config["seed"] + resume["epoch"])
     step = (start - 1) * len(train_loader)
     if schedule is not None:
         schedule.step_update(step)
@@ -223,6 +224,10 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
 
     for epoch in range(start, config["epochs"] + 1):
         started = time.perf_counter()
+        # Each epoch's shuffle, augmentation and dropout draws depend on (seed, epoch) only, so a trial
+        # resumed from a checkpoint trains exactly as one that was never interrupted.
+        generator.manual_seed(config["seed"] * 100_003 + epoch)
+        torch.manual_seed(config["seed"] * 100_003 + epoch)
         train_loss, step = train_one_epoch(model, criterion, optimizer, schedule, train_loader, device,
                                            dataset.task, step, amp)
         val_metrics, _, _ = evaluate(model, cpu_criterion, val_loader, device, dataset.task, dataset.class_names, amp)
