@@ -30,9 +30,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial  # noqa: E402
 
 from analysis import runs  # noqa: E402
+from analysis.ranking import COMPLETED, FAILED, STOPPED_EARLY  # noqa: E402
 from trainables.errors import UserError  # noqa: E402
 
-STATES = {"completed": TrialState.COMPLETE, "stopped_early": TrialState.PRUNED, "failed": TrialState.FAIL}
+STATES = {COMPLETED: TrialState.COMPLETE, STOPPED_EARLY: TrialState.PRUNED, FAILED: TrialState.FAIL}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def categorical_keys(frame: pd.DataFrame, space: dict, keys: list[str]) -> list[
 
 def study_tables(frame: pd.DataFrame, categorical: list[str], values: list[str]) -> list[tuple[str, pd.DataFrame]]:
     """Mean of each of `values` over completed trials: one table per categorical key and per pair of keys."""
-    done = frame[frame["outcome"] == "completed"]
+    done = frame[frame["outcome"] == COMPLETED]
     tables = []
     for value in values:
         if done[value].isna().all():
@@ -163,13 +164,13 @@ def plot_metric_vs_params(frame: pd.DataFrame, space: dict, keys: list[str], obj
     """One column per searched param: validation score (top) and test metric (bottom) of every trial."""
     keys = keys or ["trial"]
     fig, axes = plt.subplots(2, len(keys), figsize=(3.6 * len(keys), 6.4), squeeze=False)
-    ok = frame[frame["outcome"].isin(["completed", "stopped_early"])]
+    ok = frame[frame["outcome"].isin([COMPLETED, STOPPED_EARLY])]
     for col, key in enumerate(keys):
         categories = sorted(ok[key].dropna().unique(), key=_sort_key) if key in ok else []
         categorical = "choice" in _domain(space, key) or key == "trial"
         for row, value in enumerate((objective, metric)):
             ax = axes[row][col]
-            for outcome, marker in (("completed", "o"), ("stopped_early", "x")):
+            for outcome, marker in ((COMPLETED, "o"), (STOPPED_EARLY, "x")):
                 part = ok[(ok["outcome"] == outcome) & ok[value].notna()]
                 if part.empty:
                     continue
@@ -211,7 +212,7 @@ def write_tables(path: Path, name: str, frame: pd.DataFrame, tables, importance:
              f"Selection: `{objective}` (validation). Test columns are reported, never used to choose.", ""]
     for title, table in tables:
         parts += [f"## {title}", "", "```", table.round(4).to_string(), "```", ""]
-    completed = int((frame["outcome"] == "completed").sum())
+    completed = int((frame["outcome"] == COMPLETED).sum())
     parts += ["## Hyperparameter importance (fANOVA, Optuna)", "",
               f"For `{objective}`; ASHA-stopped trials enter as pruned (not fitted), as in Optuna. "
               + importance_text(importance, note, completed), "",
@@ -229,7 +230,7 @@ def report(args) -> int:
     keys = runs.searched_keys(space)
     objective, _ = runs.selection(parent, space)
     frame = trials_frame(client, parent, space, keys, objective, args.metric)
-    if frame.empty or not (frame["outcome"] == "completed").any():
+    if frame.empty or not (frame["outcome"] == COMPLETED).any():
         raise UserError(f"Search {name!r} has no trial that trained to the end; resume it (python tune.py --resume {name}) "
                         "or run a longer search")
     out = Path(args.out or Path("reports") / name)
@@ -246,7 +247,7 @@ def report(args) -> int:
 
     for title, table in tables[:1] + [t for t in tables if " x " in t[0]][:1]:
         print(f"{title}:\n{table.round(4).to_string()}\n")
-    completed = int((frame["outcome"] == "completed").sum())
+    completed = int((frame["outcome"] == COMPLETED).sum())
     print(f"fANOVA importance for {objective}: {importance_text(importance, note, completed)}")
     if not args.no_log:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")

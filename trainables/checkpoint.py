@@ -36,7 +36,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a zip, a pickle with code in it, truncated...
-        raise UserError(f"{path} is not a medtune checkpoint ({type(error).__name__}); export from a medtune trial") from None
+        raise UserError(f"{path} is not a medtune checkpoint ({type(error).__name__}); export from a medtune trial") from error
     if not isinstance(state, dict) or state.get("format") not in READABLE:
         raise UserError(f"{path} is not a medtune checkpoint (format {FORMAT} expected)")
     return state

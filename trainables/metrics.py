@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
 
 
 def probabilities(task: str, logits: np.ndarray) -> np.ndarray:
@@ -44,7 +45,8 @@ def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, cla
     y_pred = predictions(task, probs, threshold)
     out: dict[str, float] = {}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined precision for an absent class is reported as 0
+        # Undefined precision/recall for a class absent from a small split is reported as 0 (zero_division).
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
         for average in ("macro", "micro"):
             p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
             out |= {f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f}

@@ -132,7 +132,7 @@ def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int, p
         raise UserError(
             f"Pretrained weights for {name} could not be loaded ({type(error).__name__}: {str(error)[:120]}); "
             "download them where there is network and pass pretrained_path=<file>, or set pretrained: false"
-        ) from None
+        ) from error
     if freeze_backbone:
         freeze_all_but_head(model)
     return model
