@@ -24,7 +24,6 @@ from pathlib import Path
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces, validate_space
 from search_spaces.state import check_storage, read_state, storage_root, write_state
 from trainables.config import check_value, parse_overrides
-from trainables.datasets import check_dataset_name
 from trainables.errors import UserError
 
 # Flags that shape a search: a resumed search keeps the ones it started with, so giving one is an error.
@@ -89,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def apply_overrides(space: SearchSpace, args) -> SearchSpace:
     """The space with the command line's overrides, each flag checked alone, then the whole space again."""
     if args.dataset:
+        from trainables.datasets import check_dataset_name
+
         check_dataset_name(args.dataset)
         space.dataset = args.dataset
     if args.image_size is not None:
@@ -169,8 +170,15 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     import ray
 
     from analysis.summary import print_summary, rank_results
-    from analysis.tracking import (MLflowTrialCallback, close_search, flat_params, get_experiment_id,
-                                   numeric_metrics, runs_table_url, start_search_run)
+    from analysis.tracking import (
+        MLflowTrialCallback,
+        close_search,
+        flat_params,
+        get_experiment_id,
+        numeric_metrics,
+        runs_table_url,
+        start_search_run,
+    )
     from search_spaces.preflight import check_leaks, check_pretrained, check_tracking, load_datasets
     from search_spaces.tuner import build_tuner, make_trainable, restore_tuner, start_ray
 

@@ -7,7 +7,8 @@ all call these, so a search ranks its trials the same way wherever it is read.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
 OUTCOMES = (COMPLETED, STOPPED_EARLY, FAILED)

@@ -53,7 +53,7 @@ class Scheduler(_Strict):
     reduction_factor: int = Field(2, ge=2)
 
     @model_validator(mode="after")
-    def _grace_within_max_t(self) -> "Scheduler":
+    def _grace_within_max_t(self) -> Scheduler:
         if self.grace_period > self.max_t:
             raise ValueError(f"grace_period {self.grace_period} exceeds max_t {self.max_t}; lower it")
         return self
@@ -74,7 +74,7 @@ class Domain(_Strict):
     quniform: tuple[float, float, float] | None = None
 
     @model_validator(mode="after")
-    def _one_valid_range(self) -> "Domain":
+    def _one_valid_range(self) -> Domain:
         given = [name for name in ("choice", "uniform", "loguniform", "integer", "quniform")
                  if getattr(self, name) is not None]
         if len(given) != 1:

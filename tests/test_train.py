@@ -1,8 +1,7 @@
-import subprocess
-import sys
-
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ from sklearn.metrics import roc_auc_score
 
 import trainables.train as loop
 from trainables.checkpoint import best_weights, save_checkpoint
+from trainables.datasets import Dataset, ImageSet, load_dataset
 from trainables.errors import UserError
 from trainables.metrics import probabilities
-from trainables.datasets import Dataset, ImageSet, load_dataset
 from trainables.train import iterate_epochs, train
 
 FAST = {"model": "simple_cnn", "epochs": 3, "batch_size": 32, "lr": 3e-3, "image_size": 16}

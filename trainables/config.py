@@ -102,14 +102,14 @@ class TrialConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _model_fits_images(self) -> "TrialConfig":
+    def _model_fits_images(self) -> TrialConfig:
         from .models import check_model_name
 
         check_model_name(self.model, self.image_size)
         return self
 
 
-DEFAULTS: dict = TrialConfig().model_dump()
+DEFAULTS: dict = TrialConfig.model_construct().model_dump()  # the defaults, without importing every registry
 TRIAL_KEYS = tuple(TrialConfig.model_fields)
 
 

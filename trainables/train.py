@@ -15,14 +15,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import yaml
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from .augment import build_minority_transform, build_train_transform, minority_copies
 from .checkpoint import best_weights
