@@ -15,17 +15,16 @@ from trainables.splits import train_val_indices
 
 def load_datasets(space: SearchSpace) -> dict:
     """Every (dataset, image size) a trial may ask for, loaded once on the driver (missing data fails here)."""
-    base = space.base_config()
-    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size),
-                                                     data_root=base.get("data_root"),
-                                                     skip_bad_images=bool(base.get("skip_bad_images", False)))
+    fixed = {key: space.values_of(key)[0] for key in ("data_root", "skip_bad_images", "split_version")}
+    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size), **fixed)
             for size in space.values_of("image_size")}
 
 
 def check_leaks(space: SearchSpace, datasets: dict, seed: int) -> tuple[dict, dict]:
     """Duplicate images and shared patients across train/val/test, printed now; (metrics, detail) for MLflow."""
     dataset = next(iter(datasets.values()))
-    report = leak_report(dataset, *train_val_indices(dataset, space.values_of("split_ratio")[0], seed))
+    split_version = space.values_of("split_version")[0]
+    report = leak_report(dataset, *train_val_indices(dataset, space.values_of("split_ratio")[0], seed, split_version))
     print(format_leak_report(report))
     metrics = leak_metrics(report)
     skipped = getattr(dataset, "skipped_files", ())

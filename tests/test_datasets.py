@@ -1,7 +1,12 @@
+import ast
+import zipfile
+from pathlib import Path
+
 import medmnist
 import numpy as np
 import pytest
 
+import trainables
 from trainables.datasets import load_dataset
 from trainables.errors import UserError
 
@@ -11,8 +16,9 @@ def test_missing_medmnist_file_without_network_says_where_to_put_it(tmp_path, mo
         raise ConnectionError("no network")
 
     monkeypatch.setattr(medmnist, "BreastMNIST", offline)
-    with pytest.raises(UserError, match=rf"breastmnist_64.npz is not in {tmp_path}.*--data-root"):
+    with pytest.raises(UserError, match=rf"breastmnist_64.npz is not in {tmp_path}.*--data-root") as error:
         load_dataset.__wrapped__("breastmnist", image_size=64, data_root=str(tmp_path))
+    assert isinstance(error.value.__cause__, ConnectionError)  # shown under --debug
 
 
 def test_unknown_dataset_lists_valid_names():
@@ -26,3 +32,37 @@ def test_official_splits_and_metadata(medmnist_root):
     assert data.task == "binary" and data.channels == 1 and data.dev.images.dtype == np.uint8
     assert (int((~data.official_val).sum()), int(data.official_val.sum()), len(data.test)) == (546, 78, 156)
     assert data.class_names == ("malignant", "normal, benign")
+
+
+@pytest.mark.integration
+def test_truncated_npz_is_one_line_naming_the_file_and_the_fix(medmnist_root, tmp_path):
+    whole = (medmnist_root / "pneumoniamnist.npz").read_bytes()
+    (tmp_path / "pneumoniamnist.npz").write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(UserError) as error:
+        load_dataset.__wrapped__("pneumoniamnist", image_size=28, data_root=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path / "pneumoniamnist.npz") in message
+    assert "delete it and download it again, or put the official pneumoniamnist.npz there" in message
+    assert isinstance(error.value.__cause__, zipfile.BadZipFile)  # chained: --debug shows the cause
+
+
+def test_npz_with_other_arrays_names_the_missing_one(tmp_path):
+    np.savez(tmp_path / "breastmnist.npz", images=np.zeros((2, 28, 28), np.uint8), labels=np.zeros((2, 1)))
+    with pytest.raises(UserError, match=r"breastmnist.npz is not a MedMNIST file: it has no 'train_images' array "
+                                        r"\(it has images, labels\); delete it and download it again"):
+        load_dataset.__wrapped__("breastmnist", image_size=28, data_root=str(tmp_path))
+
+
+def test_dataset_modules_do_not_import_the_public_entry():
+    """No import cycle: every loader module imports the registry, only `trainables.datasets` imports the loaders."""
+    package = Path(trainables.__file__).parent
+    for name in ("dataset_registry", "medmnist_datasets", "folder_datasets", "splits", "image_cache", "leaks"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        assert not imported & {"datasets", "trainables.datasets"}, name
+

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, real_data
 from PIL import Image
+from sklearn.model_selection import GroupShuffleSplit
 
 import trainables.image_cache as image_cache
-from conftest import real_data
 from trainables.datasets import load_dataset
 from trainables.errors import UserError
-from trainables.folder_datasets import NIH_FINDINGS, FileDataset
-from trainables.splits import train_val_indices
+from trainables.folder_datasets import HOLDOUT_SEED, NIH_FINDINGS, FileDataset, read_nih
+from trainables.splits import MULTILABEL_GROUPED_TOLERANCE, share_gap, train_val_indices
 from trainables.train import train
 
 load = load_dataset.__wrapped__  # bypass the per-process memo: every test reads the files as they are now
@@ -155,6 +163,56 @@ def test_corrupt_image_is_one_line_naming_the_file_or_is_skipped_and_counted(tmp
     assert str(bad) not in data.dev_files + data.test_files and decoded == []  # the failed build was cached
 
 
+def cache_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("image cache:")]
+
+
+def test_the_cache_says_when_it_is_built_and_when_it_is_reused(tmp_path, capsys):
+    write_folder(tmp_path, {"a": 3, "b": 3})
+    first = load(f"imagefolder:{tmp_path}?test_fraction=0.34", image_size=8)
+    second = load(f"imagefolder:{tmp_path}?test_fraction=0.34", image_size=8)
+    built, reused = cache_lines(capsys.readouterr().out)
+    assert built == f"image cache: built 6 decoded images at {first.cache_file}"
+    assert reused == f"image cache: reusing 6 decoded images at {first.cache_file}"
+    assert second.cache_file == first.cache_file and Path(first.cache_file).is_file()
+
+
+BUILD_IN_A_CHILD = """
+import hashlib, json, os, sys, time
+import numpy as np
+import trainables.image_cache as image_cache
+
+files, ready, go, cache_dir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+decode = image_cache.decode_image
+image_cache.decode_image = lambda *args: (time.sleep(0.02), decode(*args))[1]  # a build long enough to overlap
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.005)
+cached = image_cache.cached_images(files, image_size=8, cache_dir=cache_dir)
+print(json.dumps({"decoded": cached.decoded, "sha": hashlib.sha256(np.asarray(cached.images).tobytes()).hexdigest()}))
+"""
+
+
+def test_two_processes_building_one_cache_build_it_once_and_read_the_same_array(tmp_path):
+    write_folder(tmp_path / "images", {"a": 10, "b": 10})
+    files = sorted(str(p) for p in (tmp_path / "images").rglob("*.png"))
+    go = tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", BUILD_IN_A_CHILD, json.dumps(files), str(tmp_path / f"ready{i}"),
+                                  str(go), str(tmp_path / "cache")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()  # both start together: one builds under the lock, the other waits and then reuses
+    results = [json.loads(child.communicate(timeout=60)[0].splitlines()[-1]) for child in children]
+    assert sorted(r["decoded"] for r in results) == [0, 20]
+    assert results[0]["sha"] == results[1]["sha"]
+    expected = np.stack([image_cache.decode_image(f, 8, "L") for f in files])
+    cached = image_cache.cached_images(files, image_size=8, cache_dir=tmp_path / "cache")
+    assert cached.decoded == 0 and np.array_equal(cached.images, expected)  # complete, in order
+    assert [p.suffix for p in (tmp_path / "cache").glob("*.npy")] == [".npy"]  # one cache, no temp files left
+
+
 @pytest.mark.parametrize("spec, problem", [
     ("imagefolder:/no/such/folder", "does not exist"),
     ("imagefolder:{tmp}?test_fraction=2", "Invalid test_fraction"),
@@ -199,6 +257,30 @@ def test_no_nih_patient_is_in_two_splits(nih, seed):
 
 
 @pytest.mark.integration
+def test_nih_test_and_validation_splits_hold_every_finding_of_two_patients(nih):
+    _, data = nih
+    labels, groups = np.r_[data.dev.labels, data.test.labels], np.r_[data.dev.groups, data.test.groups]
+    shared = [j for j in range(len(NIH_FINDINGS)) if len(set(groups[labels[:, j] == 1])) >= 2]
+    assert NIH_FINDINGS.index("Edema") in shared and data.test.labels[:, shared].any(axis=0).all()
+    assert share_gap(labels, np.arange(len(data.dev), len(labels))) <= MULTILABEL_GROUPED_TOLERANCE
+    train_idx, val_idx = train_val_indices(data, 0.8, 0)
+    in_dev = [j for j in shared if len(set(data.dev.groups[data.dev.labels[:, j] == 1])) >= 2]
+    assert data.dev.labels[val_idx][:, in_dev].any(axis=0).all() and data.dev.labels[train_idx][:, in_dev].any(axis=0).all()
+    assert share_gap(data.dev.labels, val_idx) <= MULTILABEL_GROUPED_TOLERANCE
+
+
+@pytest.mark.integration
+def test_split_version_1_rebuilds_the_test_split_old_searches_were_scored_on(nih):
+    spec, data = nih
+    table = read_nih(real_data("nih_chestxray14_sample"))
+    splitter = GroupShuffleSplit(n_splits=1, test_size=0.2, random_state=HOLDOUT_SEED)
+    _, held = next(splitter.split(np.arange(len(table.files)), groups=table.groups))
+    old = load(spec, image_size=64, split_version=1)
+    assert sorted(old.test_files) == sorted(np.asarray(table.files)[held]) and old.decoded_images == 0
+    assert sorted(old.test_files) != sorted(data.test_files)
+
+
+@pytest.mark.integration
 def test_nih_official_test_list_is_the_test_split(tmp_path):
     source = real_data("nih_chestxray14_sample")
     (tmp_path / "images").symlink_to(source / "images")
@@ -214,8 +296,9 @@ def test_nih_official_test_list_is_the_test_split(tmp_path):
 @pytest.mark.integration
 def test_multilabel_trial_on_nih_reports_macro_auc_exact_match_and_hamming_loss(nih):
     spec, data = nih
+    small = dataclasses.replace(data, dev=data.dev.subset(np.arange(160)))  # two training batches: metrics, not skill
     final = train({"model": "simple_cnn", "epochs": 1, "batch_size": 64, "dataset": spec, "image_size": 64},
-                  data=data, report=lambda metrics: None)
+                  data=small, report=lambda metrics: None)
     assert 0 <= final["test_auc"] <= 1 and 0 <= final["test_exact_match"] <= 1 and 0 <= final["test_hamming_loss"] <= 1
     assert "test_auc_pleural_thickening" in final
 
@@ -242,7 +325,9 @@ def test_csv_with_a_group_column_never_splits_a_patient(nih_csv):
     data = load(f"csv:{nih_csv}?image=file&label=effusion&group=patient&test_fraction=0.25", image_size=64)
     assert data.class_names == ("effusion", "other") and data.task == "binary" and data.channels == 1
     assert np.bincount(np.r_[data.dev.labels, data.test.labels]).tolist() == [170, 830]
+    assert data.test.labels.mean() == pytest.approx(0.83, abs=0.01) and len(data.test) == pytest.approx(250, abs=10)
     train_idx, val_idx = train_val_indices(data, 0.8, 0)
+    assert data.dev.labels[val_idx].mean() == pytest.approx(data.dev.labels.mean(), abs=0.01)
     train, val, test = (set(data.dev.groups[train_idx]), set(data.dev.groups[val_idx]), set(data.test.groups))
     assert not train & val and not train & test and not val & test and len(train | val | test) == 264
 

@@ -14,7 +14,8 @@ imagefolder:PATH   one sub-folder per class holding .png/.jpg/.jpeg files (searc
 nih_chestxray14:PATH  the official NIH ChestX-ray14 layout: `Data_Entry_2017*.csv` and `images/*.png`
                    (or the `images_001/images/` ... parts). 14 findings as multi-label in NIH_FINDINGS order,
                    "No Finding" = all zeros. `test_list.txt` (official) gives the test split when present,
-                   everything else is development; otherwise a hold-out grouped by `Patient ID`.
+                   everything else is development; otherwise a hold-out grouped by `Patient ID` and
+                   stratified by finding.
 csv:FILE           one row per image. Options (column names):
                      image=COL   image path, relative to the CSV's folder or absolute (default `image`)
                      label=COL   one column: single-label, classes = its sorted values;
@@ -23,9 +24,11 @@ csv:FILE           one row per image. Options (column names):
                      split=COL   train / val / test per row: fixed splits instead of a hold-out
                    e.g. `csv:/data/ham/meta.csv?image=file&label=dx&group=lesion_id`.
 
-Groups (patient IDs) drive every partition where they exist: the test hold-out here and the trainer's
-train/validation split (trainables.splits). Unreadable images are a UserError naming the file unless
-`skip_bad_images`; the returned FileDataset lists what was skipped.
+Every hold-out is stratified by label and, where the data has groups (patient IDs), keeps each patient whole:
+the test hold-out here and the trainer's train/validation split both come from `trainables.splits.holdout`,
+made the way `split_version` says (a replay of an old search passes the version it recorded).
+Unreadable images are a UserError naming the file unless `skip_bad_images`; the returned FileDataset lists
+what was skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pandas as pd
 
-from .datasets import Dataset, ImageSet, register_dataset
+from .config import SPLIT_VERSION
+from .dataset_registry import Dataset, ImageSet, register_dataset
 from .errors import UserError
 from .image_cache import cached_images
 from .splits import holdout
@@ -125,7 +129,7 @@ def _take(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_size: int, options: dict,
-             skip_bad_images: bool) -> FileDataset:
+             skip_bad_images: bool, split_version: int = SPLIT_VERSION) -> FileDataset:
     """Decode (or reuse) the images, hold out the test split if the data has none, drop unreadable rows."""
     if image_size < 8:
         raise UserError(f"Invalid image_size {image_size}; images are resized to a square of at least 8 pixels, e.g. 64")
@@ -133,7 +137,7 @@ def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_si
         raise UserError(f"{name}: found {len(class_names)} class(es) {list(class_names)}; a classifier needs at least 2")
     test = table.test
     if test is None:
-        _, held = holdout(table.labels, table.groups, _test_fraction(options), HOLDOUT_SEED)
+        _, held = holdout(table.labels, table.groups, _test_fraction(options), HOLDOUT_SEED, split_version)
         test = np.zeros(len(table.files), bool)
         test[held] = True
     elif "test_fraction" in options:
@@ -143,7 +147,8 @@ def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_si
     usable[cached.usable_rows(skip_bad_images)] = True
     dev_rows, test_rows = np.flatnonzero(usable & ~test), np.flatnonzero(usable & test)
     if not len(dev_rows) or not len(test_rows):
-        raise UserError(f"{name}: the {'test' if len(dev_rows) else 'development'} split is empty; add images or change the split")
+        empty = "test" if len(dev_rows) else "development"
+        raise UserError(f"{name}: the {empty} split is empty; add images or change the split")
 
     def part(rows):
         groups = None if table.groups is None else table.groups[rows]
@@ -199,13 +204,14 @@ def read_imagefolder(root: Path) -> tuple[tuple[str, ...], _Table]:
 
 
 @register_dataset("imagefolder")
-def load_imagefolder(*, path: str | None, image_size: int, data_root: Path, skip_bad_images: bool = False) -> FileDataset:
+def load_imagefolder(*, path: str | None, image_size: int, data_root: Path, skip_bad_images: bool = False,
+                     split_version: int = SPLIT_VERSION) -> FileDataset:
     root, options = parse_spec("imagefolder", path, data_root)
     if not root.is_dir():
         raise UserError(f"imagefolder: {root} is not a folder; give the folder that holds one sub-folder per class")
     class_names, table = read_imagefolder(root)
     return assemble(root.name, class_names, table, image_size=image_size, options=options,
-                    skip_bad_images=skip_bad_images)
+                    skip_bad_images=skip_bad_images, split_version=split_version)
 
 
 # --- NIH ChestX-ray14 -----------------------------------------------------------------------------
@@ -240,7 +246,7 @@ def read_nih(root: Path) -> _Table:
     try:
         table = pd.read_csv(tables[-1], usecols=columns)
     except ValueError as error:
-        raise UserError(f"{tables[-1]} is not the NIH label table ({error}); it needs columns {columns}") from None
+        raise UserError(f"{tables[-1]} is not the NIH label table ({error}); it needs columns {columns}") from error
     names = table["Image Index"].astype(str)
     test = None
     if (root / "test_list.txt").exists():
@@ -255,10 +261,10 @@ def read_nih(root: Path) -> _Table:
 
 @register_dataset("nih_chestxray14")
 def load_nih_chestxray14(*, path: str | None, image_size: int, data_root: Path,
-                         skip_bad_images: bool = False) -> FileDataset:
+                         skip_bad_images: bool = False, split_version: int = SPLIT_VERSION) -> FileDataset:
     root, options = parse_spec("nih_chestxray14", path, data_root)
     return assemble("nih_chestxray14", NIH_FINDINGS, read_nih(root), image_size=image_size, options=options,
-                    skip_bad_images=skip_bad_images)
+                    skip_bad_images=skip_bad_images, split_version=split_version)
 
 
 # --- CSV ------------------------------------------------------------------------------------------
@@ -282,7 +288,8 @@ def read_csv_table(file: Path, options: dict) -> tuple[tuple[str, ...], _Table]:
     try:
         table = pd.read_csv(file)
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise UserError(f"Cannot read {file} as CSV ({type(error).__name__}: {error}); give a comma-separated file") from None
+        raise UserError(f"Cannot read {file} as CSV ({type(error).__name__}: {error}); "
+                        "give a comma-separated file") from error
     image, label_cols = options.get("image", "image"), options.get("label", "label").split(",")
     group, split = options.get("group"), options.get("split")
     _columns(table, [image, *label_cols, *filter(None, [group, split])], file)
@@ -308,8 +315,9 @@ def read_csv_table(file: Path, options: dict) -> tuple[tuple[str, ...], _Table]:
 
 
 @register_dataset("csv")
-def load_csv(*, path: str | None, image_size: int, data_root: Path, skip_bad_images: bool = False) -> FileDataset:
+def load_csv(*, path: str | None, image_size: int, data_root: Path, skip_bad_images: bool = False,
+             split_version: int = SPLIT_VERSION) -> FileDataset:
     file, options = parse_spec("csv", path, data_root, extra=("image", "label", "group", "split"))
     class_names, table = read_csv_table(file, options)
     return assemble(file.stem, class_names, table, image_size=image_size, options=options,
-                    skip_bad_images=skip_bad_images)
+                    skip_bad_images=skip_bad_images, split_version=split_version)

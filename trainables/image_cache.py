@@ -8,6 +8,7 @@ listing (path, size, mtime of every file, in the given order), the image size, t
 and CACHE_FORMAT. A changed, added or removed file is a new key, so a stale cache is never read.
 Trials starting together build it once (FileLock); the build writes a temp file and renames it, so a
 killed build leaves no half-written cache. A later load memory-maps the file and decodes nothing.
+Each call prints one line to stdout: `image cache: built|reusing N decoded images at PATH`.
 
 Preprocessing (bump CACHE_FORMAT when it changes): transparent images are composited on black,
 16-bit greyscale is stretched to 0-255, then the image is converted to L (1 channel) or RGB
@@ -24,12 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from filelock import FileLock
@@ -44,8 +44,6 @@ COLOUR_SPREAD = 4.0  # mean per-pixel max-min over R, G, B (0-255) above which a
 COLOUR_SAMPLE = 32  # images probed by `guess_channels`
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
-
-log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -140,15 +138,23 @@ def cached_images(files: Sequence[str | os.PathLike], *, image_size: int, channe
     key = cache_key(files, image_size, channels)
     npy, meta = root / f"{key}.npy", root / f"{key}.json"
     cached = _open(npy, meta, len(files), image_size)
-    if cached is not None:
-        return cached
-    with FileLock(str(root / f"{key}.lock")):
-        cached = _open(npy, meta, len(files), image_size)  # another trial may have built it meanwhile
-        if cached is None:
-            _build([os.fspath(f) for f in files], image_size, channels, npy, meta)
-            cached = _open(npy, meta, len(files), image_size, decoded=len(files))
-    log.info("Image cache %s: %d images, %d unreadable", npy, len(files), len(cached.bad))
+    if cached is None:
+        with FileLock(str(root / f"{key}.lock")):
+            cached = _open(npy, meta, len(files), image_size)  # another trial may have built it meanwhile
+            if cached is None:
+                _build([os.fspath(f) for f in files], image_size, channels, npy, meta)
+                cached = _open(npy, meta, len(files), image_size, decoded=len(files))
+    print(announcement(cached), flush=True)
     return cached
+
+
+def announcement(cached: CachedImages) -> str:
+    """One line saying whether the images were decoded now or reused, and where they are: a user who wonders
+    why a changed image did not take effect (or why nothing was decoded) sees which file was read."""
+    unreadable = f" ({len(cached.bad):,} unreadable)" if cached.bad else ""
+    if cached.decoded:
+        return f"image cache: built {cached.decoded:,} decoded images{unreadable} at {cached.path}"
+    return f"image cache: reusing {len(cached.images):,} decoded images{unreadable} at {cached.path}"
 
 
 def _open(npy: Path, meta: Path, count: int, image_size: int, decoded: int = 0) -> CachedImages | None:

@@ -190,7 +190,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     seed_everything(config["seed"])
     device = pick_device(config["device"])
     amp = use_bf16(config["precision"], device)
-    train_idx, val_idx = train_val_indices(dataset, config["split_ratio"], config["seed"])
+    train_idx, val_idx = train_val_indices(dataset, config["split_ratio"], config["seed"], config["split_version"])
     train_set, val_set = dataset.dev.subset(train_idx), dataset.dev.subset(val_idx)
     size = int(train_set.images.shape[1])
     extra = minority_copies(train_set.labels, float(config["minority_aug_pct"]), config["seed"])
@@ -271,7 +271,8 @@ def checkpoint_weights(model, optimizer, best_state: dict, best_is_current: bool
 def train(config: dict, data: Dataset | None = None, report: Callable[[dict], object] = print) -> dict:
     """Run a whole trial, calling `report(metrics)` once per epoch; returns the last metrics."""
     config = resolve_config(config)
-    dataset = data or load_dataset(config["dataset"], image_size=config["image_size"], data_root=config["data_root"])
+    dataset = data or load_dataset(config["dataset"], image_size=config["image_size"], data_root=config["data_root"],
+                                   skip_bad_images=config["skip_bad_images"], split_version=config["split_version"])
     metrics: dict = {}
     for epoch in iterate_epochs(config, dataset):
         metrics = epoch.metrics

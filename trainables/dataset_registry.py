@@ -1,0 +1,88 @@
+"""What every dataset kind shares: the `ImageSet` / `Dataset` types and the name -> loader registry.
+
+Loaders import this module, never `trainables.datasets` (the public entry that imports every loader), so
+the kinds can register themselves without an import cycle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import unknown_name
+
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64 class index, or (N, L) uint8 0/1 for multi-label
+    groups: np.ndarray | None = None  # patient/lesion ID per image: splits never share one
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> ImageSet:
+        groups = None if self.groups is None else self.groups[index]
+        return ImageSet(self.images[index], self.labels[index], groups)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    task: str  # binary | multiclass | multilabel
+    class_names: tuple[str, ...]
+    dev: ImageSet  # the development pool: everything that is not test
+    test: ImageSet  # fixed; only ever scored at the end of a trial
+    official_val: np.ndarray | None = None  # bool mask over `dev`: the official validation split
+
+    @property
+    def channels(self) -> int:
+        return int(self.dev.images.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+Loader = Callable[..., Dataset]  # fn(*, path, image_size, data_root, skip_bad_images, split_version) -> Dataset
+_LOADERS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str):
+    """Add a loader `fn(*, path, image_size, data_root, skip_bad_images, split_version) -> Dataset` under `name`."""
+
+    def add(fn: Loader) -> Loader:
+        _LOADERS[name] = fn
+        return fn
+
+    return add
+
+
+def dataset_names() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def check_dataset_name(spec: str) -> None:
+    """Fail fast on a misspelled name, before any data is read."""
+    kind = spec.partition(":")[0]
+    if kind not in _LOADERS:
+        raise unknown_name("dataset", kind, dataset_names())
+
+
+def loader(spec: str) -> tuple[Loader, str | None]:
+    """(the registered loader, the PATH part or None) of `spec`, e.g. `imagefolder:/data/x`."""
+    check_dataset_name(spec)
+    kind, _, path = spec.partition(":")
+    return _LOADERS[kind], path or None
+
+
+def default_data_root(data_root: str | os.PathLike | None = None) -> Path:
+    """`data_root`, else $MEDTUNE_DATA_ROOT, else ~/.medmnist (the medmnist package's default)."""
+    chosen = data_root or os.environ.get("MEDTUNE_DATA_ROOT") or Path.home() / ".medmnist"
+    return Path(chosen).expanduser()
