@@ -13,7 +13,10 @@ saved twice under two names is found; a re-encoded or re-cropped copy is not. Co
     leak_dup_label_conflicts  duplicated images whose copies carry different labels (label noise)
     leak_group_train_val, leak_group_train_test, leak_group_val_test   groups (patient IDs) present in both
                               splits; only when the dataset has groups
-    leak_detail               JSON-able: split sizes and up to DETAIL_LIMIT examples of each finding
+    leak_detail               JSON-able: split sizes, up to DETAIL_LIMIT examples of each finding, and `notes`:
+                              what the loader decided about the splits on its own (FileDataset.notes), e.g.
+                              "the official val/ folder (16 images) was merged into the development pool: too
+                              small to select on ..." (Kermany); the terminal report repeats each note
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def leak_report(dataset, train_idx: np.ndarray, val_idx: np.ndarray) -> dict:
     }
     ordered = cross + [d for d in duplicated if d not in set(cross)]  # cross-split examples first
     detail = {"sizes": {split: len(rows[split][0]) for split in SPLITS},
+              "notes": [str(note) for note in getattr(dataset, "notes", ())],
               "duplicates": [[f"{split}:{name}" for split, name, _ in duplicated[d]] for d in ordered[:DETAIL_LIMIT]],
               "label_conflicts": [[f"{split}:{name}={label}" for split, name, label in duplicated[d]]
                                   for d in conflicts[:DETAIL_LIMIT]]}
@@ -100,4 +104,5 @@ def format_leak_report(report: dict) -> str:
     else:
         lines.append("  groups: the dataset has no patient IDs, group overlap not checked")
     lines += [f"  e.g. {' = '.join(example)}" for example in report["leak_detail"]["duplicates"][:3]]
+    lines += [f"  note: {note}" for note in report["leak_detail"].get("notes", ())]
     return "\n".join(lines)
