@@ -2,9 +2,10 @@
 
     python -m analysis.best --search smoke-20261121-101500 --top 5
 
-Trials are ranked by the validation score tune.py optimised (never by test). Test intervals need the
-per-image predictions, so each listed trial's best checkpoint is scored on the test split again (the
-same computation as the trial's own, which the `logged` column lets you check).
+Trials are ranked by the validation score tune.py optimised (never by test): `best_<metric>`, highest
+first for mode max, lowest first for mode min. Test intervals need the per-image predictions, so each
+listed trial's best checkpoint is scored on the test split again, on the trial's own device and precision
+where this machine has them (analysis.replay; the `logged` column lets you check).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pandas as pd
 
 from analysis import runs
 from analysis.bootstrap import format_ci, metrics_with_ci
-from analysis.replay import logits_of, replay
+from analysis.replay import replay
 from trainables.errors import UserError
 from trainables.metrics import probabilities
 
@@ -48,7 +49,7 @@ def test_cis(run, data_root: str | None, n_resamples: int, seed: int) -> dict | 
     except UserError:
         return None
     rep = replay(state, data_root)
-    logits, labels = logits_of(rep.model, rep.test)
+    logits, labels = rep.trial_logits(rep.test)
     return metrics_with_ci(rep.dataset.task, labels, probabilities(rep.dataset.task, logits), 0.5, n_resamples, seed=seed)
 
 

@@ -8,7 +8,7 @@ and its prediction together), seeded, so a report is reproducible.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from scipy import stats

@@ -4,9 +4,14 @@
     python -m analysis.export --search NAME --out DIR --target-sensitivity 0.95 --register pneumonia-cnn
 
 The winner is the trial tune.py picked on validation. The threshold and the temperature are fitted on
-that trial's validation split (rebuilt from its checkpoint config); the test split is only scored, once,
-through the exported TorchScript module, so the card's test numbers are the shipped model's and match
-the trial's logged test metrics.
+that trial's validation split (rebuilt from its checkpoint config). The test split is only scored, never
+fitted on, twice: by the exported float32 model (model.json + model.safetensors, as analysis.predict loads
+it), whose numbers the card reports, and by the best checkpoint replayed on the trial's own device and
+precision (analysis.replay), which must reproduce the trial's logged test metrics -- exactly where this
+machine repeats the trial's arithmetic, within TOLERANCE where it cannot -- or the export exits 1 (wrong
+data or checkpoint). A trial evaluated under bf16 autocast (GPU trials by default) ships as float32: how
+many test predictions flip between the two and how far each metric moves is in metrics.json
+("precision_change"), the model card and the printed summary.
 """
 
 from __future__ import annotations
@@ -25,15 +30,23 @@ from safetensors.torch import save_file
 
 from analysis import runs
 from analysis.bootstrap import N_RESAMPLES, format_ci, metrics_with_ci
-from analysis.calibration import (ECE_BINS, calibrated, choose_threshold, expected_calibration_error, fit_temperature,
-                                  nll)
-from analysis.replay import Replay, logits_of, replay
+from analysis.calibration import ECE_BINS, calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
+from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
+from analysis.replay import Replay, replay
 from trainables.errors import UserError
-from trainables.metrics import classification_metrics, confusion, probabilities
+from trainables.metrics import classification_metrics, confusion, predictions, probabilities
 
-FORMAT = "medtune-export-v1"
-FILES = ("model.safetensors", "model.ts", "preprocessing.json", "decision.json", "config.json", "metrics.json",
+FILES = (WEIGHTS, ARCHITECTURE, TORCHSCRIPT, "preprocessing.json", "decision.json", "config.json", "metrics.json",
          "model_card.md")
+# How closely a replay of the best checkpoint must reproduce the trial's logged test metrics. Exact where the
+# replay repeats the trial's arithmetic (CPU, same precision; AUC to 1e-6 for float summation order); within
+# TOLERANCE where it cannot (a CUDA trial replayed elsewhere or on another GPU, a checkpoint that does not
+# record its setting): accuracy within 1 point or 2 test images' worth, whichever is larger, AUC within 0.005.
+# Wrong data or a wrong checkpoint moves them by far more.
+EXACT = {"acc": 0.0, "auc": 1e-6}
+TOLERANCE = {"acc": 0.01, "auc": 0.005}
+TOLERANCE_IMAGES = 2
+SHOWN_FLIPS = 20  # flipped test images listed by index in metrics.json
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,31 +85,50 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, task: str, temper
 
 # --- the exported files -----------------------------------------------------------------------------
 
-def save_model(model: torch.nn.Module, channels: int, size: int, out: Path) -> torch.jit.ScriptModule:
-    """safetensors weights + a traced TorchScript module (normalised (N, C, H, W) float32 in, logits out)."""
+def architecture(rep: Replay) -> Architecture:
+    """The constructor call that rebuilds the trial's network (model.json)."""
+    return Architecture(name=rep.config["model"], num_classes=rep.dataset.num_classes, in_chans=rep.dataset.channels,
+                        img_size=int(rep.dataset.dev.images.shape[1]), drop_rate=rep.config.get("drop_rate"),
+                        drop_path_rate=rep.config.get("drop_path_rate"), attn_drop_rate=rep.config.get("attn_drop_rate"))
+
+
+def save_model(model: torch.nn.Module, spec: Architecture, out: Path) -> torch.jit.ScriptModule:
+    """model.json + float32 safetensors weights (what analysis.predict loads), and a traced TorchScript module
+    for other runtimes and the Model Registry (normalised (N, C, H, W) float32 in, logits out)."""
     model = model.eval()
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+    (out / ARCHITECTURE).write_text(spec.model_dump_json(indent=2))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS),
               metadata={"format": FORMAT})
+    example = torch.zeros(2, spec.in_chans, spec.img_size, spec.img_size)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; TorchScript is what we ship
-        torch.jit.trace(model, torch.zeros(2, channels, size, size)).save(str(out / "model.ts"))
-        return torch.jit.load(str(out / "model.ts"), map_location="cpu")  # score what was written
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; TorchScript is an extra
+        torch.jit.trace(model, example).save(str(out / TORCHSCRIPT))
+        return torch.jit.load(str(out / TORCHSCRIPT), map_location="cpu")
 
 
-def preprocessing(state: dict, rep: Replay) -> dict:
-    meta, channels = state["dataset"], rep.dataset.channels
-    return {"format": FORMAT, "task": rep.dataset.task, "class_names": list(rep.dataset.class_names),
+def preprocessing(state: dict, rep: Replay, out: Path) -> dict:
+    """preprocessing.json: how an image file becomes the model's input, as the trial prepared its images.
+    A per-pixel mean (`normalize: mean_image`) goes to mean_image.safetensors next to it."""
+    meta, channels, norm = state["dataset"], rep.dataset.channels, rep.normalization
+    mean = norm.mean.mean(dim=(1, 2)).expand(channels) if norm.mean.shape[0] == 1 else norm.mean.mean(dim=(1, 2))
+    std = norm.std.flatten().expand(channels) if norm.std.numel() == 1 else norm.std.flatten()
+    prep = {"format": FORMAT, "task": rep.dataset.task, "class_names": list(rep.dataset.class_names),
             "image_size": int(meta["image_size"]), "channels": channels, "mode": "L" if channels == 1 else "RGB",
             "resize": "bilinear, to image_size x image_size, aspect ratio not kept (trainables.image_cache)",
-            "scale": 255.0, "mean": [float(meta["mean"])] * channels, "std": [float(meta["std"])] * channels,
+            "scale": 255.0, "normalize": norm.name, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "input": "float32 (N, C, H, W): (pixel / scale - mean) / std", "output": "logits (N, num_classes)",
-            "model": "model.ts", "weights": "model.safetensors"}
+            "architecture": ARCHITECTURE, "weights": WEIGHTS, "torchscript": TORCHSCRIPT}
+    if norm.mean.shape[1:] != (1, 1):  # per-pixel mean: the per-channel `mean` above is only its average
+        save_file({"mean_image": norm.mean.contiguous()}, str(out / MEAN_IMAGE), metadata={"format": FORMAT})
+        prep |= {"mean_image": MEAN_IMAGE, "input": "float32 (N, C, H, W): (pixel / scale - mean_image) / std, "
+                 f"mean_image the (C, H, W) tensor in {MEAN_IMAGE}"}
+    return prep
 
 
-def score_test(module, rep: Replay, decision: dict, n_resamples: int, seed: int) -> dict:
-    """Test metrics of the exported module: at the argmax rule (the trial's) and at the chosen threshold."""
+def score_test(model, rep: Replay, decision: dict, n_resamples: int, seed: int) -> dict:
+    """Test metrics of the exported model: at the argmax rule (the trial's) and at the chosen threshold."""
     task, names = rep.dataset.task, rep.dataset.class_names
-    logits, labels = logits_of(module, rep.test)
+    logits, labels = rep.logits(model, rep.test)
     probs = probabilities(task, logits)
     scored = {"n": int(len(labels)), "logits": logits, "labels": labels,
               "metrics": classification_metrics(task, labels, probs, names),
@@ -109,14 +141,45 @@ def score_test(module, rep: Replay, decision: dict, n_resamples: int, seed: int)
     return scored
 
 
-def reproduction(scored: dict, logged: dict) -> dict:
-    """The exported module's test acc/AUC next to the trial's logged ones (acc must be equal, AUC to 1e-6)."""
+def tolerances(exact: bool, n: int) -> dict:
+    """{metric: allowed |replayed - logged|}: EXACT, or TOLERANCE (accuracy at least TOLERANCE_IMAGES / n)."""
+    if exact:
+        return dict(EXACT)
+    return {"acc": max(TOLERANCE["acc"], TOLERANCE_IMAGES / max(n, 1)), "auc": TOLERANCE["auc"]}
+
+
+def reproduction(replayed: dict, logged: dict, rep: Replay, n: int) -> dict:
+    """The best checkpoint replayed on the trial's setting vs the trial's logged test acc/AUC."""
+    allowed = tolerances(rep.exact, n)
     check = {}
-    for key, tolerance in (("acc", 0.0), ("auc", 1e-6)):
-        mine, theirs = scored["metrics"].get(key), logged.get(f"test_{key}")
-        check[key] = {"exported": mine, "logged": theirs,
-                      "match": None if theirs is None else bool(abs(mine - theirs) <= tolerance)}
-    return check
+    for key, tolerance in allowed.items():
+        mine, theirs = replayed.get(key), logged.get(f"test_{key}")
+        check[key] = {"replayed": mine, "logged": theirs, "tolerance": tolerance,
+                      "match": None if theirs is None or mine is None else bool(abs(mine - theirs) <= tolerance)}
+    return {"trial": rep.trial.as_dict(), "replayed_on": rep.replayed.as_dict(), "exact": rep.exact,
+            "metrics": check, "ok": all(v["match"] is not False for v in check.values())}
+
+
+def precision_change(trial_logits: np.ndarray, exported_logits: np.ndarray, labels: np.ndarray, rep: Replay,
+                     logged: dict) -> dict:
+    """The exported float32 model vs the trial-setting replay on the test split: flipped predictions at the
+    argmax rule (multi-label: any label at 0.5) and every metric's difference (exported - replayed)."""
+    task, names = rep.dataset.task, rep.dataset.class_names
+    trial_probs, exported_probs = probabilities(task, trial_logits), probabilities(task, exported_logits)
+    before, after = predictions(task, trial_probs), predictions(task, exported_probs)
+    changed = before != after
+    flipped = np.flatnonzero(changed.any(axis=1) if changed.ndim == 2 else changed)
+    replayed = classification_metrics(task, labels, trial_probs, names)
+    exported = classification_metrics(task, labels, exported_probs, names)
+    change = {"from": str(rep.replayed), "to": "cpu fp32 (the exported model)", "same_setting": rep.fp32_is_trial,
+              "n": int(len(labels)),
+              "flips": int(len(flipped)), "flipped_test_indices": flipped[:SHOWN_FLIPS].tolist(),
+              "max_abs_logit_difference": float(np.abs(trial_logits - exported_logits).max()) if len(labels) else 0.0,
+              "metrics": {k: {"exported": exported[k], "replayed": replayed[k], "logged": logged.get(f"test_{k}"),
+                              "difference": exported[k] - replayed[k]} for k in exported}}
+    if task == "multilabel":
+        change["label_flips"] = int(changed.sum())
+    return change
 
 
 def split_summary(rep: Replay) -> dict:
@@ -155,7 +218,7 @@ def register(out: Path, module, tracking_uri: str, trial, search: str, model_nam
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], await_registration_for=60)
         except mlflow.exceptions.MlflowException as error:
             raise UserError(f"Could not register {model_name!r} at {tracking_uri} ({str(error).splitlines()[0][:160]}); "
-                            "the Model Registry needs a database-backed store (sqlite:///..., a tracking server)") from None
+                            "the Model Registry needs a database-backed store (sqlite:///..., a tracking server)") from error
     client = mlflow.MlflowClient(tracking_uri)
     version = info.registered_model_version
     for key, value in {"medtune.search": search, "medtune.trial_run_id": trial.info.run_id,
@@ -169,12 +232,40 @@ def register(out: Path, module, tracking_uri: str, trial, search: str, model_nam
 
 def _repro_text(repro: dict) -> str:
     def one(key, check):
-        if check["logged"] is None:
-            return f"{key} {check['exported']:.6f} (nothing logged to compare)"
-        verdict = "equal" if check["exported"] == check["logged"] else "match" if check["match"] else "MISMATCH"
-        return f"{key} {check['exported']:.6f} vs logged {check['logged']:.6f} ({verdict})"
+        if check["logged"] is None or check["replayed"] is None:
+            return f"{key} {check['replayed']} (nothing logged to compare)"
+        verdict = "equal" if check["replayed"] == check["logged"] else \
+            f"match within {check['tolerance']:g}" if check["match"] else f"MISMATCH, tolerance {check['tolerance']:g}"
+        return f"{key} {check['replayed']:.6f} vs logged {check['logged']:.6f} ({verdict})"
 
-    return "; ".join(one(k, v) for k, v in repro.items())
+    where = repro["replayed_on"]
+    how = "the trial's own setting" if repro["exact"] else \
+        f"the trial's setting as closely as this machine allows; trial: {_setting(repro['trial'])}"
+    return (f"replayed on {_setting(where)} ({how}): " + "; ".join(one(k, v) for k, v in repro["metrics"].items()))
+
+
+def _setting(setting: dict) -> str:
+    return f"{setting['device'] or 'unknown device'} {setting['precision'] or 'unknown precision'}"
+
+
+def _change_text(change: dict) -> str:
+    if change["same_setting"]:
+        return (f"none: the trial evaluated in {change['from']}, the exported model's own arithmetic "
+                f"({change['flips']} of {change['n']} test predictions flip)")
+    metrics = change["metrics"]
+    moved = ", ".join(f"{k} {metrics[k]['difference']:+.4f}" for k in ("acc", "auc") if k in metrics)
+    labels = f" ({change['label_flips']} label decisions)" if "label_flips" in change else ""
+    return (f"{change['flips']} of {change['n']} test predictions flip{labels} between {change['from']} and the "
+            f"exported float32 model; metric change (exported - replayed): {moved}; largest logit difference "
+            f"{change['max_abs_logit_difference']:.2g}")
+
+def _mean_image_file(prep: dict) -> str:
+    return f", `{prep['mean_image']}` (the per-pixel mean)" if "mean_image" in prep else ""
+
+
+def _values(values: list) -> str:
+    return ", ".join(f"{v:.4g}" for v in values)
+
 
 def _table(headers: list, rows: list) -> str:
     lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
@@ -213,7 +304,9 @@ chosen on validation: {metrics['selection']['metric']} = {metrics['selection']['
 
 - Dataset `{metrics['dataset']}`, task {prep['task']}, classes: {', '.join(names)}.
 - Images: {prep['image_size']} x {prep['image_size']} px, {prep['channels']} channel(s) ({prep['mode']}),
-  scaled as (pixel / 255 - {prep['mean'][0]}) / {prep['std'][0]} (see `preprocessing.json`).
+  normalised ({prep['normalize']}) as (pixel / 255 - mean) / std with mean {_values(prep['mean'])}{' (per pixel: '
+  + prep['mean_image'] + ', here its channel average)' if 'mean_image' in prep else ''} and std {_values(prep['std'])}
+  (see `preprocessing.json`).
 - Train/validation: {how_split}. Test: the dataset's fixed test split, never used to select the epoch,
   the trial, the threshold or the temperature.
 
@@ -222,11 +315,13 @@ chosen on validation: {metrics['selection']['metric']} = {metrics['selection']['
 ## Test metrics
 
 95 % percentile bootstrap intervals over test images ({metrics['bootstrap']['n_resamples']} resamples,
-seed {metrics['bootstrap']['seed']}); computed with the exported TorchScript module.
+seed {metrics['bootstrap']['seed']}); computed with the exported float32 model (`model.safetensors`).
 
 {_table(headers, rows)}
 
-Reproduction check, exported module vs the trial's logged test metrics: {_repro_text(repro)}.
+Reproduction check, the best checkpoint vs the trial's logged test metrics: {_repro_text(repro)}.
+
+Precision change: {_change_text(metrics['precision_change'])}.
 
 ## Decision threshold
 
@@ -262,9 +357,11 @@ minimising the negative log-likelihood. Expected calibration error ({ECE_BINS} e
 
 ## Files
 
-`model.ts` (TorchScript: normalised float32 (N, C, H, W) -> logits), `model.safetensors` (state dict of
-`{config['model']}`), `preprocessing.json`, `decision.json` (temperature, threshold), `config.json` (the trial
-config), `metrics.json` (every number above). Predict: `python -m analysis.predict --model <this folder> IMAGE...`.
+`model.json` (the network: `trainables.models.create_model` name and arguments), `model.safetensors` (its
+float32 state dict), `model.ts` (the same network as TorchScript, for other runtimes: normalised float32
+(N, C, H, W) -> logits), `preprocessing.json`{_mean_image_file(prep)}, `decision.json` (temperature, threshold),
+`config.json` (the trial config), `metrics.json` (every number above).
+Predict: `python -m analysis.predict --model <this folder> IMAGE...`.
 """
 
 
@@ -286,20 +383,28 @@ def export(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    val_logits, val_labels = logits_of(rep.model, rep.val)  # validation only: threshold and temperature
+    val_logits, val_labels = rep.logits(rep.model, rep.val)  # validation only: threshold and temperature
     decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity)
-    prep = preprocessing(state, rep)
-    module = save_model(rep.model, prep["channels"], prep["image_size"], out)
-    scored = score_test(module, rep, decision, args.n_resamples, args.seed)  # the one read of the test split
+    prep = preprocessing(state, rep, out)
+    module = save_model(rep.model, architecture(rep), out)
+    shipped = load_model(out)  # the exported model exactly as analysis.predict loads it
+    scored = score_test(shipped, rep, decision, args.n_resamples, args.seed)  # test: scored, never fitted on
+    if rep.fp32_is_trial:  # the exported model runs on the trial's own setting: one pass is both
+        trial_logits = scored["logits"]
+    else:
+        trial_logits, _ = rep.trial_logits(rep.test)
+    replayed = classification_metrics(task, scored["labels"], probabilities(task, trial_logits), names)
 
     key, _ = runs.selection(parent, space)
+    logged = trial.data.metrics
     metrics = {
         "format": FORMAT, "search": parent.data.tags.get("medtune.search"), "search_run_id": parent.info.run_id,
         "trial_id": runs.trial_label(trial), "trial_run_id": trial.info.run_id, "dataset": rep.config["dataset"],
-        "selection": {"metric": key, "value": trial.data.metrics.get(key, float("nan"))},
+        "selection": {"metric": key, "value": logged.get(key, float("nan"))},
         "best_epoch": state.get("best_epoch"), "searched": runs.searched_keys(space), "splits": split_summary(rep),
         "test": {k: v for k, v in scored.items() if k not in ("logits", "labels")},
-        "reproduced": reproduction(scored, trial.data.metrics),
+        "reproduced": reproduction(replayed, logged, rep, scored["n"]),
+        "precision_change": precision_change(trial_logits, scored["logits"], scored["labels"], rep, logged),
         "calibration": {"val": calibration_report(val_logits, val_labels, task, decision["temperature"]),
                         "test": calibration_report(scored["logits"], scored["labels"], task, decision["temperature"])},
         "bootstrap": {"n_resamples": args.n_resamples, "confidence": 0.95, "method": "percentile", "seed": args.seed},
@@ -311,14 +416,15 @@ def export(args) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "model_card.md").write_text(model_card(metrics, prep, decision, rep.config))
     print_summary(out, metrics, decision)
+    if not metrics["reproduced"]["ok"]:
+        mismatch = [k for k, v in metrics["reproduced"]["metrics"].items() if v["match"] is False]
+        print(f"error: the best checkpoint replayed on {rep.replayed} does not reproduce the trial's logged test "
+              f"{', '.join(mismatch)} (different data or a different checkpoint?); see {out}/metrics.json"
+              + ("; not registered" if args.register else ""), file=sys.stderr)
+        return 1
     if args.register:
         version = register(out, module, client.tracking_uri, trial, metrics["search"], args.register, metrics)
         print(f"registered: {args.register} version {version} (MLflow Model Registry at {client.tracking_uri})")
-    mismatch = [k for k, v in metrics["reproduced"].items() if v["match"] is False]
-    if mismatch:
-        print(f"warning: the exported model does not reproduce the logged test {', '.join(mismatch)} "
-              "(trial trained on GPU/bf16, or different data?); see metrics.json", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -333,6 +439,7 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
     print(f"temperature {decision['temperature']:.4f}: test ECE {metrics['calibration']['test']['ece_before']:.4f} -> "
           f"{metrics['calibration']['test']['ece_after']:.4f}")
     print(f"reproduces the logged test metrics: {_repro_text(repro)}")
+    print(f"precision change: {_change_text(metrics['precision_change'])}")
     print(f"wrote {out}/ ({', '.join(FILES)}) in {metrics['export_seconds']:.1f}s")
 
 

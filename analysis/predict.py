@@ -4,7 +4,11 @@
 
 One line per image: path, predicted label, then the calibrated probability of every class. The image
 goes through the preprocessing the model was trained with (preprocessing.json: mode, size, bilinear
-resize, mean/std), then the TorchScript module, temperature scaling and the validation-chosen threshold.
+resize, mean/std), then the model, temperature scaling and the validation-chosen threshold.
+
+Loading executes nothing from the folder: the model is built by medtune's own registry from its name and
+constructor arguments (model.json), and the weights are plain tensors (model.safetensors). The folder's
+TorchScript file (model.ts) is for other runtimes and is never loaded here.
 """
 
 from __future__ import annotations
@@ -12,18 +16,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from analysis import runs
 from trainables.errors import UserError
 from trainables.image_cache import READ_ERRORS, decode_image
 from trainables.metrics import probabilities
+from trainables.models import create_model
 
-FORMAT = "medtune-export-v1"
+FORMAT = "medtune-export-v2"  # v2: the model is model.json + model.safetensors (v1 shipped TorchScript only)
+ARCHITECTURE, WEIGHTS, TORCHSCRIPT = "model.json", "model.safetensors", "model.ts"
+MEAN_IMAGE = "mean_image.safetensors"  # only for `normalize: mean_image` (a per-pixel mean)
+
+
+class Architecture(BaseModel):
+    """model.json: what `trainables.models.create_model` needs to rebuild the exported network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = FORMAT
+    name: str  # registered model name (trainables.models)
+    num_classes: int = Field(ge=1)
+    in_chans: int = Field(ge=1)
+    img_size: int = Field(ge=1)
+    drop_rate: float | None = None  # as trained; dropout is inactive at inference, but it shapes some heads
+    drop_path_rate: float | None = None
+    attn_drop_rate: float | None = None
+
+    def options(self) -> dict:
+        """The optional constructor arguments that were set (None: the model's default)."""
+        return {k: v for k, v in (("drop_rate", self.drop_rate), ("drop_path_rate", self.drop_path_rate),
+                                  ("attn_drop_rate", self.attn_drop_rate)) if v is not None}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,8 +64,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_model(folder: str | Path) -> torch.nn.Module:
+    """The exported network in eval mode, float32 on the CPU: rebuilt by name, weights from safetensors."""
+    folder = Path(folder)
+    try:
+        spec = Architecture.model_validate_json((folder / ARCHITECTURE).read_text())
+    except (OSError, ValidationError) as error:
+        raise UserError(f"{folder / ARCHITECTURE} is missing or not a medtune model description "
+                        f"({type(error).__name__}); export the model again") from error
+    if spec.format != FORMAT:
+        raise UserError(f"{folder / ARCHITECTURE} is format {spec.format!r}, {FORMAT} expected; export the model again")
+    model = create_model(spec.name, num_classes=spec.num_classes, in_chans=spec.in_chans, img_size=spec.img_size,
+                         **spec.options())  # an unknown name is a UserError from the registry
+    try:
+        model.load_state_dict(load_file(folder / WEIGHTS, device="cpu"))
+    except (OSError, SafetensorError, RuntimeError) as error:  # missing/corrupt file, weights of another shape
+        raise UserError(f"Cannot load the weights {folder / WEIGHTS} into {spec.name} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:160]}); export the model again") from error
+    return model.float().eval()
+
+
 class ExportedModel:
-    """An export folder: TorchScript module + preprocessing.json + decision.json."""
+    """An export folder: model.json + model.safetensors + preprocessing.json + decision.json."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -45,15 +94,19 @@ class ExportedModel:
             self.decision = json.loads((folder / "decision.json").read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"{folder} is not a medtune export ({type(error).__name__}: {error}); "
-                            "create one with `python -m analysis.export --search NAME --out DIR`") from None
+                            "create one with `python -m analysis.export --search NAME --out DIR`") from error
         if self.prep.get("format") != FORMAT:
-            raise UserError(f"{folder}/preprocessing.json is not from analysis.export (format {FORMAT} expected)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-                self.module = torch.jit.load(str(folder / self.prep["model"]), map_location="cpu").eval()
-        except (OSError, RuntimeError, ValueError) as error:
-            raise UserError(f"Cannot load {folder / self.prep['model']} ({type(error).__name__}); export the model again") from None
+            raise UserError(f"{folder}/preprocessing.json is not from this version of analysis.export (format "
+                            f"{FORMAT} expected, found {self.prep.get('format')!r}); export the model again")
+        self.model = load_model(folder)
+        self.mean = torch.tensor(self.prep["mean"]).view(-1, 1, 1)
+        self.std = torch.tensor(self.prep["std"]).view(-1, 1, 1)
+        if self.prep.get("mean_image"):  # `normalize: mean_image`: the training split's mean image, per pixel
+            try:
+                self.mean = load_file(folder / MEAN_IMAGE, device="cpu")["mean_image"]
+            except (OSError, SafetensorError, KeyError) as error:
+                raise UserError(f"Cannot read the mean image {folder / MEAN_IMAGE} ({type(error).__name__}); "
+                                "export the model again") from error
 
     def tensor(self, path: str | Path) -> torch.Tensor:
         """One image file -> normalised float (C, H, W), exactly as the training images were prepared."""
@@ -61,17 +114,15 @@ class ExportedModel:
             pixels = decode_image(path, int(self.prep["image_size"]), self.prep["mode"])
         except READ_ERRORS as error:
             raise UserError(f"Cannot read image {path} ({type(error).__name__}: {str(error)[:120]}); "
-                            "pass a readable image file (PNG, JPEG, ...)") from None
+                            "pass a readable image file (PNG, JPEG, ...)") from error
         image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / float(self.prep["scale"])
-        mean = torch.tensor(self.prep["mean"]).view(-1, 1, 1)
-        std = torch.tensor(self.prep["std"]).view(-1, 1, 1)
-        return (image - mean) / std
+        return (image - self.mean) / self.std
 
     @torch.inference_mode()
     def predict(self, paths: list) -> tuple[np.ndarray, list]:
         """(calibrated probabilities (N, K), predicted label per image)."""
         batch = torch.stack([self.tensor(p) for p in paths])  # every file is read before any output
-        logits = self.module(batch).float().numpy().astype(np.float64)
+        logits = self.model(batch).float().numpy().astype(np.float64)
         task, names = self.prep["task"], self.prep["class_names"]
         probs = probabilities(task, logits / float(self.decision["temperature"]))
         if task == "multilabel":

@@ -1,24 +1,50 @@
 """Re-create what a trial saw: its dataset, its train/validation split and its best-validation model.
 
-Everything comes from the checkpoint's own config (dataset, image size, split ratio, seed), so the
-validation split is the trial's, and the test split is the dataset's fixed one. Scoring goes through
-`trainables.train` (same loader, batch size and normalisation as the trial's own test score).
+Everything comes from the checkpoint's own config (dataset, image size, split ratio and version, seed,
+skip_bad_images), so the validation split is the trial's, and the test split is the dataset's fixed one.
+Scoring goes through `trainables.train` (same loader, batch size and normalisation as the trial's own: the
+statistics recorded in the checkpoint's "dataset" entry).
+
+Two ways to score a split:
+- `Replay.logits(model, images)`: float32 on the CPU, the arithmetic of the exported model;
+- `Replay.trial_logits(images)`: on the device and at the precision the trial itself evaluated with
+  (the checkpoint's "device" and "precision"): bf16 autocast when the trial used it (CPU autocast is the
+  same code path), CUDA when the trial ran there and a GPU is visible. `Replay.exact` says whether that
+  is the trial's own arithmetic, so its test metrics must equal the logged ones to the last digit.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from trainables.checkpoint import best_weights
 from trainables.datasets import Dataset, ImageSet, load_dataset
 from trainables.errors import UserError
+from trainables.normalization import Normalization
 from trainables.splits import train_val_indices
 from trainables.train import build_model, eval_loader, predict_logits
 
-DEVICE = torch.device("cpu")  # float32 on CPU, as the logged test metrics of CPU trials were computed
+CPU = torch.device("cpu")
 EVAL_BATCH = 512  # the trial's evaluation batch size: same batches, same arithmetic
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where and how a model was evaluated: "cpu"/"cuda", "fp32"/"bf16" (None: not recorded)."""
+
+    device: str | None
+    precision: str | None
+
+    def __str__(self) -> str:
+        return f"{self.device or 'unknown device'} {self.precision or 'unknown precision'}"
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -29,7 +55,10 @@ class Replay:
     dataset: Dataset
     train_index: np.ndarray  # into dataset.dev
     val_index: np.ndarray  # into dataset.dev
-    model: torch.nn.Module  # best-validation weights, eval mode, CPU
+    model: torch.nn.Module  # best-validation weights, eval mode, float32 on the CPU
+    normalization: Normalization  # how the trial turned pixels into inputs (the checkpoint's "dataset" entry)
+    trial: Setting  # how the trial evaluated (from the checkpoint)
+    replayed: Setting  # how `trial_logits` evaluates here: the trial's setting where this machine has it
 
     @property
     def val(self) -> ImageSet:
@@ -39,23 +68,72 @@ class Replay:
     def test(self) -> ImageSet:
         return self.dataset.test
 
+    @property
+    def exact(self) -> bool:
+        """True when `trial_logits` repeats the trial's own arithmetic: same precision on the CPU. (CUDA kernels
+        are chosen per run by cuDNN's benchmark mode and differ between GPU models: close, not bit-equal.)"""
+        return self.trial == self.replayed and self.trial.device == "cpu"
+
+    @property
+    def fp32_is_trial(self) -> bool:
+        """True when the float32 CPU model IS the trial's setting (then one pass serves both)."""
+        return self.exact and self.trial.precision == "fp32"
+
+    def trial_logits(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of the best model on `images`, on the trial's device and precision where possible."""
+        device = torch.device(self.replayed.device)
+        model = self.model if device.type == "cpu" else copy.deepcopy(self.model).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)  # as the trial evaluated
+        amp = self.replayed.precision == "bf16"
+        return predict_logits(model, eval_loader(images, EVAL_BATCH, device, self.normalization), device, amp)
+
+    def logits(self, model, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of `model` (eager or TorchScript) on `images`, float32 on the CPU, with the trial's
+        normalisation."""
+        return logits_of(model, images, self.normalization)
+
+
+def trial_setting(state: dict) -> Setting:
+    """The device and precision the trial evaluated with; older checkpoints recorded neither (a config that
+    pinned `device: cpu` ran in float32: CPU autocast was never automatic)."""
+    device, precision = state.get("device"), state.get("precision")
+    if device is None and precision is None and state["config"].get("device") == "cpu" \
+            and state["config"].get("precision", "auto") in ("auto", "fp32"):
+        device, precision = "cpu", "fp32"
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"The checkpoint records precision {precision!r}; this medtune knows {', '.join(PRECISIONS)} "
+                        "(upgrade medtune to export it)")
+    return Setting(device, precision)
+
+
+def replay_setting(trial: Setting) -> Setting:
+    """The trial's setting where this machine has it: CUDA only when the trial used it and a GPU is visible;
+    bf16 autocast whenever the trial used it (on the CPU too). Unknown parts fall back to CPU float32."""
+    device = "cuda" if trial.device == "cuda" and torch.cuda.is_available() else "cpu"
+    return Setting(device, trial.precision or "fp32")
+
 
 def replay(state: dict, data_root: str | None = None) -> Replay:
     """Rebuild the trial of checkpoint `state`; `data_root` overrides where the data lives now."""
     config = dict(state["config"])
+    split_version = int(config.get("split_version", 1))  # checkpoints from before split versions: version 1
     dataset = load_dataset(config["dataset"], image_size=int(config["image_size"]),
-                           data_root=data_root or config.get("data_root"))
+                           data_root=data_root or config.get("data_root"),
+                           skip_bad_images=bool(config.get("skip_bad_images", False)), split_version=split_version)
     meta = state.get("dataset") or {}
     if meta and (list(meta.get("class_names", [])) != list(dataset.class_names) or meta.get("task") != dataset.task):
         raise UserError(f"The data at {data_root or config.get('data_root')} is not the data the trial trained on "
                         f"(classes {meta.get('class_names')} expected); pass the right --data-root")
-    train_index, val_index = train_val_indices(dataset, config["split_ratio"], int(config["seed"]))
+    train_index, val_index = train_val_indices(dataset, config["split_ratio"], int(config["seed"]),
+                                               split_version=split_version)
     model = build_model({**config, "pretrained": False}, dataset)  # the weights come from the checkpoint
-    weights = state.get("best_model") or state["model"]
-    model.load_state_dict(weights)
-    return Replay(config, dataset, train_index, val_index, model.eval())
+    model.load_state_dict(best_weights(state))  # never the last epoch's weights in their place
+    trial = trial_setting(state)
+    normalization = Normalization.from_meta(meta)  # checkpoints from before `normalize`: [-1, 1]
+    return Replay(config, dataset, train_index, val_index, model.eval(), normalization, trial, replay_setting(trial))
 
 
-def logits_of(model, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of `model` (eager or TorchScript) on `images`, float32 on CPU."""
-    return predict_logits(model, eval_loader(images, EVAL_BATCH, DEVICE), DEVICE)
+def logits_of(model, images: ImageSet, normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of `model` (eager or TorchScript) on `images`, float32 on the CPU."""
+    return predict_logits(model, eval_loader(images, EVAL_BATCH, CPU, normalization), CPU)

@@ -12,13 +12,24 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
-from analysis.tracking import (PARENT, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_OUTCOME, TAG_ROLE, TAG_TRIAL,
-                               check_tracking_uri, default_tracking_uri, find_search_run, trial_runs)
+from analysis.ranking import rank, selection_key
+from analysis.tracking import (
+    PARENT,
+    TAG_BEST_RUN,
+    TAG_CHECKPOINT,
+    TAG_OUTCOME,
+    TAG_ROLE,
+    TAG_TRIAL,
+    check_tracking_uri,
+    default_tracking_uri,
+    find_search_run,
+    trial_runs,
+)
 from trainables.checkpoint import FILENAME, load_checkpoint
 from trainables.errors import UserError
 
@@ -54,7 +65,7 @@ def connect(tracking_uri: str | None):
         return check_tracking_uri(uri)
     except ConnectionError as error:
         raise UserError(f"MLflow tracking server {uri} is unreachable ({error}); start it or pass a reachable "
-                        "--tracking-uri") from None
+                        "--tracking-uri") from error
 
 
 def get_search(client, search: str):
@@ -66,14 +77,47 @@ def get_search(client, search: str):
     return parent
 
 
+SPACE_FILE = "search_space.yaml"  # logged on the parent run by tune.py
+
+
 def search_space(client, parent) -> dict:
-    """The search_space.yaml logged with the search ({} for a search logged without it)."""
+    """The search_space.yaml logged with the search.
+
+    A search whose parent run has no such artifact (logged before tune.py wrote one) falls back to the
+    parent's params `metric` and `mode`; anything else that stops the file from being read is a UserError:
+    ranking with a guessed mode would put a min-mode search backwards."""
+    name = parent.data.tags.get("medtune.search", parent.info.run_id)
     with tempfile.TemporaryDirectory() as directory:
         try:
-            path = client.download_artifacts(parent.info.run_id, "search_space.yaml", directory)
-        except Exception:  # MlflowException / OSError: artifact missing
-            return {}
-        return yaml.safe_load(Path(path).read_text()) or {}
+            path = client.download_artifacts(parent.info.run_id, SPACE_FILE, directory)
+            text = Path(path).read_text()
+        except Exception as error:  # MlflowException, OSError, an artifact store's own errors
+            if _artifact_missing(error):
+                return _space_from_params(parent, name)
+            raise UserError(f"Cannot read {SPACE_FILE} of search {name!r} ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:160] if str(error) else ''}); check the artifact store "
+                            "(credentials, --tracking-uri) and retry") from error
+    try:
+        space = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"{SPACE_FILE} of search {name!r} is not valid YAML ({str(error).splitlines()[0]}); "
+                        "the artifact is damaged: re-run the search") from error
+    if not isinstance(space, dict):
+        raise UserError(f"{SPACE_FILE} of search {name!r} is not a search space (a YAML mapping); re-run the search")
+    return space
+
+
+def _artifact_missing(error: Exception) -> bool:
+    """True only for MLflow's own 'this artifact does not exist' answer."""
+    return getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _space_from_params(parent, name: str) -> dict:
+    params = parent.data.params
+    if params.get("mode") not in ("max", "min") or not params.get("metric"):
+        raise UserError(f"Search {name!r} logged no {SPACE_FILE} and no metric/mode params, so the direction trials "
+                        "rank in is unknown; re-run the search with this medtune")
+    return {"metric": params["metric"], "mode": params["mode"]}
 
 
 def searched_keys(space: dict) -> list[str]:
@@ -82,9 +126,14 @@ def searched_keys(space: dict) -> list[str]:
 
 
 def selection(parent, space: dict) -> tuple[str, str]:
-    """(`best_<metric>`, mode): the validation score tune.py ranked trials by."""
-    metric = space.get("metric") or parent.data.params.get("metric") or "val_auc"
-    return f"best_{metric}", space.get("mode", "max")
+    """(`best_<metric>`, mode): the validation score tune.py ranked trials by, and its direction."""
+    metric = space.get("metric") or parent.data.params.get("metric")
+    mode = space.get("mode") or parent.data.params.get("mode")
+    if not metric or mode not in ("max", "min"):
+        name = parent.data.tags.get("medtune.search", parent.info.run_id)
+        raise UserError(f"Search {name!r} does not say which metric it ranked by and in which direction "
+                        f"(metric {metric!r}, mode {mode!r}); re-run the search with this medtune")
+    return selection_key(metric), mode
 
 
 def trials(client, parent, outcome: str | None = None) -> list:
@@ -94,11 +143,11 @@ def trials(client, parent, outcome: str | None = None) -> list:
 
 
 def ranked_trials(client, parent, space: dict) -> list:
-    """Trials that trained to the end (they have test metrics), best validation score first."""
+    """Trials that trained to the end (they have test metrics), best validation score first: `best_<metric>`
+    descending for mode max, ascending for mode min; ties by trial id (analysis.ranking, tune.py's own rule)."""
     key, mode = selection(parent, space)
     done = [r for r in trials(client, parent, "completed") if not math.isnan(r.data.metrics.get(key, math.nan))]
-    sign, best = (1 if mode == "max" else -1), parent.data.tags.get(TAG_BEST_RUN)
-    return sorted(done, key=lambda r: (sign * r.data.metrics[key], r.info.run_id == best), reverse=True)  # ties: winner first
+    return rank(done, lambda r: r.data.metrics[key], mode, tie=trial_label)
 
 
 def winner(client, parent):
@@ -135,12 +184,13 @@ def checkpoint_state(run, override: str | None = None) -> dict:
 
 def _download(uri: str, directory: str) -> str:
     """Copy a checkpoint directory from s3://, gs://, ... to `directory` (pyarrow, as Ray stores it)."""
+    import pyarrow
     import pyarrow.fs
 
     try:
         pyarrow.fs.copy_files(uri, directory)
-    except Exception as error:  # OSError, ArrowInvalid: no credentials, no such key...
+    except (OSError, pyarrow.ArrowException) as error:  # no credentials, no such key, unknown scheme...
         raise UserError(f"Cannot download checkpoint {uri} ({type(error).__name__}: {str(error)[:120]}); check "
-                        "credentials or pass --checkpoint DIR with a local copy") from None
+                        "credentials or pass --checkpoint DIR with a local copy") from error
     return directory
 

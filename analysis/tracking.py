@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from analysis.ranking import FAILED, outcome
+from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
 
 EXPERIMENT = "medtune"
 TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
@@ -30,7 +31,6 @@ TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (i
 TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
 TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
 PARENT = "mlflow.parentRunId"
-TRIAL_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
 
@@ -194,7 +194,7 @@ class MLflowTrialCallback(Callback):
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
             with checkpoint.as_directory() as directory:
-                for name in TRIAL_ARTIFACTS:
+                for name in TRIAL_ARTIFACTS:  # written by trainables.figures
                     if (Path(directory) / name).exists():
                         self.client.log_artifact(run_id, str(Path(directory) / name))
         self.client.log_batch(run_id, tags=tags)

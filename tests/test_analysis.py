@@ -1,4 +1,10 @@
-"""After the search: pick, report, export, register and use the winner of a real tiny search (PneumoniaMNIST)."""
+"""After the search: pick, report, export, register and use the winner.
+
+Two real tiny searches run once per module, side by side (one Ray start each): PneumoniaMNIST in float32
+(3 trials, for ranking, report and export) and BreastMNIST under CPU bf16 autocast (1 trial, the path of
+every GPU trial). Multi-class and multi-label winners, and min-mode ranking, are searches logged by hand
+from `iterate_epochs` on in-memory toy data: the same checkpoint and the same MLflow layout, no Ray.
+"""
 
 import argparse
 import contextlib
@@ -13,38 +19,51 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import real_data, toy_dataset
+from PIL import Image
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 import analysis.export
 import analysis.replay
-from analysis import best, export, predict, report
+from analysis import best, export, predict, report, runs
 from analysis.bootstrap import bootstrap_ci, metrics_with_ci
-from analysis.calibration import choose_threshold, expected_calibration_error, fit_temperature, nll
-from conftest import real_data
+from analysis.calibration import calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
+from analysis.predict import load_model
+from analysis.replay import replay
+from analysis.tracking import (
+    PARENT,
+    TAG_BEST_RUN,
+    TAG_CHECKPOINT,
+    TAG_OUTCOME,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_TRIAL,
+    flat_params,
+    get_experiment_id,
+    numeric_metrics,
+)
+from trainables.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from trainables.checkpoint import save_checkpoint
+from trainables.config import resolve_config
 from trainables.datasets import ImageSet, load_dataset
-from trainables.metrics import classification_metrics, probabilities
+from trainables.errors import UserError
+from trainables.metrics import classification_metrics, predictions, probabilities
+from trainables.normalization import Normalization
 from trainables.splits import train_val_indices
-from trainables.train import eval_loader, predict_logits
+from trainables.train import build_model, eval_loader, iterate_epochs, predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
-integration = pytest.mark.integration  # trains a real tiny search on PneumoniaMNIST (module fixture)
+CPU = torch.device("cpu")
+integration = pytest.mark.integration  # trains real tiny searches (module fixture `searches`)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
-# Every trial trains to the end (grace_period = max_t), so there are 3 completed trials to compare.
-TINY = """\
-description: tiny real search for the analysis tests
-dataset: pneumoniamnist
-num_samples: 3
-max_concurrent: 2
-max_failures: 0
-scheduler: {max_t: 2, grace_period: 2, reduction_factor: 2}
-resources: {cpu: 1}
-fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
-params:
-  lr: {choice: [0.3, 0.1, 0.03]}
-  split_ratio: {choice: [0.8, 0.9]}
-"""
+# One trial evaluated under bf16 autocast on the CPU: the same code path a CUDA trial takes (precision auto on a
+# GPU). CPU bf16 is emulated on most CPUs (5-8x slower than float32 here), hence the small BreastMNIST (546
+# training images); class weights keep the one-epoch model off the all-one-class answer.
+BF16 = {"dataset": "breastmnist", "model": "simple_cnn", "epochs": 1, "batch_size": 16, "optimizer": "adam",
+        "lr": 0.003, "schedule": "constant", "loss_weighting": "inverse", "split_ratio": 0.8,
+        "precision": "bf16", "device": "cpu", "seed": 1}
 
 
 def run_main(module, *argv) -> tuple[int, str, str]:
@@ -55,46 +74,91 @@ def run_main(module, *argv) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory, medmnist_root):
-    tmp = tmp_path_factory.mktemp("analysis")
-    (tmp / "tiny.yaml").write_text(TINY)
+def search(shared_search):
+    """The suite's shared real search (tests/conftest.py): min mode on val_loss, some trials stopped or failed."""
+    return shared_search
+
+
+@pytest.fixture(scope="module")
+def bf16_search(tmp_path_factory, medmnist_root):
+    """A real bf16 trial on BreastMNIST (the trial loop a Ray trial runs), logged as tune.py logs a search."""
+    tmp = tmp_path_factory.mktemp("bf16")
+    config = resolve_config({**BF16, "data_root": str(medmnist_root)})
+    data = load_dataset("breastmnist", image_size=28, data_root=str(medmnist_root))
+    *_, last = iterate_epochs(config, data)
+    save_checkpoint(last.state, tmp / "checkpoint")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "tiny.yaml"), "--name", "tiny",
-                             "--seed", "1", "--storage", str(tmp / "results"), "--data-root", str(medmnist_root),
-                             "--tracking-uri", uri], cwd=tmp, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log_search(uri, "bf16", [{"trial_id": "bf160001", "metrics": last.metrics, "params": {"lr": BF16["lr"]},
+                              "checkpoint": tmp / "checkpoint"}],
+               {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [BF16["lr"]]}}})
     client = mlflow.MlflowClient(uri)
     parent = client.search_runs([client.get_experiment_by_name("medtune").experiment_id],
                                 "tags.`medtune.role` = 'search'")[0]
-    return argparse.Namespace(tmp=tmp, uri=uri, client=client, parent=parent, data_root=medmnist_root,
+    return argparse.Namespace(tmp=tmp, uri=uri, client=client, parent=parent, name="bf16", data_root=medmnist_root,
                               winner=client.get_run(parent.data.tags["medtune.best_run_id"]))
 
 
 @pytest.fixture(scope="module")
 def exported(search):
     out = search.tmp / "export"
-    code, stdout, stderr = run_main(export, "--search", "tiny", "--tracking-uri", search.uri, "--out", out,
+    code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", out,
                                     "--n-resamples", 200)
     assert code == 0, stdout + stderr
     return out, stdout
 
 
+def log_search(uri: str, name: str, trials: list[dict], space: dict | None, params: dict | None = None,
+               best_index: int | None = 0) -> str:
+    """A search laid out in MLflow as tune.py and its callback lay it out; returns the parent run id.
+
+    `trials`: {"trial_id", "metrics", "params", "checkpoint" (dir or None)} each, all completed."""
+    client = mlflow.MlflowClient(uri)
+    experiment = get_experiment_id(client)
+    parent = client.create_run(experiment, run_name=name, tags={TAG_SEARCH: name, TAG_ROLE: "search"}).info.run_id
+    if space is not None:
+        client.log_dict(parent, space, "search_space.yaml")
+    client.log_batch(parent, params=flat_params(params or {}))
+    for index, trial in enumerate(trials):
+        tags = {PARENT: parent, TAG_SEARCH: name, TAG_ROLE: "trial", TAG_TRIAL: trial["trial_id"], TAG_OUTCOME: "completed"}
+        if trial.get("checkpoint"):
+            tags[TAG_CHECKPOINT] = str(trial["checkpoint"])
+        run = client.create_run(experiment, run_name=trial["trial_id"], tags=tags).info.run_id
+        client.log_batch(run, metrics=numeric_metrics(trial["metrics"], 1), params=flat_params(trial.get("params", {})))
+        client.set_terminated(run)
+        if index == best_index:
+            client.set_tag(parent, TAG_BEST_RUN, run)
+    client.set_terminated(parent)
+    return parent
+
+
 # --- export ----------------------------------------------------------------------------------------
 
 @integration
-def test_export_writes_weights_torchscript_preprocessing_decision_and_card(exported):
+def test_export_writes_weights_architecture_preprocessing_decision_and_card(search, exported):
     out, stdout = exported
     assert all((out / name).exists() for name in export.FILES)
     prep = json.loads((out / "preprocessing.json").read_text())
     assert prep | {"task": "binary", "class_names": ["normal", "pneumonia"], "image_size": 28, "channels": 1,
-                   "mean": [0.5], "std": [0.5]} == prep
+                   "mean": [0.5], "std": [0.5], "architecture": "model.json", "weights": "model.safetensors"} == prep
+    assert json.loads((out / "model.json").read_text()) == {
+        "format": predict.FORMAT, "name": "simple_cnn", "num_classes": 2, "in_chans": 1, "img_size": 28, "drop_rate": None,
+        "drop_path_rate": None, "attn_drop_rate": None}
+    # the temperature and the threshold are the ones the winner's validation split gives, recomputed here
+    config = json.loads((out / "config.json").read_text())
+    data = load_dataset("pneumoniamnist", image_size=28, data_root=str(search.data_root))
+    _, val_index = train_val_indices(data, config["split_ratio"], config["seed"])
+    val = data.dev.subset(val_index)
+    logits, labels = predict_logits(load_model(out), eval_loader(val, 512, CPU), CPU)
     decision = json.loads((out / "decision.json").read_text())
-    assert 0 < decision["threshold"] <= 1 and decision["temperature"] > 0 and "Youden" in decision["threshold_rule"]
+    assert decision["temperature"] == fit_temperature(logits, labels, "binary") and decision["positive_class"] == "pneumonia"
+    threshold, rule = choose_threshold(labels, calibrated(logits, "binary", decision["temperature"])[:, 1])
+    assert (decision["threshold"], decision["threshold_rule"]) == (threshold, rule) and "Youden" in rule
     card = (out / "model_card.md").read_text()
     for section in ("## Data and splits", "## Test metrics", "## Decision threshold", "## Calibration",
                     "## Confusion matrices", "## Intended use and limits", "ECE before"):
         assert section in card
     assert "[" in card.split("## Test metrics")[1] and "(equal)" in card
+    assert "0 of 624 test predictions flip" in card  # a float32 trial: the exported model is its own arithmetic
     from safetensors.torch import load_file
 
     weights = load_file(out / "model.safetensors")
@@ -103,14 +167,50 @@ def test_export_writes_weights_torchscript_preprocessing_decision_and_card(expor
 
 
 @integration
-def test_torchscript_reproduces_the_logged_test_metrics(search, exported):
+def test_exported_model_and_torchscript_reproduce_the_logged_test_metrics(search, exported):
     out, _ = exported
-    module = torch.jit.load(str(out / "model.ts"))
     test = load_dataset("pneumoniamnist", image_size=28, data_root=str(search.data_root)).test
-    logits, labels = predict_logits(module, eval_loader(test, 512, torch.device("cpu")), torch.device("cpu"))
-    metrics = classification_metrics("binary", labels, probabilities("binary", logits))
-    assert metrics["acc"] == search.winner.data.metrics["test_acc"]
-    assert abs(metrics["auc"] - search.winner.data.metrics["test_auc"]) <= 1e-6
+    shipped, labels = predict_logits(load_model(out), eval_loader(test, 512, CPU), CPU)
+    traced, _ = predict_logits(torch.jit.load(str(out / "model.ts")), eval_loader(test, 512, CPU), CPU)
+    for logits in (shipped, traced):
+        metrics = classification_metrics("binary", labels, probabilities("binary", logits))
+        assert metrics["acc"] == search.winner.data.metrics["test_acc"]
+        assert abs(metrics["auc"] - search.winner.data.metrics["test_auc"]) <= 1e-6
+    reproduced = json.loads((out / "metrics.json").read_text())["reproduced"]
+    assert reproduced["exact"] and reproduced["trial"] == reproduced["replayed_on"] == {"device": "cpu", "precision": "fp32"}
+
+
+@integration
+def test_export_of_a_bf16_trial_replays_it_in_bf16_and_reports_the_flips(bf16_search, tmp_path):
+    """A trial evaluated under bf16 autocast (what every GPU trial does) exports with exit 0: its replay in bf16
+    reproduces the logged metrics exactly, and the float32 model's differences from it are counted."""
+    code, stdout, stderr = run_main(export, "--search", "bf16", "--tracking-uri", bf16_search.uri, "--out", tmp_path,
+                                    "--n-resamples", 50)
+    assert code == 0, stdout + stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    reproduced = metrics["reproduced"]
+    assert reproduced["trial"] == reproduced["replayed_on"] == {"device": "cpu", "precision": "bf16"} and reproduced["exact"]
+    logged = bf16_search.winner.data.metrics
+    assert {k: v["replayed"] for k, v in reproduced["metrics"].items()} == {"acc": logged["test_acc"], "auc": logged["test_auc"]}
+    # the flips and differences, recomputed: the exported weights under bf16 autocast vs in float32
+    test = load_dataset("breastmnist", image_size=28, data_root=str(bf16_search.data_root)).test
+    model = load_model(tmp_path)
+    bf16, labels = predict_logits(model, eval_loader(test, 512, CPU), CPU, amp=True)
+    fp32, _ = predict_logits(model, eval_loader(test, 512, CPU), CPU, amp=False)
+    flips = int((predictions("binary", probabilities("binary", bf16))
+                 != predictions("binary", probabilities("binary", fp32))).sum())
+    change = metrics["precision_change"]
+    assert change["flips"] == flips and change["n"] == len(test) == 156
+    assert change["max_abs_logit_difference"] == pytest.approx(float(np.abs(bf16 - fp32).max()))
+    assert change["max_abs_logit_difference"] > 0  # the replay did run in bf16
+    for key in ("acc", "auc"):
+        exported_value = classification_metrics("binary", labels, probabilities("binary", fp32))[key]
+        replayed_value = classification_metrics("binary", labels, probabilities("binary", bf16))[key]
+        assert change["metrics"][key]["replayed"] == replayed_value == logged[f"test_{key}"]
+        assert change["metrics"][key]["exported"] == exported_value == metrics["test"]["argmax"][key]["value"]
+        assert change["metrics"][key]["difference"] == pytest.approx(exported_value - replayed_value)
+    line = f"{flips} of 156 test predictions flip between cpu bf16 and the exported float32 model"
+    assert line in stdout and line in (tmp_path / "model_card.md").read_text()
 
 
 @integration
@@ -128,7 +228,7 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
 
     fit_decision = analysis.export.fit_decision
     monkeypatch.setattr(analysis.export, "fit_decision", spy)
-    code, stdout, stderr = run_main(export, "--search", "tiny", "--tracking-uri", search.uri, "--out", tmp_path,
+    code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
                                     "--n-resamples", 50)
     assert code == 1 and "does not reproduce" in stderr  # the test labels were scrambled, so test scores moved...
     config = json.loads((exported[0] / "config.json").read_text())
@@ -146,10 +246,12 @@ def test_register_puts_a_model_version_in_the_registry(search, tmp_path):
     assert code == 0, stdout + stderr
     versions = search.client.search_model_versions("name='pneumonia-cnn'")
     assert len(versions) == 1 and versions[0].run_id == search.winner.info.run_id
-    assert versions[0].tags["medtune.search"] == "tiny"
+    assert versions[0].tags["medtune.search"] == search.name
     mlflow.set_tracking_uri(search.uri)
     module = mlflow.pytorch.load_model("models:/pneumonia-cnn/1")
-    assert module(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
+    example = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(module(example), load_model(tmp_path)(example))
     decision = json.loads((tmp_path / "decision.json").read_text())
     assert "sensitivity >= 0.95" in decision["threshold_rule"]
 
@@ -159,22 +261,22 @@ def test_register_puts_a_model_version_in_the_registry(search, tmp_path):
 @integration
 def test_a_checkpoint_that_is_not_ours_is_refused_with_one_line(search, tmp_path):
     torch.save({"weights": torch.zeros(2), "args": argparse.Namespace(lr=1)}, tmp_path / "checkpoint.pt")
-    code, stdout, stderr = run_main(export, "--search", "tiny", "--tracking-uri", search.uri, "--out", tmp_path / "x",
+    code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path / "x",
                                     "--checkpoint", tmp_path)
     assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("error: ") and "not a medtune checkpoint" in stderr
     torch.save({"model": {}}, tmp_path / "checkpoint.pt")  # loadable, but no medtune format marker
-    code, _, stderr = run_main(export, "--search", "tiny", "--tracking-uri", search.uri, "--out", tmp_path / "x",
+    code, _, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path / "x",
                                "--checkpoint", tmp_path)
-    assert code == 2 and "format medtune-checkpoint-v1 expected" in stderr and stderr.count("\n") == 1
+    assert code == 2 and f"format {CHECKPOINT_FORMAT} expected" in stderr and stderr.count("\n") == 1
 
 
 @integration
 def test_missing_checkpoint_and_unfinished_search_are_one_line_each(search, tmp_path):
-    code, _, stderr = run_main(export, "--search", "tiny", "--tracking-uri", search.uri, "--out", tmp_path,
+    code, _, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
                                "--checkpoint", tmp_path / "gone")
     assert code == 2 and stderr.startswith("error: No checkpoint at") and stderr.count("\n") == 1
-    experiment = search.parent.info.experiment_id
-    search.client.create_run(experiment, run_name="unfinished", tags={"medtune.role": "search", "medtune.search": "unfinished"})
+    log_search(search.uri, "unfinished", [], {"metric": "val_auc", "mode": "max", "params": {}},
+               {"metric": "val_auc", "mode": "max"}, best_index=None)  # as tune.py leaves a search killed early
     for module in (export, best, report):
         code, _, stderr = run_main(module, "--search", "unfinished", "--tracking-uri", search.uri, "--out", tmp_path) \
             if module is not best else run_main(module, "--search", "unfinished", "--tracking-uri", search.uri)
@@ -196,16 +298,17 @@ def test_predict_prints_label_and_probabilities_for_kermany_jpegs(exported, tmp_
     out, _ = exported
     images = sorted(real_data("chest_xray/test/NORMAL").glob("*.jpeg"))[:2] + \
         sorted(real_data("chest_xray/test/PNEUMONIA").glob("*.jpeg"))[:1]
-    result = subprocess.run([sys.executable, "-m", "analysis.predict", "--model", str(out), *map(str, images)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    code, stdout, stderr = run_main(predict, "--model", out, *images)
+    assert code == 0, stderr
+    lines = stdout.strip().splitlines()
     assert len(lines) == 3
+    threshold = json.loads((out / "decision.json").read_text())["threshold"]
     for line, image in zip(lines, images):
         path, label, probs = line.split("\t")
-        values = dict(item.split("=") for item in probs.split())
-        assert path == str(image) and label in ("normal", "pneumonia") and set(values) == {"normal", "pneumonia"}
-        assert abs(sum(map(float, values.values())) - 1) < 1e-3
+        values = {name: float(p) for name, p in (item.split("=") for item in probs.split())}
+        assert path == str(image) and set(values) == {"normal", "pneumonia"}
+        assert abs(sum(values.values()) - 1) < 1e-3  # printed to 4 decimals
+        assert label == ("pneumonia" if values["pneumonia"] >= threshold else "normal")  # the validation threshold
     (tmp_path / "broken.jpeg").write_bytes(b"\xff\xd8 not really a jpeg")
     code, stdout, stderr = run_main(predict, "--model", out, str(images[0]), str(tmp_path / "broken.jpeg"))
     assert code == 2 and stdout == "" and stderr.count("\n") == 1 and "broken.jpeg" in stderr
@@ -215,25 +318,201 @@ def test_predict_prints_label_and_probabilities_for_kermany_jpegs(exported, tmp_
 
 @integration
 def test_best_lists_top_trials_by_validation_with_test_cis(search):
-    code, stdout, stderr = run_main(best, "--search", "tiny", "--tracking-uri", search.uri, "--n-resamples", 100)
+    code, stdout, stderr = run_main(best, "--search", search.name, "--tracking-uri", search.uri, "--n-resamples", 100)
     assert code == 0, stderr
     header, first, *rest = stdout.splitlines()[1:]
-    assert "best_val_auc" in header and "test_auc" in header
+    assert "best_val_loss" in header and "test_auc" in header  # the shared search minimises validation loss
     assert "*" in first and search.winner.data.tags["medtune.trial_id"] in first  # the winner ranks first
     assert first.count("[") >= 4 and f"{search.winner.data.metrics['test_acc']:.4f}" in first
-    assert len(rest) == 2
+    assert first.split().count(f"{search.winner.data.metrics['test_acc']:.3f}") >= 1  # the re-scored acc = logged
+    completed = [t for t in search.trials if t.data.tags.get("medtune.outcome") == "completed"]
+    assert len(rest) == min(len(completed), 5) - 1
+    scores = [float(line.split()[header.split().index("best_val_loss") + 1]) for line in [first, *rest]]
+    assert scores == sorted(scores)  # min mode: lowest first
 
 
 @integration
 def test_report_writes_tables_importance_and_plots_and_logs_them(search, tmp_path):
-    code, stdout, stderr = run_main(report, "--search", "tiny", "--tracking-uri", search.uri, "--out", tmp_path)
+    code, stdout, stderr = run_main(report, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path)
     assert code == 0, stderr
     assert {"trials.csv", "tables.md", "importance.csv", "importance.png", "metric_vs_params.png"} <= \
         {p.name for p in tmp_path.iterdir()}
     tables = (tmp_path / "tables.md").read_text()
-    assert "fANOVA" in tables and "test_acc by lr" in tables and "fANOVA importance for best_val_auc: lr" in stdout
+    assert "fANOVA" in tables and "test_acc by lr" in tables and "fANOVA importance for best_val_loss" in stdout
     logged = {a.path for a in search.client.list_artifacts(search.parent.info.run_id, "report")}
     assert "report/tables.md" in logged and "report/metric_vs_params.png" in logged
+
+
+# --- multi-class and multi-label winners, GPU trials, min-mode ranking: searches logged by hand --------
+
+TOY = {"dataset": "imagefolder:/toy", "image_size": 16, "model": "simple_cnn", "epochs": 3, "batch_size": 32,
+       "lr": 3e-3, "split_ratio": 0.75, "skip_bad_images": True, "device": "cpu", "precision": "fp32", "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory) -> str:
+    """One MLflow store for the hand-logged searches (creating a sqlite store costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('toy_store') / 'mlflow.db'}"
+
+
+def toy_winner(tmp_path, monkeypatch, task: str, uri: str | None = None, config: dict | None = None,
+               **state_changes) -> argparse.Namespace:
+    """A one-trial search on toy data: real `iterate_epochs` checkpoint and metrics, logged as tune.py does
+    (when `uri` is given); replay's dataset loader answers with the toy data (and records how it was asked)."""
+    data = toy_dataset(task, n_dev=200, n_test=80)
+    *_, last = iterate_epochs(resolve_config(TOY | (config or {})), data)
+    state = {**last.state, **state_changes}
+    save_checkpoint(state, tmp_path / "checkpoint")
+    name = f"toy-{tmp_path.name}"
+    if uri is not None:
+        log_search(uri, name, [{"trial_id": "toy00001", "metrics": last.metrics, "params": {"lr": TOY["lr"]},
+                                "checkpoint": tmp_path / "checkpoint"}],
+                   {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [TOY["lr"]]}}})
+    asked = []
+    monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: asked.append((spec, kwargs)) or data)
+    return argparse.Namespace(uri=uri, name=name, data=data, metrics=last.metrics, state=state, asked=asked)
+
+
+def write_pngs(images: np.ndarray, folder: Path) -> list[Path]:
+    folder.mkdir()
+    paths = [folder / f"{i}.png" for i in range(len(images))]
+    for image, path in zip(images, paths):
+        Image.fromarray(image[..., 0], mode="L").save(path)
+    return paths
+
+
+@pytest.mark.parametrize(("task", "normalize"), [("multiclass", "dataset"), ("multilabel", "mean_image")])
+def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize, tmp_path, monkeypatch, toy_store):
+    """Both also carry a normalisation other than [-1, 1] through export to predict (per channel, per pixel)."""
+    toy = toy_winner(tmp_path, monkeypatch, task, toy_store, {"normalize": normalize})
+    out = tmp_path / "export"
+    code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
+                                    "--n-resamples", 50)
+    assert code == 0, stdout + stderr
+    # replay loaded the trial's images and split: skip_bad_images and split_version come from its config
+    assert toy.asked == [("imagefolder:/toy", {"image_size": 16, "data_root": None, "skip_bad_images": True,
+                                               "split_version": resolve_config({})["split_version"]})]
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = list(toy.data.class_names)
+    assert metrics["test"]["argmax"]["acc"]["value"] == toy.metrics["test_acc"] > 0.6  # learnt, and reproduced
+    assert metrics["test"]["argmax"]["auc"]["value"] == pytest.approx(toy.metrics["test_auc"], abs=1e-12)
+    assert metrics["reproduced"]["exact"] and metrics["reproduced"]["ok"]
+    assert metrics["precision_change"]["flips"] == 0 and metrics["precision_change"]["max_abs_logit_difference"] == 0
+    assert ("label_flips" in metrics["precision_change"]) == (task == "multilabel")
+    assert json.loads((out / "model.json").read_text())["num_classes"] == 3
+    prep = json.loads((out / "preprocessing.json").read_text())
+    assert (prep["task"], prep["class_names"], prep["image_size"], prep["normalize"]) == (task, names, 16, normalize)
+    assert (out / "mean_image.safetensors").exists() == (normalize == "mean_image")
+    decision = json.loads((out / "decision.json").read_text())
+    assert decision["threshold"] is None and decision["temperature"] > 0
+
+    # predict on PNG files of test images: the exported model's calibrated probabilities and labels
+    images = toy.data.test.images[:6]
+    paths = write_pngs(images, tmp_path / "images")
+    code, stdout, stderr = run_main(predict, "--model", out, "--json", *paths)
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    trial_inputs = Normalization.from_meta(toy.state["dataset"])  # as the trial prepared its images
+    assert trial_inputs.name == normalize
+    with torch.no_grad():
+        logits = load_model(out)(trial_inputs(torch.from_numpy(images).permute(0, 3, 1, 2))).numpy()
+    expected = calibrated(logits, task, decision["temperature"])
+    assert np.allclose([[row["probabilities"][n] for n in names] for row in rows], expected, atol=1e-6)
+    chosen = predictions(task, expected)
+    wanted = ["+".join(n for n, on in zip(names, row) if on) or "(none)" for row in chosen] if task == "multilabel" \
+        else [names[i] for i in chosen]
+    assert [row["label"] for row in rows] == wanted
+
+    # predict never executes the folder's TorchScript: garbage or no model.ts, the same answers
+    (out / "model.ts").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
+    assert run_main(predict, "--model", out, "--json", *paths)[1] == stdout
+    (out / "model.ts").unlink()
+    assert run_main(predict, "--model", out, "--json", *paths)[1] == stdout
+    # and builds only what medtune's registry knows
+    spec = json.loads((out / "model.json").read_text())
+    (out / "model.json").write_text(json.dumps({**spec, "name": "os.system"}))
+    code, _, stderr = run_main(predict, "--model", out, *paths)
+    assert code == 2 and "Unknown model 'os.system'" in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the replay of a GPU trial where no GPU is visible")
+def test_a_gpu_bf16_trial_exports_on_a_cpu_within_the_stated_tolerance(tmp_path, monkeypatch, toy_store):
+    """A checkpoint that says cuda + bf16, exported on a machine without a GPU: replayed in CPU bf16 autocast,
+    compared within the stated tolerance (not exactly), and the export goes through."""
+    toy = toy_winner(tmp_path, monkeypatch, "multiclass", toy_store, device="cuda", precision="bf16")
+    code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", tmp_path / "out",
+                                    "--n-resamples", 20)
+    assert code == 0, stdout + stderr
+    reproduced = json.loads((tmp_path / "out" / "metrics.json").read_text())["reproduced"]
+    assert reproduced["trial"] == {"device": "cuda", "precision": "bf16"}
+    assert reproduced["replayed_on"] == {"device": "cpu", "precision": "bf16"} and not reproduced["exact"]
+    assert {k: v["tolerance"] for k, v in reproduced["metrics"].items()} == {"acc": 2 / 80, "auc": 0.005}
+    assert "match within" in stdout and "trial: cuda bf16" in stdout
+
+
+def test_replay_refuses_a_checkpoint_without_the_best_weights(monkeypatch):
+    data, config = toy_dataset("multiclass"), resolve_config(TOY)
+    monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)
+    weights = build_model(config, data).state_dict()
+    final = {"config": config, "epoch": 3, "best_epoch": 2, "final": True, "model": weights}  # final: the best weights
+    assert torch.equal(replay(final).model.state_dict()["head.1.weight"], weights["head.1.weight"])
+    with pytest.raises(UserError, match="does not hold the best-validation weights"):
+        replay({**final, "final": False})  # epoch 3's weights only: never used in place of epoch 2's
+
+
+def test_precision_change_counts_flipped_predictions_and_metric_moves():
+    setting = analysis.replay.Setting("cuda", "bf16")
+    binary = argparse.Namespace(dataset=argparse.Namespace(task="binary", class_names=("no", "yes")),
+                                replayed=setting, fp32_is_trial=False)
+    labels = np.array([0, 1, 1, 0])
+    trial = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    exported = np.array([[0.0, -1.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.0]])  # images 0 and 2 change class
+    change = analysis.export.precision_change(trial, exported, labels, binary, {"test_acc": 0.5})
+    assert (change["flips"], change["flipped_test_indices"], change["n"]) == (2, [0, 2], 4)
+    assert change["metrics"]["acc"] == {"exported": 1.0, "replayed": 0.5, "logged": 0.5, "difference": 0.5}
+    assert change["max_abs_logit_difference"] == 2.0 and change["from"] == "cuda bf16" and "label_flips" not in change
+    multilabel = argparse.Namespace(dataset=argparse.Namespace(task="multilabel", class_names=("a", "b", "c")),
+                                    replayed=setting, fp32_is_trial=False)
+    trial = np.array([[1.0, 1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 1.0]])
+    exported = np.array([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 1.0]])  # image 0: two labels flip
+    change = analysis.export.precision_change(trial, exported, np.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]]), multilabel, {})
+    assert (change["flips"], change["label_flips"], change["flipped_test_indices"]) == (1, 2, [0])
+    assert "1 of 3 test predictions flip (2 label decisions) between cuda bf16" in analysis.export._change_text(change)
+
+
+def test_a_min_mode_search_ranks_the_lowest_score_first(monkeypatch, toy_store):
+    uri = toy_store
+    losses = {"trial_a": 0.30, "trial_b": 0.10, "trial_c": 0.20}
+    trials = [{"trial_id": t, "metrics": {"best_val_loss": v, "test_acc": 0.9 - v}, "params": {"lr": v / 10}}
+              for t, v in losses.items()]
+    space = {"metric": "val_loss", "mode": "min", "params": {"lr": {"choice": [0.01, 0.02, 0.03]}}}
+    log_search(uri, "lossy", trials, space, {"metric": "val_loss", "mode": "min"}, best_index=1)
+    log_search(uri, "lossy-no-yaml", trials, None, {"metric": "val_loss", "mode": "min"}, best_index=1)
+
+    def order(search):
+        code, stdout, stderr = run_main(best, "--search", search, "--tracking-uri", uri, "--no-ci")
+        assert code == 0, stderr
+        return [line.split()[1] for line in stdout.splitlines()[2:]]
+
+    assert order("lossy") == order("lossy-no-yaml") == ["trial_b", "trial_c", "trial_a"]  # best_val_loss ascending
+    assert "trial_b *" in run_main(best, "--search", "lossy", "--tracking-uri", uri, "--no-ci")[1]
+
+    # without the space file and without a logged mode, the direction is unknown: an error, never a guess
+    log_search(uri, "no-mode", trials, None, {"metric": "val_loss"}, best_index=1)
+    code, _, stderr = run_main(best, "--search", "no-mode", "--tracking-uri", uri, "--no-ci")
+    assert code == 2 and "no metric/mode params" in stderr and stderr.count("\n") == 1
+    parent = log_search(uri, "damaged", trials, None, {"metric": "val_loss", "mode": "min"}, best_index=1)
+    mlflow.MlflowClient(uri).log_text(parent, "metric: [val_loss\nmode: min", "search_space.yaml")
+    code, _, stderr = run_main(best, "--search", "damaged", "--tracking-uri", uri, "--no-ci")
+    assert code == 2 and "not valid YAML" in stderr and stderr.count("\n") == 1
+
+    # an artifact store that fails (not "no such artifact") is an error naming its cause, chained
+    client = runs.connect(uri)
+    failure = OSError("connection reset by peer")
+    monkeypatch.setattr(client, "download_artifacts", lambda *a, **k: (_ for _ in ()).throw(failure))
+    with pytest.raises(UserError, match="connection reset by peer") as caught:
+        runs.search_space(client, runs.get_search(client, "lossy"))
+    assert caught.value.__cause__ is failure
 
 
 # --- the statistics, on known cases ------------------------------------------------------------------

@@ -65,3 +65,53 @@ def test_pretrained_without_file_or_hub_fails_fast_with_the_fix(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", unreachable)
     with pytest.raises(UserError, match="hub is unreachable.*pretrained_path=<file>"):
         create_model("resnet18", num_classes=2, in_chans=1, img_size=28, pretrained=True)
+
+
+def test_efficientnet_takes_the_study_stochastic_depth():
+    from timm.layers import DropPath
+
+    rates = lambda model: [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]  # noqa: E731
+    model = create_model("efficientnet_b0", num_classes=2, in_chans=1, img_size=32, drop_path_rate=0.06)
+    assert rates(model) and max(rates(model)) == pytest.approx(0.06, abs=0.01)  # timm ramps it up with depth
+    assert not rates(create_model("efficientnet_b0", num_classes=2, in_chans=1, img_size=32))
+
+
+def test_vit_takes_attention_dropout():
+    vit = create_model("vit_small_patch8", num_classes=2, in_chans=1, img_size=32, attn_drop_rate=0.3)
+    assert vit.blocks[0].attn.attn_drop.p == 0.3
+    assert create_model("vit_small_patch8", num_classes=2, in_chans=1, img_size=32).blocks[0].attn.attn_drop.p == 0.0
+
+
+@pytest.mark.parametrize("name, key", [("densenet121", "drop_path_rate"), ("resnet18", "attn_drop_rate"),
+                                       ("vgg_like", "drop_path_rate")])
+def test_a_regularisation_key_the_model_lacks_is_refused(name, key):
+    with pytest.raises(UserError, match=f"Model {name} has no {key}"):
+        create_model(name, num_classes=2, in_chans=1, img_size=32, **{key: 0.1})
+
+
+def test_vgg_like_without_dropout_when_asked():
+    dropouts = lambda model: [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]  # noqa: E731
+    assert [d.p for d in dropouts(create_model("vgg_like", num_classes=2, in_chans=1, img_size=32))] == [0.5]
+    plain = create_model("vgg_like", num_classes=2, in_chans=1, img_size=32, drop_rate=0.0)
+    assert not dropouts(plain)
+    # the same state-dict keys either way: an exported model loads whatever its drop_rate
+    assert plain.state_dict().keys() == create_model("vgg_like", num_classes=2, in_chans=1, img_size=32).state_dict().keys()
+
+
+def test_model_costs_count_parameters_and_flops():
+    from trainables.models import model_costs
+
+    model = create_model("simple_cnn", num_classes=2, in_chans=1, img_size=16, freeze_backbone=True)
+    costs = model_costs(model, in_chans=1, img_size=16)
+    assert costs["params_total"] == (1 * 9 + 1) * 32 + (32 * 9 + 1) * 64 + (1024 + 1) * 2
+    assert costs["params_trainable"] == (1024 + 1) * 2
+    # multiply-adds x 2: conv 1->32 at 16x16, conv 32->64 at 8x8, linear 1024->2
+    assert costs["flops_per_image"] == 2 * (16 * 16 * 32 * 9 + 8 * 8 * 64 * 32 * 9 + 1024 * 2)
+
+
+def test_weights_statistics_are_the_pretrained_cfg_averaged_for_grey():
+    from trainables.models import weights_statistics
+
+    assert weights_statistics("resnet18", 3) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    mean, std = weights_statistics("resnet18", 1)
+    assert mean == pytest.approx([(0.485 + 0.456 + 0.406) / 3]) and std == pytest.approx([(0.229 + 0.224 + 0.225) / 3])

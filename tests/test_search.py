@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from search_spaces.state import read_state
+from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -73,7 +74,9 @@ def test_completed_trials_hold_curves_test_metrics_and_plots_on_the_server(share
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
         assert "test_auc" in run.data.metrics and "lr" in run.data.params
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json"} <= artifacts
+        assert set(TRIAL_ARTIFACTS) <= artifacts  # incl. misclassified test images, augmented training images
+        assert run.data.metrics["params_total"] == run.data.metrics["params_trainable"] > 0
+        assert run.data.metrics["flops_per_image"] > 0 and "train_auc" in run.data.metrics
     local = client.download_artifacts(shared_search.winner.info.run_id, "roc_curve.png", str(shared_search.tmp))
     assert Path(local).read_bytes()[:4] == b"\x89PNG"  # proxied through the server
 

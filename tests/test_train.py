@@ -3,6 +3,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -209,3 +210,153 @@ def test_resnet18_on_real_pneumoniamnist(medmnist_root):
     final = train({"model": "resnet18", "epochs": 2, "seed": 0}, data=data)
     assert final["val_auc"] > 0.95
     assert final["test_auc"] > 0.85
+
+
+def test_constant_schedule_with_warmup_ramps_then_stays_flat():
+    model = torch.nn.Linear(2, 2)
+    config = loop.resolve_config({"lr": 0.1, "epochs": 10, "warmup_frac": 0.2, "schedule": "constant"})
+    optimizer = loop.build_optimizer(config, model)
+    schedule = loop.build_schedule(config, optimizer, steps_per_epoch=10)
+    lrs = []
+    for step in range(100):
+        schedule.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.1 * 1e-3) and lrs[10] == pytest.approx(0.1 * 1e-3 + 10 * (0.1 - 1e-4) / 20)
+    assert all(b > a for a, b in zip(lrs[:21], lrs[1:21]))  # linear warm-up over 20 % of the steps
+    assert lrs[20:] == pytest.approx([0.1] * 80)  # then the peak rate to the end
+    no_warmup = loop.resolve_config({"lr": 0.1, "schedule": "constant"})
+    assert loop.build_schedule(no_warmup, optimizer, steps_per_epoch=10) is None
+
+
+@pytest.fixture(scope="module")
+def one_epoch():
+    """(the toy binary data, its 1-epoch trial counting the model's forward batch sizes), run once for several tests."""
+    from conftest import toy_dataset
+
+    data, forwards = toy_dataset(), []
+    real_build = loop.build_model
+
+    def counting_build(config, dataset):
+        model = real_build(config, dataset)
+        model.register_forward_hook(lambda module, args, out: forwards.append(len(args[0])))
+        return model
+
+    loop.build_model = counting_build
+    try:
+        (epoch,) = iterate_epochs({**FAST, "epochs": 1}, data)
+    finally:
+        loop.build_model = real_build
+    return data, epoch, forwards
+
+
+def test_train_metrics_come_from_the_training_pass_itself(one_epoch):
+    data, epoch, forwards = one_epoch
+    n_train, n_val = int((~data.official_val).sum()), int(data.official_val.sum())
+    # one image for the FLOP count, the training pass (drop_last), one validation and one test batch: no extra pass
+    assert forwards == [1] + [32] * (n_train // 32) + [n_val, len(data.test)]
+    assert 0 <= epoch.metrics["train_acc"] <= 1 and 0 <= epoch.metrics["train_auc"] <= 1
+
+
+def test_trial_reports_its_parameter_count_and_flops_from_the_first_epoch(one_epoch):
+    metrics = one_epoch[1].metrics
+    assert metrics["params_total"] == metrics["params_trainable"] == 1 * 9 * 32 + 32 + 32 * 9 * 64 + 64 + 1024 * 2 + 2
+    assert metrics["flops_per_image"] == 2 * (16 * 16 * 32 * 9 + 8 * 8 * 64 * 32 * 9 + 1024 * 2)
+
+
+def test_binary_trials_report_the_positive_class_precision_recall_f1(one_epoch):
+    from trainables.metrics import classification_metrics
+
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.7, 0.9, 0.8, 0.4, 0.3, 0.95])  # TP=3 FN=2 FP=2 TN=1
+    m = classification_metrics("binary", y, np.c_[1 - p1, p1])
+    assert (m["precision_pos"], m["recall_pos"], m["f1_pos"]) == pytest.approx((3 / 5, 3 / 5, 3 / 5))
+    m = classification_metrics("binary", y, np.c_[1 - p1, p1], threshold=0.85)  # TP=2 FN=3 FP=0
+    assert (m["precision_pos"], m["recall_pos"], m["f1_pos"]) == pytest.approx((1.0, 2 / 5, 4 / 7))
+    assert {"val_precision_pos", "val_recall_pos", "val_f1_pos", "test_precision_pos", "test_f1_pos"} <= set(one_epoch[1].metrics)
+    assert "precision_pos" not in classification_metrics("multiclass", np.array([0, 1, 2]), np.eye(3))
+
+
+def test_normalisation_statistics_come_from_the_training_split_and_travel_in_the_checkpoint(toy, one_epoch):
+    from trainables.normalization import Normalization
+
+    data = toy()
+    train_images = data.dev.images[~data.official_val] / 255.0
+    final = list(iterate_epochs({**FAST, "epochs": 1, "normalize": "dataset"}, data))[-1].state["dataset"]
+    assert final["normalize"] == "dataset"
+    assert final["mean"] == pytest.approx([train_images.mean()]) and final["std"] == pytest.approx([train_images.std()])
+    assert final["mean"] != pytest.approx([(data.dev.images / 255.0).mean()], abs=1e-6)  # validation left out
+    half = one_epoch[1].state["dataset"]  # auto, from scratch: half
+    assert (half["normalize"], half["mean"], half["std"]) == ("half", [0.5], [0.5])
+    image = torch.from_numpy(data.test.images[:3]).permute(0, 3, 1, 2)
+    assert torch.allclose(Normalization.from_meta(half)(image), loop.normalise(image))  # as before `normalize`
+
+
+def test_mean_image_normalisation_subtracts_the_mean_training_image(toy):
+    from trainables.normalization import Normalization, resolve_normalization
+
+    data = toy()
+    norm = resolve_normalization("mean_image", model="simple_cnn", pretrained=False, train_images=data.dev.images)
+    assert norm.mean.shape == (1, 16, 16)  # per pixel
+    batch = norm(torch.from_numpy(data.dev.images).permute(0, 3, 1, 2))
+    assert batch.mean(dim=0).abs().max() < 1e-4 and batch.std().item() == pytest.approx(1.0, rel=0.01)
+    back = Normalization.from_meta(norm.as_meta())
+    assert back.name == "mean_image" and torch.equal(back.mean, norm.mean) and torch.equal(back.std, norm.std)
+
+
+def test_imagenet_and_pretrained_normalisation(toy):
+    from trainables.normalization import resolve_normalization
+
+    grey, rgb = np.zeros((2, 4, 4, 1), np.uint8), np.zeros((2, 4, 4, 3), np.uint8)
+    imagenet = resolve_normalization("imagenet", model="resnet18", pretrained=False, train_images=grey).as_meta()
+    assert imagenet["mean"] == pytest.approx([0.449]) and imagenet["std"] == pytest.approx([0.226])
+    assert resolve_normalization("imagenet", model="resnet18", pretrained=False,
+                                 train_images=rgb).as_meta()["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    weights = resolve_normalization("auto", model="resnet18", pretrained=True, train_images=grey).as_meta()
+    assert weights["normalize"] == "weights" and weights["mean"] == pytest.approx([0.449])
+
+
+def test_undersampling_shortens_the_epoch_to_balanced_draws(toy, monkeypatch):
+    data, steps = toy(), []
+    monkeypatch.setattr(loop, "build_schedule", lambda config, optimizer, n: steps.append(n))  # steps per epoch
+    list(iterate_epochs({**FAST, "epochs": 1, "sampling": "undersample", "batch_size": 8}, data))
+    train_labels = data.dev.labels[~data.official_val]
+    assert steps == [2 * np.bincount(train_labels).min() // 8] and steps[0] < len(train_labels) // 8
+
+
+def test_finished_trial_writes_the_study_figures_into_its_checkpoint(toy, monkeypatch, tmp_path):
+    import json
+
+    from ray import tune
+
+    from trainables import ray_trainable
+    from trainables.figures import ARTIFACTS
+
+    written = []
+
+    def report(metrics, checkpoint):
+        with checkpoint.as_directory() as directory:
+            written.append({p.name: p.read_bytes() for p in __import__("pathlib").Path(directory).iterdir()})
+
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", report)
+    data = toy("multilabel")
+    config = {**FAST, "epochs": 2, "dataset": "pneumoniamnist", "minority_aug_pct": 50, "augment": "hflip"}
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(loop.resolve_config(config)): data})
+    assert set(written[0]) == {"checkpoint.pt"} and set(ARTIFACTS) | {"checkpoint.pt"} == set(written[-1])
+    counts = json.loads(written[-1]["class_distribution.json"])
+    assert counts["test"] == {"x": int(data.test.labels[:, 0].sum()), "y": int(data.test.labels[:, 1].sum()),
+                              "z": int(data.test.labels[:, 2].sum()), "(no label)": int((data.test.labels.sum(1) == 0).sum())}
+    assert sum(counts["train_with_copies"].values()) > sum(counts["train"].values())
+    assert all(written[-1][name][:4] == b"\x89PNG" for name in ARTIFACTS if name.endswith(".png"))
+
+
+def test_the_trial_builds_its_model_with_the_regularisation_keys(toy):
+    from timm.layers import DropPath
+
+    data = toy()
+    model = loop.build_model(loop.resolve_config({"model": "efficientnet_b0", "drop_path_rate": 0.06}), data)
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.06, abs=0.01)
+    vit = loop.build_model(loop.resolve_config({"model": "vit_small_patch8", "attn_drop_rate": 0.3, "image_size": 16}), data)
+    assert vit.blocks[0].attn.attn_drop.p == 0.3
+    vgg = loop.build_model(loop.resolve_config({"model": "vgg_like", "drop_rate": 0.0}), data)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in vgg.modules())

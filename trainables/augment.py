@@ -1,12 +1,19 @@
 """Training-split augmentation from config, with torchvision v2, applied per sample.
 
-Names (joined with "+"): hflip, rotation, jitter, blur, noise, invert, autoaugment_imagenet,
-autoaugment_cifar10, autoaugment_svhn; "none" for no augmentation.
+Names (joined with "+"): hflip, rotation, jitter, blur, noise, invert, shift, crop, autoaugment_imagenet,
+autoaugment_cifar10, autoaugment_svhn; "none" for no augmentation. Their keys (trainables/config.py):
+- rotation: +-rotation_degrees, then a centre crop (rotation_crop of the side, or automatic) resized back
+- jitter: brightness/contrast +-jitter; on RGB images also jitter_saturation and jitter_hue (grey images have
+  neither: a one-line warning says so)
+- blur: kernel blur_kernel x blur_kernel, sigma drawn in [blur_sigma_min, blur_sigma]
+- shift: translation up to shift_frac of the side; crop: random resized crop of crop_scale..1 of the area
 Minority-class augmentation (the ResNet-D study) adds X % extra copies of each minority class,
 each copy transformed by one of: rotation with centre crop, inversion, Gaussian blur, Gaussian noise.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -14,7 +21,7 @@ from torchvision.transforms import v2
 
 from .errors import UserError
 
-AUGMENTATIONS = ("hflip", "rotation", "jitter", "blur", "noise", "invert",
+AUGMENTATIONS = ("hflip", "rotation", "jitter", "blur", "noise", "invert", "shift", "crop",
                  "autoaugment_imagenet", "autoaugment_cifar10", "autoaugment_svhn")
 _POLICIES = {"imagenet": v2.AutoAugmentPolicy.IMAGENET, "cifar10": v2.AutoAugmentPolicy.CIFAR10,
              "svhn": v2.AutoAugmentPolicy.SVHN}
@@ -28,21 +35,43 @@ def parse_augment(spec: str) -> list[str]:
     return names
 
 
-def _rotate_and_centre_crop(degrees: float, size: int) -> v2.Transform:
-    """Rotate, then crop the centre so no black corners reach the model, then restore the size."""
-    crop = max(1, int(round(size / (1 + np.sin(np.radians(min(degrees, 45))) * 0.75))))
+def _rotate_and_centre_crop(degrees: float, size: int, crop_frac: float | None = None) -> v2.Transform:
+    """Rotate, then crop the centre (`crop_frac` of the side, e.g. 210/224; None: enough that no black corners
+    reach the model), then restore the size."""
+    if crop_frac is None:
+        crop = max(1, int(round(size / (1 + np.sin(np.radians(min(degrees, 45))) * 0.75))))
+    else:
+        crop = max(1, int(round(size * crop_frac)))
     return v2.Compose([v2.RandomRotation(degrees), v2.CenterCrop(crop), v2.Resize(size, antialias=True)])
 
 
-def _op(name: str, config: dict, size: int) -> v2.Transform:
+def _blur(config: dict) -> v2.Transform:
+    return v2.GaussianBlur(kernel_size=int(config["blur_kernel"]),
+                           sigma=(float(config["blur_sigma_min"]), float(config["blur_sigma"])))
+
+
+def _jitter(config: dict, channels: int) -> v2.Transform:
+    colour = {"saturation": config["jitter_saturation"], "hue": config["jitter_hue"]}
+    if channels != 3 and any(colour.values()):
+        warnings.warn(f"jitter on {channels}-channel images: only brightness and contrast apply "
+                      "(jitter_saturation and jitter_hue need RGB)", UserWarning, stacklevel=3)
+    return v2.ColorJitter(brightness=config["jitter"], contrast=config["jitter"],
+                          **(colour if channels == 3 else {}))
+
+
+def _op(name: str, config: dict, size: int, channels: int) -> v2.Transform:
     if name == "hflip":
         return v2.RandomHorizontalFlip()
     if name == "rotation":
-        return _rotate_and_centre_crop(float(config["rotation_degrees"]), size)
+        return _rotate_and_centre_crop(float(config["rotation_degrees"]), size, config["rotation_crop"])
     if name == "jitter":
-        return v2.ColorJitter(brightness=config["jitter"], contrast=config["jitter"])
+        return _jitter(config, channels)
     if name == "blur":
-        return v2.GaussianBlur(kernel_size=3, sigma=(0.1, float(config["blur_sigma"])))
+        return _blur(config)
+    if name == "shift":
+        return v2.RandomAffine(degrees=0.0, translate=(config["shift_frac"], config["shift_frac"]))
+    if name == "crop":
+        return v2.RandomResizedCrop(size, scale=(config["crop_scale"], 1.0), antialias=True)
     if name == "noise":
         return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.GaussianNoise(sigma=float(config["noise_std"])),
                            v2.ToDtype(torch.uint8, scale=True)])
@@ -51,19 +80,19 @@ def _op(name: str, config: dict, size: int) -> v2.Transform:
     return v2.AutoAugment(_POLICIES[name.removeprefix("autoaugment_")])
 
 
-def build_train_transform(config: dict, size: int) -> v2.Transform | None:
+def build_train_transform(config: dict, size: int, channels: int) -> v2.Transform | None:
     """The per-sample uint8 CHW -> uint8 CHW transform for every training image, or None."""
     names = parse_augment(config["augment"])
-    return v2.Compose([_op(name, config, size) for name in names]) if names else None
+    return v2.Compose([_op(name, config, size, channels) for name in names]) if names else None
 
 
-def build_minority_transform(config: dict, size: int) -> v2.Transform:
+def build_minority_transform(config: dict, size: int, channels: int) -> v2.Transform:
     """One of the study's four transforms, drawn per copy."""
     return v2.RandomChoice([
-        _rotate_and_centre_crop(float(config["rotation_degrees"]) or 15.0, size),
+        _rotate_and_centre_crop(float(config["rotation_degrees"]) or 15.0, size, config["rotation_crop"]),
         v2.RandomInvert(p=1.0),
-        v2.GaussianBlur(kernel_size=3, sigma=(0.1, float(config["blur_sigma"]))),
-        _op("noise", config, size),
+        _blur(config),
+        _op("noise", config, size, channels),
     ])
 
 
@@ -74,7 +103,7 @@ def minority_copies(labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
     """
     if pct <= 0:
         return np.empty(0, dtype=np.int64)
-    classes = _rarest_label(labels) if labels.ndim == 2 else labels
+    classes = balance_groups(labels)
     values, counts = np.unique(classes, return_counts=True)
     rng = np.random.default_rng(seed)
     extra = []
@@ -83,6 +112,11 @@ def minority_copies(labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
             members = np.flatnonzero(classes == value)
             extra.append(rng.choice(members, size=int(round(count * pct / 100)), replace=True))
     return np.concatenate(extra).astype(np.int64) if extra else np.empty(0, dtype=np.int64)
+
+
+def balance_groups(labels: np.ndarray) -> np.ndarray:
+    """One group per sample for class balancing: its class; multi-label: its rarest positive label (-1: none)."""
+    return _rarest_label(labels) if labels.ndim == 2 else labels
 
 
 def _rarest_label(labels: np.ndarray) -> np.ndarray:

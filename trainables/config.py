@@ -32,16 +32,29 @@ class TrialConfig(BaseModel):
     pretrained: bool = False  # start from ImageNet weights (needs `pretrained_path` offline)
     pretrained_path: str | None = None  # local weights file (.pth / .safetensors) for `pretrained`
     freeze_backbone: bool = False  # train the classifier head only
-    drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # classifier dropout; None keeps the model's default
+    drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # classifier dropout (0: none); None keeps the model's default
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)  # stochastic depth (timm ResNets, EfficientNet, ViT)
+    attn_drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # attention dropout (ViT only); None: the model's default
+    # auto: half ([-1, 1]) from scratch, the weights' own mean/std when pretrained; see trainables/normalization.py
+    normalize: Literal["auto", "half", "dataset", "imagenet", "mean_image"] = "auto"
     # --- augmentation (training split only) ---
     augment: str = "none"  # "+"-joined names, e.g. "hflip+rotation+jitter", or "autoaugment_imagenet"
     rotation_degrees: float = Field(15.0, ge=0.0, le=180.0)  # for "rotation"
+    rotation_crop: float | None = Field(None, gt=0.0, le=1.0)  # centre crop after rotation (side fraction, 210/224); None: auto
     jitter: float = Field(0.2, ge=0.0, le=1.0)  # brightness/contrast strength for "jitter"
-    blur_sigma: float = Field(1.0, gt=0.0)  # upper sigma for "blur"
+    jitter_saturation: float = Field(0.0, ge=0.0, le=1.0)  # saturation strength for "jitter" (RGB images only)
+    jitter_hue: float = Field(0.0, ge=0.0, le=0.5)  # hue shift for "jitter" (RGB images only)
+    blur_sigma_min: float = Field(0.1, gt=0.0)  # lower sigma for "blur" (the ResNet-D study: 4 or 6)
+    blur_sigma: float = Field(1.0, gt=0.0)  # upper sigma for "blur" (the ResNet-D study: 5 or 8)
+    blur_kernel: int = Field(3, ge=3, le=31)  # odd kernel side for "blur"
+    shift_frac: float = Field(0.1, ge=0.0, le=0.5)  # largest translation for "shift", fraction of the side
+    crop_scale: float = Field(0.8, gt=0.0, le=1.0)  # smallest area kept by "crop" (random resized crop)
     noise_std: float = Field(0.05, ge=0.0)  # std (on the 0-1 scale) for "noise"
     minority_aug_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra augmented copies
+    sampling: Literal["none", "oversample", "undersample"] = "none"  # class-balanced draws (multi-label: rarest positive label)
     # --- loss ---
-    loss_weighting: Literal["none", "inverse", "effective"] = "none"  # multi-label: positive weights per label
+    # inverse / effective: from the training labels (multi-label: positive weights per label); wcel: per-batch betas
+    loss_weighting: Literal["none", "inverse", "effective", "wcel"] = "none"
     effective_beta: float = Field(0.999, gt=0.0, lt=1.0)  # beta of the effective-number weighting
     # --- optimisation ---
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -50,8 +63,8 @@ class TrialConfig(BaseModel):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     batch_size: int = Field(128, ge=1)
     epochs: int = Field(3, ge=1)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"  # cosine = linear warm-up then cosine
-    warmup_frac: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of all steps spent in linear warm-up (cosine)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # cosine = linear warm-up then cosine; constant = warm-up then flat
+    warmup_frac: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of all steps spent in linear warm-up (cosine, constant)
     step_milestones: list[float] = [0.5, 0.75]  # step schedule: fractions of the epochs where lr *= step_gamma
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     # --- selection (validation only; the test split never chooses anything) ---
@@ -101,11 +114,26 @@ class TrialConfig(BaseModel):
             raise ValueError(f"step_milestones {value} must be fractions of the epochs in (0, 1], e.g. [0.5, 0.75]")
         return value
 
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"blur_kernel {value} must be odd, e.g. 3")
+        return value
+
     @model_validator(mode="after")
     def _model_fits_images(self) -> TrialConfig:
-        from .models import check_model_name
+        from .models import check_model_name, check_model_options
 
         check_model_name(self.model, self.image_size)
+        check_model_options(self.model, drop_path_rate=self.drop_path_rate, attn_drop_rate=self.attn_drop_rate)
+        return self
+
+    @model_validator(mode="after")
+    def _blur_range(self) -> TrialConfig:
+        if self.blur_sigma_min > self.blur_sigma:
+            raise ValueError(f"blur_sigma_min {self.blur_sigma_min} is above blur_sigma {self.blur_sigma}; "
+                             "blur draws sigma in [blur_sigma_min, blur_sigma]")
         return self
 
 

@@ -1,4 +1,5 @@
-"""The per-trial report files: confusion matrix, ROC curve, learning curves, classification report.
+"""The per-trial report files: confusion matrix, ROC curve, learning curves, classification report, and the
+study figures: misclassified test images, augmented training images, class distribution per split.
 
 Written next to the final checkpoint, so they travel with it to shared storage and the driver can log
 them to MLflow without the worker ever talking to the tracking server.
@@ -13,13 +14,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report  # noqa: E402
 
 from .metrics import confusion, predictions  # noqa: E402
 
-ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
+REPORT_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
+STUDY_ARTIFACTS = ("misclassified_test.png", "augmented_train.png", "class_distribution.png", "class_distribution.json")
+ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS  # every file a finished trial's checkpoint folder holds besides the weights
+GRID = 16  # images per grid
 
 
 def write_trial_figures(directory: str | Path, task: str, class_names, labels: np.ndarray, probs: np.ndarray,
@@ -27,7 +31,7 @@ def write_trial_figures(directory: str | Path, task: str, class_names, labels: n
     """Write the four report files for `split` into `directory`; returns their paths."""
     directory = Path(directory)
     names = list(class_names)
-    paths = [directory / name for name in ARTIFACTS]
+    paths = [directory / name for name in REPORT_ARTIFACTS]
     _confusion_figure(task, names, labels, probs, split).savefig(paths[0], dpi=110, bbox_inches="tight")
     _roc_figure(task, names, labels, probs, split).savefig(paths[1], dpi=110, bbox_inches="tight")
     _learning_curves(history).savefig(paths[2], dpi=110, bbox_inches="tight")
@@ -87,5 +91,87 @@ def _learning_curves(history):
     auc_ax.legend()
     for ax in (loss_ax, auc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def write_study_figures(directory: str | Path, task: str, class_names, *, test_images: np.ndarray,
+                        test_labels: np.ndarray, test_probs: np.ndarray, train_examples: dict,
+                        split_labels: dict[str, np.ndarray]) -> list[Path]:
+    """Write the four study files (STUDY_ARTIFACTS) into `directory`; returns their paths.
+
+    `train_examples`: {"images": (N, H, W, C) uint8 after augmentation, "labels", "copy": bool per image};
+    `split_labels`: {split name: labels}, e.g. train, train_with_copies, val, test."""
+    directory = Path(directory)
+    names = list(class_names)
+    paths = [directory / name for name in STUDY_ARTIFACTS]
+    _misclassified_grid(task, names, test_images, test_labels, test_probs).savefig(paths[0], dpi=110, bbox_inches="tight")
+    titles = [("copy: " if copy else "") + _label_text(task, names, label)
+              for label, copy in zip(train_examples["labels"], train_examples["copy"])]
+    _grid(train_examples["images"], titles, "Training images after augmentation (copy: minority copy)",
+          "no training images").savefig(paths[1], dpi=110, bbox_inches="tight")
+    counts = class_distribution(task, names, split_labels)
+    _distribution_figure(counts).savefig(paths[2], dpi=110, bbox_inches="tight")
+    plt.close("all")
+    paths[3].write_text(json.dumps(counts, indent=2))
+    return paths
+
+
+def class_distribution(task: str, class_names: list[str], split_labels: dict[str, np.ndarray]) -> dict:
+    """{split: {class: count}}; multi-label: positives per label plus "(no label)" (images without any)."""
+    counts = {}
+    for split, labels in split_labels.items():
+        labels = np.asarray(labels)
+        if task == "multilabel":
+            per = {name: int(labels[:, k].sum()) for k, name in enumerate(class_names)}
+            counts[split] = {**per, "(no label)": int((labels.sum(axis=1) == 0).sum())}
+        else:
+            counts[split] = {name: int((labels == k).sum()) for k, name in enumerate(class_names)}
+    return counts
+
+
+def _label_text(task: str, names: list[str], label) -> str:
+    if task == "multilabel":
+        return "+".join(names[k] for k in np.flatnonzero(label)) or "(none)"
+    return names[int(label)]
+
+
+def _misclassified_grid(task, names, images, labels, probs):
+    predicted = predictions(task, probs)
+    wrong = np.flatnonzero((labels != predicted).any(axis=1) if task == "multilabel" else labels != predicted)
+    shown = wrong[:GRID]
+    titles = [f"true {_label_text(task, names, labels[i])}\npred {_label_text(task, names, predicted[i])}" for i in shown]
+    shown_note = f", the first {len(shown)} shown" if len(shown) < len(wrong) else ""
+    return _grid(images[shown], titles, f"Misclassified test images: {len(wrong)} of {len(labels)}{shown_note}",
+                 "no misclassified test images")
+
+
+def _grid(images: np.ndarray, titles: list[str], title: str, empty: str):
+    columns = max(1, min(len(images), 4))
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, text in zip(axes.flat, images, titles):
+        grey = image.shape[-1] == 1
+        ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0, vmax=255)
+        ax.set_title(text, fontsize=7)
+    if len(images) == 0:
+        axes[0, 0].text(0.5, 0.5, empty, ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _distribution_figure(counts: dict):
+    splits = list(counts)
+    classes = list(next(iter(counts.values()))) if counts else []
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes) * len(splits) / 2 + 3), 4))
+    width = 0.8 / max(len(splits), 1)
+    for k, split in enumerate(splits):
+        ax.bar(np.arange(len(classes)) + k * width, [counts[split][c] for c in classes], width, label=split)
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
+    ax.set(ylabel="images", title="Class distribution per split")
+    ax.legend()
     fig.tight_layout()
     return fig

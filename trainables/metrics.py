@@ -40,8 +40,9 @@ def _specificity(confusions: np.ndarray) -> float:
 
 def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, class_names=None,
                            threshold: float = 0.5) -> dict[str, float]:
-    """accuracy, balanced accuracy, AUC, precision/recall/F1 (macro, micro), specificity; multi-label adds
-    exact match and Hamming loss and per-label AUC."""
+    """accuracy, balanced accuracy, AUC, precision/recall/F1 (macro, micro), specificity; binary adds the positive
+    class's precision/recall/F1 (`precision_pos`, `recall_pos`, `f1_pos`); multi-label adds exact match, Hamming
+    loss and per-label AUC."""
     y_pred = predictions(task, probs, threshold)
     out: dict[str, float] = {}
     with warnings.catch_warnings():
@@ -63,6 +64,9 @@ def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, cla
             labels = np.arange(probs.shape[1])
             if task == "binary":
                 out["auc"] = _safe_auc(y_true, probs[:, 1])
+                # the positive class (index 1) alone; labels=[1] also scores a split that lacks one class
+                p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=[1], average=None, zero_division=0)
+                out |= {"precision_pos": p[0], "recall_pos": r[0], "f1_pos": f[0]}
             else:
                 out["auc"] = _safe_auc(y_true, probs, multi_class="ovr", average="macro", labels=labels)
             out["acc"] = float(skm.accuracy_score(y_true, y_pred))

@@ -43,6 +43,14 @@ def check_model_name(name: str, img_size: int | None = None) -> None:
         raise UserError(f"Model {name} needs images of at least {smallest} px, got {img_size}; raise image_size")
 
 
+def check_model_options(name: str, **options) -> None:
+    """A regularisation key the architecture lacks is one UserError (never silently ignored)."""
+    for key, value in options.items():
+        if value is not None and name in _BUILDERS and name not in SUPPORTS[key]:
+            raise UserError(f"Model {name} has no {key}; it applies to {', '.join(sorted(SUPPORTS[key]))}. "
+                            f"Leave {key} unset (null) for {name}, e.g. fix it per variant in the space")
+
+
 def _timm(arch: str, **fixed):
     def build(num_classes, in_chans, img_size, **kwargs):
         return timm.create_model(arch, num_classes=num_classes, in_chans=in_chans, **fixed, **kwargs)
@@ -56,6 +64,12 @@ TIMM_MODELS = [f"resnet{d}d" for d in (18, 34, 50, 101, 152, 200)] + [
 for _arch in TIMM_MODELS:
     register_model(_arch)(_timm(_arch))
 
+# Which models take the optional regularisation keys (timm's DenseNet has no stochastic depth).
+SUPPORTS = {
+    "drop_path_rate": {name for name in TIMM_MODELS if not name.startswith("densenet")} | {"vit_small_patch8"},
+    "attn_drop_rate": {"vit_small_patch8"},
+}
+
 
 @register_model("vit_small_patch8")
 def vit_small_patch8(num_classes, in_chans, img_size, **kwargs):
@@ -67,8 +81,13 @@ def vit_small_patch8(num_classes, in_chans, img_size, **kwargs):
     )
 
 
+def _dropout(rate: float) -> nn.Module:
+    """Dropout, or no module at all for rate 0 (an Identity keeps the state-dict keys of both the same)."""
+    return nn.Dropout(rate) if rate > 0 else nn.Identity()
+
+
 class VGGLike(nn.Module):
-    """VGG-style CNN from scratch: 3x3 conv blocks, 2x2 max-pools, FC 2048, Xavier init."""
+    """VGG-style CNN from scratch: 3x3 conv blocks, 2x2 max-pools, FC 2048, Xavier init; drop_rate 0: no dropout."""
 
     def __init__(self, num_classes: int, in_chans: int, widths=(64, 128, 256, 512), drop_rate: float = 0.5):
         super().__init__()
@@ -79,7 +98,7 @@ class VGGLike(nn.Module):
                        nn.MaxPool2d(2, ceil_mode=True)]
             channels = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(channels, 2048), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
+        self.head = nn.Sequential(nn.Linear(channels, 2048), nn.ReLU(inplace=True), _dropout(drop_rate),
                                   nn.Linear(2048, num_classes))
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -100,7 +119,7 @@ class SimpleCNN(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
         )
-        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(64 * 16, num_classes))
+        self.head = nn.Sequential(_dropout(drop_rate), nn.Linear(64 * 16, num_classes))
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -117,11 +136,16 @@ def simple_cnn(num_classes, in_chans, img_size, **kwargs):
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int, pretrained: bool = False,
-                 pretrained_path: str | None = None, freeze_backbone: bool = False,
-                 drop_rate: float | None = None) -> nn.Module:
-    """Build `name`; `pretrained` loads ImageNet weights (from `pretrained_path` when offline)."""
+                 pretrained_path: str | None = None, freeze_backbone: bool = False, drop_rate: float | None = None,
+                 drop_path_rate: float | None = None, attn_drop_rate: float | None = None) -> nn.Module:
+    """Build `name`; `pretrained` loads ImageNet weights (from `pretrained_path` when offline).
+
+    `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth) and `attn_drop_rate` (ViT attention
+    dropout): None keeps the model's default."""
     check_model_name(name, img_size)
-    kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
+    check_model_options(name, drop_path_rate=drop_path_rate, attn_drop_rate=attn_drop_rate)
+    kwargs = {key: value for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
+                                            ("attn_drop_rate", attn_drop_rate)) if value is not None}
     if pretrained:
         kwargs.update(_pretrained_kwargs(name, pretrained_path))
     try:
@@ -184,6 +208,32 @@ def freeze_all_but_head(model: nn.Module) -> None:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def model_costs(model: nn.Module, in_chans: int, img_size: int) -> dict[str, int]:
+    """`params_total`, `params_trainable` and `flops_per_image` (FlopCounterMode, one image, eval mode, no autograd;
+    a multiply-add counts 2). Leaves the model in eval mode and draws no random numbers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(model.parameters())
+    image = torch.zeros(1, in_chans, img_size, img_size, device=parameter.device)
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(image)
+    return {"params_total": sum(p.numel() for p in model.parameters()), "params_trainable": count_trainable(model),
+            "flops_per_image": int(counter.get_total_flops())}
+
+
+def weights_statistics(name: str, in_chans: int) -> tuple[list[float], list[float]]:
+    """The per-channel (mean, std) the pretrained weights of `name` were trained with (timm's pretrained_cfg),
+    averaged over RGB for 1-channel input."""
+    if name not in TIMM_MODELS:
+        raise UserError(f"Model {name} has no pretrained weights; set pretrained: false or use one of {', '.join(TIMM_MODELS)}")
+    cfg = timm.models.get_pretrained_cfg(name)
+    mean, std = [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    if in_chans == len(mean):
+        return mean, std
+    return [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
 
 
 torch.backends.cudnn.benchmark = True

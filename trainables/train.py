@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import yaml
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
@@ -32,35 +32,45 @@ from .datasets import Dataset, ImageSet, load_dataset
 from .errors import UserError
 from .losses import build_loss
 from .metrics import classification_metrics, probabilities
-from .models import create_model
+from .models import create_model, model_costs
+from .normalization import HALF, Normalization, resolve_normalization
+from .sampling import build_sampler
 from .splits import train_val_indices
 
-MEAN, STD = 0.5, 0.5  # images are scaled to [-1, 1], as in the MedMNIST baselines
+MEAN, STD = 0.5, 0.5  # the `half` normalisation: [-1, 1], as in the MedMNIST baselines (others: normalization.py)
+EXAMPLES = 16  # augmented training images shown in the final checkpoint's figure
 
 
 class ArrayDataset(TorchDataset):
-    """uint8 NHWC images -> normalised float CHW tensors; `strong` rows get the minority transform."""
+    """uint8 NHWC images -> normalised float CHW tensors; rows from `extra_index` (minority copies) get
+    `extra_transform` first, every row `transform`, then `normalization`."""
 
-    def __init__(self, images: ImageSet, transform=None, extra_index=None, extra_transform=None):
+    def __init__(self, images: ImageSet, transform=None, extra_index=None, extra_transform=None, *,
+                 normalization: Normalization = HALF):
         self.images, self.labels = images.images, images.labels
         self.index = np.arange(len(images)) if extra_index is None else np.r_[np.arange(len(images)), extra_index]
         self.first_extra = len(images)
         self.transform, self.extra_transform = transform, extra_transform
+        self.normalization = normalization
 
     def __len__(self):
         return len(self.index)
 
-    def __getitem__(self, position):
-        row = self.index[position]
-        image = torch.from_numpy(np.ascontiguousarray(self.images[row])).permute(2, 0, 1)
+    def augmented(self, position: int) -> torch.Tensor:
+        """The uint8 CHW image of `position` as the model sees it, before normalisation."""
+        image = torch.from_numpy(np.ascontiguousarray(self.images[self.index[position]])).permute(2, 0, 1)
         if position >= self.first_extra and self.extra_transform is not None:
             image = self.extra_transform(image)
         if self.transform is not None:
             image = self.transform(image)
-        return normalise(image), torch.as_tensor(self.labels[row])
+        return image
+
+    def __getitem__(self, position):
+        return self.normalization(self.augmented(position)), torch.as_tensor(self.labels[self.index[position]])
 
 
 def normalise(uint8_images: torch.Tensor) -> torch.Tensor:
+    """The `half` normalisation (the only one before `normalize` existed)."""
     return (uint8_images.float() / 255.0 - MEAN) / STD
 
 
@@ -75,6 +85,8 @@ class Epoch:
     test_labels: np.ndarray | None = None  # only on the final epoch
     test_probs: np.ndarray | None = None
     history: list = field(default_factory=list)
+    train_examples: dict | None = None  # final epoch: augmented training images ("images", "labels", "copy")
+    split_labels: dict | None = None  # final epoch: the labels of each split, for the class distribution
 
 
 def pick_device(choice: str) -> torch.device:
@@ -96,12 +108,16 @@ def seed_everything(seed: int) -> None:
 
 
 def build_schedule(config: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Linear warm-up over `warmup_frac` of all steps then cosine to zero, or step decay, or None."""
+    """Linear warm-up over `warmup_frac` of all steps then cosine to zero (`cosine`) or flat (`constant`);
+    step decay (`step`); None for a constant rate without warm-up."""
     total = config["epochs"] * steps_per_epoch
+    warmup = int(round(config["warmup_frac"] * total))
     if config["schedule"] == "cosine":
-        warmup = int(round(config["warmup_frac"] * total))
         return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), warmup_t=warmup, warmup_prefix=True,
                                  warmup_lr_init=config["lr"] * 1e-3, lr_min=0.0, t_in_epochs=False)
+    if config["schedule"] == "constant" and warmup > 0:  # decay_rate 1: the rate stays at lr after the warm-up
+        return StepLRScheduler(optimizer, decay_t=total + 1, decay_rate=1.0, warmup_t=warmup, warmup_prefix=True,
+                               warmup_lr_init=config["lr"] * 1e-3, t_in_epochs=False)
     if config["schedule"] == "step":
         # timm decays once t + 1 reaches a milestone, and the loop calls step_update(k) before step k + 1:
         # +1 makes the first step after the milestone epoch the first one at the lower rate.
@@ -122,17 +138,20 @@ def _targets(labels: torch.Tensor, task: str) -> torch.Tensor:
     return labels.float() if task == "multilabel" else labels.long()
 
 
-def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task, step: int, amp: bool) -> tuple[float, int]:
-    """One pass over `loader`; returns (mean loss, global step). A non-finite loss fails the trial."""
+def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task, step: int,
+                    amp: bool) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """One pass over `loader`; returns (mean loss, global step, the pass's own logits and labels, for the
+    train-split metrics without a second pass). A non-finite loss fails the trial."""
     model.train()
-    total, seen = 0.0, 0
-    for images, labels in loader:
+    total, seen, all_logits, all_labels = 0.0, 0, [], []
+    for images, batch_labels in loader:
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        labels = _targets(labels.to(device, non_blocking=True), task)
+        labels = _targets(batch_labels.to(device, non_blocking=True), task)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = criterion(model(images), labels)
+            logits = model(images)
+            loss = criterion(logits, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Non-finite loss ({loss.item()}) at step {step}; lower lr or check the data")
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +162,9 @@ def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task,
             schedule.step_update(step)
         total += loss.item() * len(labels)
         seen += len(labels)
-    return total / max(seen, 1), step
+        all_logits.append(logits.detach().float().cpu())
+        all_labels.append(batch_labels)
+    return total / max(seen, 1), step, torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
 @torch.inference_mode()
@@ -167,15 +188,34 @@ def evaluate(model, criterion, loader, device, task, class_names, amp: bool = Fa
     return {"loss": loss, **classification_metrics(task, labels, probs, class_names)}, labels, probs
 
 
-def eval_loader(images: ImageSet, batch_size: int, device: torch.device) -> DataLoader:
-    return DataLoader(ArrayDataset(images), batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
+def eval_loader(images: ImageSet, batch_size: int, device: torch.device, normalization: Normalization = HALF) -> DataLoader:
+    """Unaugmented batches in order; `normalization`: the trial's (`Normalization.from_meta(state["dataset"])`)."""
+    return DataLoader(ArrayDataset(images, normalization=normalization), batch_size=batch_size, shuffle=False,
+                      pin_memory=device.type == "cuda")
 
 
 def build_model(config: dict, dataset: Dataset) -> torch.nn.Module:
+    """The trial's network (also used by replay on older configs: keys added later are read with .get)."""
     return create_model(config["model"], num_classes=dataset.num_classes, in_chans=dataset.channels,
                         img_size=int(dataset.dev.images.shape[1]), pretrained=config["pretrained"],
                         pretrained_path=config["pretrained_path"], freeze_backbone=config["freeze_backbone"],
-                        drop_rate=config["drop_rate"])
+                        drop_rate=config["drop_rate"], drop_path_rate=config.get("drop_path_rate"),
+                        attn_drop_rate=config.get("attn_drop_rate"))
+
+
+def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES) -> dict:
+    """Up to `count` training images after augmentation, half of them minority copies when there are any:
+    {"images": (N, H, W, C) uint8, "labels", "copy": bool per image}. Draws from its own seeded RNG."""
+    rng = np.random.default_rng(seed)
+    originals, copies = np.arange(data.first_extra), np.arange(data.first_extra, len(data))
+    n_copies = min(len(copies), count // 2)
+    positions = np.r_[rng.choice(originals, min(count - n_copies, len(originals)), replace=False),
+                      rng.choice(copies, n_copies, replace=False)].astype(np.int64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        images = [data.augmented(int(p)).permute(1, 2, 0).numpy() for p in positions]
+    return {"images": np.stack(images) if images else np.empty((0, *data.images.shape[1:]), np.uint8),
+            "labels": data.labels[data.index[positions]], "copy": positions >= data.first_extra}
 
 
 def _better(score: float, best: float | None, mode: str) -> bool:
@@ -192,19 +232,25 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     amp = use_bf16(config["precision"], device)
     train_idx, val_idx = train_val_indices(dataset, config["split_ratio"], config["seed"], config["split_version"])
     train_set, val_set = dataset.dev.subset(train_idx), dataset.dev.subset(val_idx)
-    size = int(train_set.images.shape[1])
+    size, channels = int(train_set.images.shape[1]), dataset.channels
+    normalization = resolve_normalization(config["normalize"], model=config["model"], pretrained=config["pretrained"],
+                                          train_images=train_set.images)  # training split only
     extra = minority_copies(train_set.labels, float(config["minority_aug_pct"]), config["seed"])
-    train_data = ArrayDataset(train_set, build_train_transform(config, size), extra,
-                              build_minority_transform(config, size) if len(extra) else None)
+    train_data = ArrayDataset(train_set, build_train_transform(config, size, channels), extra,
+                              build_minority_transform(config, size, channels) if len(extra) else None,
+                              normalization=normalization)
     generator = torch.Generator().manual_seed(config["seed"])
-    train_loader = DataLoader(train_data, batch_size=config["batch_size"], shuffle=True, generator=generator,
-                              num_workers=config["num_workers"], pin_memory=device.type == "cuda",
-                              persistent_workers=config["num_workers"] > 0, drop_last=len(train_data) > config["batch_size"])
-    val_loader = eval_loader(val_set, 512, device)
+    sampler = build_sampler(config["sampling"], train_data.labels[train_data.index], generator)
+    draws = len(train_data) if sampler is None else len(sampler)
+    train_loader = DataLoader(train_data, batch_size=config["batch_size"], shuffle=sampler is None, sampler=sampler,
+                              generator=generator, num_workers=config["num_workers"], pin_memory=device.type == "cuda",
+                              persistent_workers=config["num_workers"] > 0, drop_last=draws > config["batch_size"])
+    val_loader = eval_loader(val_set, 512, device, normalization)
 
     model = build_model(config, dataset).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    costs = model_costs(model, channels, size)  # params_total, params_trainable, flops_per_image
     criterion = build_loss(dataset.task, train_set.labels, dataset.num_classes, config["loss_weighting"],
                            config["effective_beta"]).to(device)
     optimizer = build_optimizer(config, model)
@@ -229,8 +275,11 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         # resumed from a checkpoint trains exactly as one that was never interrupted.
         generator.manual_seed(config["seed"] * 100_003 + epoch)
         torch.manual_seed(config["seed"] * 100_003 + epoch)
-        train_loss, step = train_one_epoch(model, criterion, optimizer, schedule, train_loader, device,
-                                           dataset.task, step, amp)
+        train_loss, step, train_logits, train_labels = train_one_epoch(model, criterion, optimizer, schedule,
+                                                                       train_loader, device, dataset.task, step, amp)
+        # on the augmented (and re-sampled) training batches, in train mode: a cheap gap monitor, not a score
+        train_metrics = classification_metrics(dataset.task, train_labels, probabilities(dataset.task, train_logits),
+                                               dataset.class_names)
         val_metrics, _, _ = evaluate(model, cpu_criterion, val_loader, device, dataset.task, dataset.class_names, amp)
         score = val_metrics.get(metric_key, float("nan"))
         if _better(score, best_score, config["mode"]):
@@ -238,24 +287,31 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         if best_state is None:  # no epoch scored yet (NaN metric): the first epoch's weights stand in
             best_epoch, best_state = epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        metrics = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()},
+        metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_metrics["acc"],
+                   "train_auc": train_metrics["auc"], **{f"val_{k}": v for k, v in val_metrics.items()},
                    "best_epoch": best_epoch, f"best_{config['metric']}": best_score if best_score is not None else float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-                   "train_images": len(train_data)}
+                   "train_images": len(train_data), **costs}
         history.append(metrics)
         final = epoch == config["epochs"]
-        test_labels = test_probs = None
+        test_labels = test_probs = examples = split_labels = None
         if final:  # the only place the test split is read
             model.load_state_dict(best_state)
-            test_metrics, test_labels, test_probs = evaluate(model, cpu_criterion, eval_loader(dataset.test, 512, device),
+            test_metrics, test_labels, test_probs = evaluate(model, cpu_criterion,
+                                                             eval_loader(dataset.test, 512, device, normalization),
                                                              device, dataset.task, dataset.class_names, amp)
             metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
+            examples = augmented_examples(train_data, config["seed"])
+            split_labels = {"train": train_set.labels, "val": val_set.labels, "test": test_labels}
+            if len(extra):
+                split_labels = {"train": train_set.labels, "train_with_copies": train_data.labels[train_data.index],
+                                "val": val_set.labels, "test": test_labels}
         state = {"config": config, "epoch": epoch, "final": final, "best_score": best_score, "best_epoch": best_epoch,
                  "history": history, "precision": "bf16" if amp else "fp32", "device": device.type,
                  "dataset": {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
-                             "channels": dataset.channels, "image_size": size, "mean": MEAN, "std": STD},
+                             "channels": dataset.channels, "image_size": size, **normalization.as_meta()},
                  **checkpoint_weights(model, optimizer, best_state, best_epoch == epoch, final)}
-        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history)
+        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels)
 
 
 def checkpoint_weights(model, optimizer, best_state: dict, best_is_current: bool, final: bool) -> dict:
