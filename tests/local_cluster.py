@@ -60,7 +60,7 @@ class LocalCluster:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
@@ -122,7 +122,7 @@ class LocalCluster:
         self._procs.clear()
         shutil.rmtree(self.root, ignore_errors=True)  # token, Ray's session dir (and logs unless log_dir was given)
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

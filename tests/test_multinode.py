@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from local_cluster import LocalCluster, _pids_in_sessions, free_port
 
 REPO = Path(__file__).resolve().parents[1]

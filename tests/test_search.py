@@ -11,8 +11,10 @@ import mlflow
 import pytest
 import torch
 
+from search_spaces import load_space
 from search_spaces.state import read_state
 from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
+from trainables.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -130,8 +132,9 @@ def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_
     driver.wait()
     assert any("completed" in line or "stopped early" in line for line in seen), "".join(seen)[-3000:]
 
-    resumed = subprocess.run(tune_cmd(tmp_path, medmnist_root, "--resume", "resumable"), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
+    resume = [a for a in tune_cmd(tmp_path, medmnist_root, "--resume", "resumable") if a != str(medmnist_root)]
+    resume.remove("--data-root")  # the search keeps its own: a resume refuses flags that would change it
+    resumed = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "4 trials:" in resumed.stdout
     _, parents, children = local_runs(tmp_path)
@@ -143,13 +146,65 @@ def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_
     assert all(c.info.status != "RUNNING" for c in children)
 
 
-def test_resnetd_depth_space_runs_end_to_end(tmp_path, medmnist_root):
-    """The shipped study space as shipped, on BreastMNIST to stay fast."""
-    result = subprocess.run(tune_cmd(tmp_path, medmnist_root, "--space", "resnetd_depth", "--max-epochs", "1",
-                                     "--num-samples", "2", "--dataset", "breastmnist", "--name", "depth"),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 trials: 2 completed" in result.stdout
-    _, _, children = local_runs(tmp_path)
-    assert len(children) == 2 and all(c.data.params["model"].startswith("resnet") for c in children)
-    assert all(c.data.params["model"].endswith("d") and "test_auc" in c.data.metrics for c in children)
+def test_resnetd_depth_space_trains_a_trial_as_shipped(medmnist_root):
+    """The shipped study space's own trial config (fixed keys + the first value of each searched key), trained
+    for one epoch on BreastMNIST: the space is runnable, not only valid (the search machinery is the shared one)."""
+    space = load_space("resnetd_depth")
+    config = {**space.base_config(), "dataset": "breastmnist", "epochs": 1, "data_root": str(medmnist_root),
+              **{key: domain.get("choice", [None])[0] if "choice" in domain else next(iter(domain.values()))[0]
+                 for key, domain in space.params.items()}}
+    final = train(config, report=lambda metrics: None)
+    assert config["model"] == "resnet18d" and final["epoch"] == 1 and "test_auc" in final
+
+
+# --- the search's page in MLflow and its study report (issue 16), read from the shared search -------------
+
+def test_the_search_page_in_mlflow_names_the_winner_and_its_test_ci(shared_search):
+    import re
+
+    note = shared_search.parent.data.tags["mlflow.note.content"]  # read back from the server
+    winner = shared_search.winner
+    assert note.startswith(f"## Search `shared`: winner `{winner.data.tags['medtune.trial_id']}`")
+    auc = re.search(r"AUC (\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\] \(95 % CI\)", note.splitlines()[2])
+    assert auc and float(auc[2]) <= float(auc[1]) == round(winner.data.metrics["test_auc"], 3) <= float(auc[3])
+    ended = [t.data.tags.get("medtune.outcome") for t in shared_search.trials]
+    assert (f"6 trials: {ended.count('completed')} completed, {ended.count('stopped_early')} stopped early, "
+            f"{ended.count('failed')} failed") in note
+    ranked = sorted(completed(shared_search), key=lambda t: (t.data.metrics["best_val_loss"], t.data.tags["medtune.trial_id"]))
+    rows = [line.split("|")[2].strip(" *") for line in note.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert rows[:len(ranked)] == [f"{t.data.tags['medtune.trial_id']}" + (" (winner)" if t is ranked[0] else "") for t in ranked]
+    assert "**Leak check (train " in note and "python -m analysis.export --search shared" in note
+
+
+def test_finished_trials_keep_their_test_predictions(shared_search):
+    from trainables.figures import PREDICTIONS, read_test_predictions
+    from trainables.metrics import classification_metrics
+
+    run = shared_search.winner
+    local = shared_search.client.download_artifacts(run.info.run_id, PREDICTIONS, str(shared_search.tmp))
+    kept = read_test_predictions(local)
+    assert kept["task"] == "binary" and kept["class_names"] == ["normal", "pneumonia"] and len(kept["labels"]) == 624
+    assert classification_metrics("binary", kept["labels"], kept["probs"])["acc"] == run.data.metrics["test_acc"]
+    assert (Path(run.data.tags["medtune.checkpoint"]) / PREDICTIONS).exists()  # beside its checkpoint too
+
+
+def test_the_study_report_is_logged_and_marks_every_trial_and_asha_s_decisions(shared_search):
+    page = shared_search.tmp / "reports" / "shared" / "report.html"
+    text = page.read_text()
+    assert "report:   reports/shared/report.html" in shared_search.stdout
+    logged = {a.path for a in shared_search.client.list_artifacts(shared_search.parent.info.run_id, "report")}
+    assert {"report/report.html", "report/history.png", "report/cost.png", "report/tables.md"} <= logged
+    assert all(t.data.tags["medtune.trial_id"] in text for t in shared_search.trials)
+    stopped = [t for t in shared_search.trials if t.data.tags.get("medtune.outcome") == "stopped_early"]
+    for run in stopped:  # max_t 3, grace 1, factor 2: rungs at epochs 1 and 2
+        epoch = int(run.data.metrics["epoch"])
+        decisions = "".join(f"kept at epoch {e}, " for e in range(1, epoch)) + f"stopped by ASHA at epoch {epoch}"
+        assert f"<td>{run.data.tags['medtune.trial_id']}</td><td>stopped early</td><td>{decisions}</td>" in text
+        assert f"{run.data.tags['medtune.trial_id']}: stopped by ASHA at epoch {epoch}" in text  # the cross on its curve
+
+
+def test_the_end_of_a_search_prints_the_url_to_open_on_a_server(shared_search):
+    parent = shared_search.parent
+    assert (f"MLflow UI: open {shared_search.uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+            in shared_search.stdout)
+    assert "mlflow ui --backend-store-uri http" not in shared_search.stdout

@@ -1,9 +1,8 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import tune
 from search_spaces import load_space, shipped_spaces
 from trainables.errors import UserError
 
@@ -29,10 +28,9 @@ def test_resnetd_depth_covers_the_study_grid():
     assert space.params["warmup_frac"] == {"uniform": [0.0, 0.2]} and "loguniform" in space.params["lr"]
 
 
-def test_list_spaces_prints_one_line_per_space():
-    result = subprocess.run([sys.executable, "tune.py", "--list-spaces"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0
-    lines = result.stdout.strip().splitlines()
+def test_list_spaces_prints_one_line_per_space(capsys):
+    assert tune.main(["--list-spaces"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == sorted(shipped_spaces())
     assert set(SHIPPED) <= set(shipped_spaces())
 
