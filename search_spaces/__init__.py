@@ -46,8 +46,10 @@ class _Strict(BaseModel):
 
 
 class Scheduler(_Strict):
-    """ASHA: every trial trains at most max_t epochs; the first rung is at grace_period."""
+    """ASHA: every trial trains at most max_t epochs; the first rung is at grace_period. `kind: fifo` turns early
+    stopping off, so every trial gets the same budget (a model comparison, as the studies ran it)."""
 
+    kind: Literal["asha", "fifo"] = "asha"
     max_t: PositiveInt = 3
     grace_period: PositiveInt = 1
     reduction_factor: int = Field(2, ge=2)
@@ -121,6 +123,7 @@ class SpaceFile(_Strict):
     fixed: dict[str, Any] = {}
     params: dict[str, Domain] = {}
     variants: dict[str, dict[str, Any]] = {}
+    points_to_evaluate: list[dict[str, Any]] = []  # searched values tried first, e.g. the study's own protocol
 
 
 @dataclass
@@ -137,11 +140,13 @@ class SearchSpace:
     max_t: int = 3
     grace_period: int = 1
     reduction_factor: int = 2
+    scheduler: str = "asha"
     cpu: float = 1.0
     gpu: float = 0.0
     fixed: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
+    points_to_evaluate: list = field(default_factory=list)
 
     def values_of(self, key: str) -> list:
         """Every value `key` can take: its choices, its variants' values, or its one fixed value."""
@@ -170,10 +175,11 @@ class SearchSpace:
         return {"description": self.description, "dataset": self.dataset, "metric": self.metric, "mode": self.mode,
                 "num_samples": self.num_samples, "max_concurrent": self.max_concurrent,
                 "max_failures": self.max_failures,
-                "scheduler": {"max_t": self.max_t, "grace_period": self.grace_period,
+                "scheduler": {"kind": self.scheduler, "max_t": self.max_t, "grace_period": self.grace_period,
                               "reduction_factor": self.reduction_factor},
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "fixed": self.fixed, "params": self.params,
-                **({"variants": self.variants} if self.variants else {})}
+                **({"variants": self.variants} if self.variants else {}),
+                **({"points_to_evaluate": self.points_to_evaluate} if self.points_to_evaluate else {})}
 
 
 def to_tune_domain(spec: dict):
@@ -228,9 +234,10 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
         name=path.stem, source=path, description=typed.description, dataset=typed.dataset, metric=typed.metric,
         mode=typed.mode, num_samples=typed.num_samples, max_concurrent=typed.max_concurrent,
         max_failures=typed.max_failures, max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
-        reduction_factor=typed.scheduler.reduction_factor, cpu=typed.resources.cpu, gpu=typed.resources.gpu,
-        fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
+        reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind, cpu=typed.resources.cpu,
+        gpu=typed.resources.gpu, fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
         variants={k: dict(v) for k, v in typed.variants.items()},
+        points_to_evaluate=[dict(point) for point in typed.points_to_evaluate],
     )
     check_trial_configs(space, typed, origin)
     return space
@@ -283,6 +290,27 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
             _check({**base, key: value}, fail, f"params.{key}")
     for model, size in itertools.product(space.values_of("model"), space.values_of("image_size")):
         _check({**base, "model": model, "image_size": size}, fail, "params")
+    for number, point in enumerate(space.points_to_evaluate):
+        _check_point(space, typed, point, fail, f"points_to_evaluate[{number}]")
+
+
+def _check_point(space: SearchSpace, typed: SpaceFile, point: dict, fail, where: str) -> None:
+    """A point gives a value inside its domain for every searched key (and a variant when there are variants)."""
+    searched = [*space.params, *(["variant"] if space.variants else [])]
+    missing, extra = sorted(set(searched) - set(point)), sorted(set(point) - set(searched))
+    if missing or extra:
+        raise fail(where, f"give exactly the searched keys ({', '.join(searched)}); "
+                          + (f"missing {missing[0]}" if missing else f"{extra[0]} is not searched"))
+    if space.variants and point["variant"] not in space.variants:
+        raise fail(where, f"variant {point['variant']!r} is not one of {', '.join(space.variants)}")
+    for key, domain in typed.params.items():
+        value, args = point[key], domain.args
+        inside = value in args if domain.kind == "choice" else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and args[0] <= value <= args[1])
+        if not inside:
+            raise fail(where, f"{key} {value!r} is outside its domain {domain.as_yaml()}")
+    variant = space.variants.get(point.get("variant"), {})
+    _check({**space.base_config(), **variant, **{k: v for k, v in point.items() if k != "variant"}}, fail, where)
 
 
 TOP_LEVEL_SOURCE = {"dataset": "dataset", "epochs": "scheduler.max_t", "metric": "metric", "mode": "mode"}

@@ -55,27 +55,39 @@ def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
                                {"cpu": space.cpu, "gpu": gpu})
 
 
-def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callbacks: list, seed: int):
+def make_searcher(space: SearchSpace, seed: int):
+    """Optuna's TPE (seeded), trying the space's `points_to_evaluate` first; None when nothing is searched."""
     from optuna.samplers import TPESampler
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    startup = max(2, min(10, space.num_samples // 3))
-    searcher = OptunaSearch(metric=selection_key(space.metric), mode=space.mode,
-                            sampler=TPESampler(seed=seed, n_startup_trials=startup))
     if not space.params and not space.variants:
-        searcher = None  # nothing to search: run the fixed config num_samples times
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode,
-                              max_t=space.max_t, grace_period=space.grace_period,
-                              reduction_factor=space.reduction_factor)
+        return None  # nothing to search: run the fixed config num_samples times
+    startup = max(2, min(10, space.num_samples // 3))
+    return OptunaSearch(metric=selection_key(space.metric), mode=space.mode,
+                        points_to_evaluate=space.points_to_evaluate or None,
+                        sampler=TPESampler(seed=seed, n_startup_trials=startup))
+
+
+def make_scheduler(space: SearchSpace):
+    """ASHA, or FIFO (`scheduler: {kind: fifo}`): every trial trains max_t epochs, the same budget for every model."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if space.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode, max_t=space.max_t,
+                         grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+
+
+def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callbacks: list, seed: int):
+    from ray import tune
+
     run_config = tune.RunConfig(
         name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space)], verbose=0,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
     )
     return tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
-                      tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                      tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed), scheduler=make_scheduler(space),
                                                   num_samples=space.num_samples,
                                                   max_concurrent_trials=space.max_concurrent,
                                                   trial_name_creator=trial_name, trial_dirname_creator=trial_name))

@@ -1,9 +1,11 @@
 from pathlib import Path
 
 import pytest
+from ray.tune.schedulers import FIFOScheduler
 
 import tune
 from search_spaces import load_space, shipped_spaces
+from search_spaces.tuner import make_scheduler, make_searcher
 from trainables.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,13 +21,26 @@ def test_every_shipped_space_validates_and_builds_a_tune_space(name):
     assert space.description and space.metric.startswith("val_")
 
 
-def test_resnetd_depth_covers_the_study_grid():
+def test_resnetd_depth_covers_the_study_grid_and_tries_its_protocol_first():
     space = load_space("resnetd_depth")
     assert space.values_of("model") == [f"resnet{d}d" for d in (18, 34, 50, 101, 152, 200)]
     assert space.values_of("split_ratio") == [0.9, 0.8, 0.7]
     assert space.values_of("minority_aug_pct") == [0, 10, 20, 30]
     assert space.values_of("loss_weighting") == ["none", "inverse", "effective"]
-    assert space.params["warmup_frac"] == {"uniform": [0.0, 0.2]} and "loguniform" in space.params["lr"]
+    arms = {(v["schedule"], v["warmup_frac"]) for v in space.variants.values()}
+    assert arms == {("constant", 0.0), ("constant", 0.1), ("cosine", 0.0), ("cosine", 0.1)}  # the study's 4 arms
+    assert make_searcher(space, seed=0)._points_to_evaluate == space.points_to_evaluate
+    assert space.points_to_evaluate[0]["lr"] == 1e-3 and space.metric == "val_acc"
+
+
+def test_every_study_space_states_its_protocol_or_gives_every_model_the_same_budget():
+    for name in ("resnetd_depth", "pneumonia_resnet18", "medmnist_resnet", "chestxray14_multilabel"):
+        assert load_space(name).points_to_evaluate, name
+    zoo = load_space("architecture_zoo")
+    assert zoo.scheduler == "fifo" and isinstance(make_scheduler(zoo), FIFOScheduler)
+    assert zoo.variants["efficientnet_b0"]["drop_path_rate"] == 0.06
+    assert zoo.variants["vit_patch8"]["attn_drop_rate"] == 0.3
+    assert type(make_scheduler(load_space("smoke"))).__name__ == "AsyncHyperBandScheduler"
 
 
 def test_list_spaces_prints_one_line_per_space(capsys):
@@ -47,6 +62,12 @@ BAD = {
     "test metric": ("dataset: pneumoniamnist\ndescription: x\nmetric: test_auc\n", "metric: metric 'test_auc' must be a validation"),
     "bad choice value": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  optimizer: {choice: [adam, lion]}\n",
                          "Invalid optimizer 'lion'"),
+    "point outside its domain": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                                 "points_to_evaluate:\n  - {lr: 0.5}\n", "points_to_evaluate[0]: lr 0.5 is outside its domain"),
+    "point missing a key": ("dataset: pneumoniamnist\ndescription: x\nparams:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                            "  batch_size: {choice: [32, 64]}\npoints_to_evaluate:\n  - {lr: 0.001}\n",
+                            "points_to_evaluate[0]: give exactly the searched keys (lr, batch_size); missing batch_size"),
+    "unknown scheduler": ("dataset: pneumoniamnist\ndescription: x\nscheduler: {kind: pbt}\n", "scheduler.kind"),
     "broken yaml": ("dataset: [pneumoniamnist\n", "not valid YAML"),
 }
 
