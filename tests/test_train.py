@@ -137,15 +137,20 @@ def test_resumed_trial_matches_an_uninterrupted_one(toy):
     assert resumed.metrics["test_auc"] == pytest.approx(uninterrupted.metrics["test_auc"], rel=1e-6)
 
 
-def test_warmup_then_cosine_schedule_has_the_documented_shape():
-    model = torch.nn.Linear(2, 2)
-    config = loop.resolve_config({"lr": 0.1, "epochs": 10, "warmup_frac": 0.2, "schedule": "cosine"})
-    optimizer = loop.build_optimizer(config, model)
-    schedule = loop.build_schedule(config, optimizer, steps_per_epoch=10)
+def lr_curve(overrides: dict, steps_per_epoch: int, steps: int) -> list[float]:
+    """The learning rate each optimizer step uses, as the train loop drives the schedule."""
+    config = loop.resolve_config(overrides)
+    optimizer = loop.build_optimizer(config, torch.nn.Linear(2, 2))
+    schedule = loop.build_schedule(config, optimizer, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for step in range(100):
+    for step in range(steps):
         schedule.step_update(step)
         lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_warmup_then_cosine_schedule_has_the_documented_shape():
+    lrs = lr_curve({"lr": 0.1, "epochs": 10, "warmup_frac": 0.2, "schedule": "cosine"}, steps_per_epoch=10, steps=100)
     warmup, decay = lrs[:21], lrs[20:]
     assert lrs[0] == pytest.approx(0.1 * 1e-3) and lrs[20] == pytest.approx(0.1)
     assert all(b > a for a, b in zip(warmup, warmup[1:]))  # linear warm-up over 20 % of the steps
@@ -154,14 +159,7 @@ def test_warmup_then_cosine_schedule_has_the_documented_shape():
 
 
 def test_step_schedule_drops_at_the_milestones():
-    model = torch.nn.Linear(2, 2)
-    config = loop.resolve_config({"lr": 0.1, "epochs": 4, "schedule": "step", "step_milestones": [0.5, 0.75]})
-    optimizer = loop.build_optimizer(config, model)
-    schedule = loop.build_schedule(config, optimizer, steps_per_epoch=5)
-    lrs = []
-    for step in range(20):
-        schedule.step_update(step)
-        lrs.append(optimizer.param_groups[0]["lr"])
+    lrs = lr_curve({"lr": 0.1, "epochs": 4, "schedule": "step", "step_milestones": [0.5, 0.75]}, steps_per_epoch=5, steps=20)
     assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.001)
 
 
@@ -213,19 +211,12 @@ def test_resnet18_on_real_pneumoniamnist(medmnist_root):
 
 
 def test_constant_schedule_with_warmup_ramps_then_stays_flat():
-    model = torch.nn.Linear(2, 2)
-    config = loop.resolve_config({"lr": 0.1, "epochs": 10, "warmup_frac": 0.2, "schedule": "constant"})
-    optimizer = loop.build_optimizer(config, model)
-    schedule = loop.build_schedule(config, optimizer, steps_per_epoch=10)
-    lrs = []
-    for step in range(100):
-        schedule.step_update(step)
-        lrs.append(optimizer.param_groups[0]["lr"])
+    lrs = lr_curve({"lr": 0.1, "epochs": 10, "warmup_frac": 0.2, "schedule": "constant"}, steps_per_epoch=10, steps=100)
     assert lrs[0] == pytest.approx(0.1 * 1e-3) and lrs[10] == pytest.approx(0.1 * 1e-3 + 10 * (0.1 - 1e-4) / 20)
     assert all(b > a for a, b in zip(lrs[:21], lrs[1:21]))  # linear warm-up over 20 % of the steps
     assert lrs[20:] == pytest.approx([0.1] * 80)  # then the peak rate to the end
     no_warmup = loop.resolve_config({"lr": 0.1, "schedule": "constant"})
-    assert loop.build_schedule(no_warmup, optimizer, steps_per_epoch=10) is None
+    assert loop.build_schedule(no_warmup, loop.build_optimizer(no_warmup, torch.nn.Linear(2, 2)), steps_per_epoch=10) is None
 
 
 @pytest.fixture(scope="module")
