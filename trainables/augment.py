@@ -1,4 +1,5 @@
-"""Training-split augmentation from config, with torchvision v2, applied per sample.
+"""Training-split augmentation from config, with torchvision v2, applied per sample (the batched path on the
+trial's device, with the same names and ranges, is trainables/batch_augment.py; `augment_device` picks).
 
 Names (joined with "+"): hflip, rotation, jitter, blur, noise, invert, shift, crop, autoaugment_imagenet,
 autoaugment_cifar10, autoaugment_svhn; "none" for no augmentation. Their keys (trainables/config.py):
@@ -35,13 +36,17 @@ def parse_augment(spec: str) -> list[str]:
     return names
 
 
-def _rotate_and_centre_crop(degrees: float, size: int, crop_frac: float | None = None) -> v2.Transform:
-    """Rotate, then crop the centre (`crop_frac` of the side, e.g. 210/224; None: enough that no black corners
-    reach the model), then restore the size."""
+def centre_crop_side(degrees: float, size: int, crop_frac: float | None = None) -> int:
+    """The side kept after rotating: `crop_frac` of it (e.g. 210/224), or None: enough that no black corners
+    reach the model. Shared with the batched path (trainables/batch_augment.py) so both crop alike."""
     if crop_frac is None:
-        crop = max(1, int(round(size / (1 + np.sin(np.radians(min(degrees, 45))) * 0.75))))
-    else:
-        crop = max(1, int(round(size * crop_frac)))
+        return max(1, int(round(size / (1 + np.sin(np.radians(min(degrees, 45))) * 0.75))))
+    return max(1, int(round(size * crop_frac)))
+
+
+def _rotate_and_centre_crop(degrees: float, size: int, crop_frac: float | None = None) -> v2.Transform:
+    """Rotate, then crop the centre (see `centre_crop_side`), then restore the size."""
+    crop = centre_crop_side(degrees, size, crop_frac)
     return v2.Compose([v2.RandomRotation(degrees), v2.CenterCrop(crop), v2.Resize(size, antialias=True)])
 
 
@@ -50,13 +55,17 @@ def _blur(config: dict) -> v2.Transform:
                            sigma=(float(config["blur_sigma_min"]), float(config["blur_sigma"])))
 
 
-def _jitter(config: dict, channels: int) -> v2.Transform:
+def jitter_strengths(config: dict, channels: int) -> dict:
+    """ColorJitter's keyword arguments for `channels` (both paths): saturation and hue only on RGB."""
     colour = {"saturation": config["jitter_saturation"], "hue": config["jitter_hue"]}
     if channels != 3 and any(colour.values()):
         warnings.warn(f"jitter on {channels}-channel images: only brightness and contrast apply "
-                      "(jitter_saturation and jitter_hue need RGB)", UserWarning, stacklevel=3)
-    return v2.ColorJitter(brightness=config["jitter"], contrast=config["jitter"],
-                          **(colour if channels == 3 else {}))
+                      "(jitter_saturation and jitter_hue need RGB)", UserWarning, stacklevel=4)
+    return {"brightness": config["jitter"], "contrast": config["jitter"], **(colour if channels == 3 else {})}
+
+
+def _jitter(config: dict, channels: int) -> v2.Transform:
+    return v2.ColorJitter(**jitter_strengths(config, channels))
 
 
 def _op(name: str, config: dict, size: int, channels: int) -> v2.Transform:
@@ -80,16 +89,22 @@ def _op(name: str, config: dict, size: int, channels: int) -> v2.Transform:
     return v2.AutoAugment(_POLICIES[name.removeprefix("autoaugment_")])
 
 
-def build_train_transform(config: dict, size: int, channels: int) -> v2.Transform | None:
-    """The per-sample uint8 CHW -> uint8 CHW transform for every training image, or None."""
-    names = parse_augment(config["augment"])
+def build_train_transform(config: dict, size: int, channels: int, names: list[str] | None = None) -> v2.Transform | None:
+    """The per-sample uint8 CHW -> uint8 CHW transform for every training image, or None.
+    `names`: only these augmentations (the batched path keeps AutoAugment here); default: all of `augment`."""
+    names = parse_augment(config["augment"]) if names is None else names
     return v2.Compose([_op(name, config, size, channels) for name in names]) if names else None
+
+
+def minority_degrees(config: dict) -> float:
+    """The copies' rotation range: `rotation_degrees`, or 15 when that is 0 (a copy must differ)."""
+    return float(config["rotation_degrees"]) or 15.0
 
 
 def build_minority_transform(config: dict, size: int, channels: int) -> v2.Transform:
     """One of the study's four transforms, drawn per copy."""
     return v2.RandomChoice([
-        _rotate_and_centre_crop(float(config["rotation_degrees"]) or 15.0, size, config["rotation_crop"]),
+        _rotate_and_centre_crop(minority_degrees(config), size, config["rotation_crop"]),
         v2.RandomInvert(p=1.0),
         _blur(config),
         _op("noise", config, size, channels),

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import yaml
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from torch.utils.data import Dataset as TorchDataset
 
 from .augment import build_minority_transform, build_train_transform, minority_copies
+from .batch_augment import BatchAugment, DeviceInputs, build_batch_augment, split_names, use_batched
 from .checkpoint import best_weights
 from .config import parse_overrides, resolve_config
 from .datasets import Dataset, ImageSet, load_dataset
@@ -67,6 +68,30 @@ class ArrayDataset(TorchDataset):
 
     def __getitem__(self, position):
         return self.normalization(self.augmented(position)), torch.as_tensor(self.labels[self.index[position]])
+
+    def raw_batch(self, positions: np.ndarray) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """((uint8 NCHW images after the per-sample `transform` only, copy flags), labels) of `positions`:
+        one fancy index per batch, for augmentation on the device (batch_augment.py)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        rows = self.index[positions]
+        images = torch.from_numpy(np.ascontiguousarray(self.images[rows])).permute(0, 3, 1, 2)
+        if self.transform is not None:  # AutoAugment: no batched equivalent
+            images = torch.stack([self.transform(image) for image in images])
+        copy = torch.from_numpy(positions >= self.first_extra)
+        return (images.contiguous(), copy), torch.as_tensor(self.labels[rows])
+
+
+class BatchView(TorchDataset):
+    """An ArrayDataset read a whole batch at a time (its sampler yields lists of positions)."""
+
+    def __init__(self, data: ArrayDataset):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, positions):
+        return self.data.raw_batch(positions)
 
 
 def normalise(uint8_images: torch.Tensor) -> torch.Tensor:
@@ -138,14 +163,22 @@ def _targets(labels: torch.Tensor, task: str) -> torch.Tensor:
     return labels.float() if task == "multilabel" else labels.long()
 
 
+def model_inputs(inputs, device: torch.device, prepare: Callable | None = None) -> torch.Tensor:
+    """A loader batch on `device`, as the model takes it: already normalised (per-sample path), or
+    `prepare(uint8 images, copy flags)` there (batched augmentation on the device)."""
+    if prepare is None:
+        return inputs.to(device, non_blocking=True)
+    return prepare(*(part.to(device, non_blocking=True) for part in inputs))
+
+
 def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task, step: int,
-                    amp: bool) -> tuple[float, int, np.ndarray, np.ndarray]:
+                    amp: bool, prepare: Callable | None = None) -> tuple[float, int, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss, global step, the pass's own logits and labels, for the
     train-split metrics without a second pass). A non-finite loss fails the trial."""
     model.train()
     total, seen, all_logits, all_labels = 0.0, 0, [], []
-    for images, batch_labels in loader:
-        images = images.to(device, non_blocking=True)
+    for inputs, batch_labels in loader:
+        images = model_inputs(inputs, device, prepare)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         labels = _targets(batch_labels.to(device, non_blocking=True), task)
@@ -203,9 +236,10 @@ def build_model(config: dict, dataset: Dataset) -> torch.nn.Module:
                         attn_drop_rate=config.get("attn_drop_rate"))
 
 
-def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES) -> dict:
+def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES, augment: BatchAugment | None = None) -> dict:
     """Up to `count` training images after augmentation, half of them minority copies when there are any:
-    {"images": (N, H, W, C) uint8, "labels", "copy": bool per image}. Draws from its own seeded RNG."""
+    {"images": (N, H, W, C) uint8, "labels", "copy": bool per image}. Draws from its own seeded RNG.
+    `augment`: the trial's batched augmentation, when it trains with one."""
     rng = np.random.default_rng(seed)
     originals, copies = np.arange(data.first_extra), np.arange(data.first_extra, len(data))
     n_copies = min(len(copies), count // 2)
@@ -213,15 +247,56 @@ def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES) -> 
                       rng.choice(copies, n_copies, replace=False)].astype(np.int64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        images = [data.augmented(int(p)).permute(1, 2, 0).numpy() for p in positions]
-    return {"images": np.stack(images) if images else np.empty((0, *data.images.shape[1:]), np.uint8),
+        images = _examples(data, positions, augment)
+    return {"images": images if len(images) else np.empty((0, *data.images.shape[1:]), np.uint8),
             "labels": data.labels[data.index[positions]], "copy": positions >= data.first_extra}
+
+
+def _examples(data: ArrayDataset, positions: np.ndarray, augment: BatchAugment | None) -> np.ndarray:
+    """(N, H, W, C) uint8 augmented images of `positions`, by the path the trial trains with."""
+    if not len(positions):
+        return np.empty((0,), np.uint8)
+    if augment is None:
+        return np.stack([data.augmented(int(p)).permute(1, 2, 0).numpy() for p in positions])
+    (images, copy), _ = data.raw_batch(positions)
+    return (augment(images, copy) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def build_train_loader(data: ArrayDataset, config: dict, sampler, generator: torch.Generator, device: torch.device,
+                       batched: bool) -> DataLoader:
+    """Training batches: per image through ArrayDataset (normalised), or, `batched`, whole uint8 batches
+    with copy flags (BatchView) for augmentation on the device. Same order and draws either way."""
+    draws = len(data) if sampler is None else len(sampler)
+    drop_last = draws > config["batch_size"]
+    common = {"generator": generator, "num_workers": config["num_workers"], "pin_memory": device.type == "cuda",
+              "persistent_workers": config["num_workers"] > 0}
+    if not batched:
+        return DataLoader(data, batch_size=config["batch_size"], shuffle=sampler is None, sampler=sampler,
+                          drop_last=drop_last, **common)
+    order = sampler if sampler is not None else RandomSampler(data, generator=generator)
+    return DataLoader(BatchView(data), batch_size=None, sampler=BatchSampler(order, config["batch_size"], drop_last),
+                      **common)
 
 
 def _better(score: float, best: float | None, mode: str) -> bool:
     if math.isnan(score):
         return False
     return best is None or (score > best if mode == "max" else score < best)
+
+
+def training_data(config: dict, train_set: ImageSet, extra: np.ndarray, normalization: Normalization, channels: int,
+                  batched: bool) -> tuple[ArrayDataset, BatchAugment | None]:
+    """The training rows (+ minority copies) and, `batched`, the augmentation the device applies: then the
+    dataset keeps only what has no batched version (AutoAugment) per sample."""
+    size = int(train_set.images.shape[1])
+    if not batched:
+        return ArrayDataset(train_set, build_train_transform(config, size, channels), extra,
+                            build_minority_transform(config, size, channels) if len(extra) else None,
+                            normalization=normalization), None
+    _, per_sample = split_names(config["augment"])
+    data = ArrayDataset(train_set, build_train_transform(config, size, channels, per_sample), extra,
+                        normalization=normalization)
+    return data, build_batch_augment(config, size, channels, copies=len(extra) > 0)
 
 
 def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -> Iterator[Epoch]:
@@ -236,15 +311,12 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     normalization = resolve_normalization(config["normalize"], model=config["model"], pretrained=config["pretrained"],
                                           train_images=train_set.images)  # training split only
     extra = minority_copies(train_set.labels, float(config["minority_aug_pct"]), config["seed"])
-    train_data = ArrayDataset(train_set, build_train_transform(config, size, channels), extra,
-                              build_minority_transform(config, size, channels) if len(extra) else None,
-                              normalization=normalization)
+    batched = use_batched(config["augment_device"], device)
+    train_data, batch_augment = training_data(config, train_set, extra, normalization, channels, batched)
+    prepare = DeviceInputs(batch_augment, normalization) if batched else None
     generator = torch.Generator().manual_seed(config["seed"])
     sampler = build_sampler(config["sampling"], train_data.labels[train_data.index], generator)
-    draws = len(train_data) if sampler is None else len(sampler)
-    train_loader = DataLoader(train_data, batch_size=config["batch_size"], shuffle=sampler is None, sampler=sampler,
-                              generator=generator, num_workers=config["num_workers"], pin_memory=device.type == "cuda",
-                              persistent_workers=config["num_workers"] > 0, drop_last=draws > config["batch_size"])
+    train_loader = build_train_loader(train_data, config, sampler, generator, device, batched)
     val_loader = eval_loader(val_set, 512, device, normalization)
 
     model = build_model(config, dataset).to(device)
@@ -276,7 +348,8 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         generator.manual_seed(config["seed"] * 100_003 + epoch)
         torch.manual_seed(config["seed"] * 100_003 + epoch)
         train_loss, step, train_logits, train_labels = train_one_epoch(model, criterion, optimizer, schedule,
-                                                                       train_loader, device, dataset.task, step, amp)
+                                                                       train_loader, device, dataset.task, step, amp,
+                                                                       prepare=prepare)
         # on the augmented (and re-sampled) training batches, in train mode: a cheap gap monitor, not a score
         train_metrics = classification_metrics(dataset.task, train_labels, probabilities(dataset.task, train_logits),
                                                dataset.class_names)
@@ -301,7 +374,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
                                                              eval_loader(dataset.test, 512, device, normalization),
                                                              device, dataset.task, dataset.class_names, amp)
             metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
-            examples = augmented_examples(train_data, config["seed"])
+            examples = augmented_examples(train_data, config["seed"], augment=batch_augment)
             split_labels = {"train": train_set.labels, "val": val_set.labels, "test": test_labels}
             if len(extra):
                 split_labels = {"train": train_set.labels, "train_with_copies": train_data.labels[train_data.index],
