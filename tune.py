@@ -81,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     parser.add_argument("--seed", type=int, help="seeds the sampler and every trial (default 0)")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the study report (reports/<search>/report.html) at the end; the run's description stays")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Ray's progress output")
     return parser
 
@@ -153,8 +155,10 @@ def quiet_libraries(debug: bool) -> None:
 
 
 def search_tags(space: SearchSpace, seed: int) -> dict:
-    tags = {"medtune.space": space.name, "medtune.dataset": space.dataset, "medtune.seed": str(seed),
-            "medtune.version": importlib.metadata.version("medtune")}
+    from analysis.tracking import TAG_DATASET, TAG_SEED, TAG_SPACE, TAG_VERSION
+
+    tags = {TAG_SPACE: space.name, TAG_DATASET: space.dataset, TAG_SEED: str(seed),
+            TAG_VERSION: importlib.metadata.version("medtune")}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).parent).stdout.strip()
@@ -169,14 +173,13 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     """Check everything, start Ray, run (or resume) the Tuner, name the winner in MLflow, print where it is."""
     import ray
 
-    from analysis.summary import print_summary, rank_results
+    from analysis.summary import print_summary, print_where, publish, rank_results
     from analysis.tracking import (
         MLflowTrialCallback,
         close_search,
         flat_params,
         get_experiment_id,
         numeric_metrics,
-        runs_table_url,
         start_search_run,
     )
     from search_spaces.preflight import check_leaks, check_pretrained, check_tracking, load_datasets
@@ -218,11 +221,12 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         best_run = close_search(client, parent_id, best.metrics.get("trial_id") if best else None,
                                 best.metrics if best else {}, live)
         print_summary(ranked, results, list(space.params), space.metric, space.max_t)
+        publish(client, parent_id, report=not args.no_report)  # the run's description; reports/<name>/report.html
         print(f"\nresults:  {storage}/{name}")
         if best is not None and best.checkpoint is not None:
             print(f"best checkpoint: {best.checkpoint.path}")
         print(f"MLflow:   {tracking_uri} (parent run {parent_id}, best trial run {best_run})")
-        print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  then open {runs_table_url(tracking_uri, experiment_id)}")
+        print_where(tracking_uri, experiment_id, parent_id)
     finally:
         ray.shutdown()
     return 0 if any(r.error is None for r in results) else 1  # every trial failed: say so to scripts too

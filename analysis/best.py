@@ -18,6 +18,7 @@ import pandas as pd
 from analysis import runs
 from analysis.bootstrap import format_ci, metrics_with_ci
 from analysis.replay import replay
+from analysis.tracking import TAG_SEARCH
 from trainables.errors import UserError
 from trainables.metrics import probabilities
 
@@ -57,7 +58,7 @@ def best_table(client, parent, args) -> pd.DataFrame:
     space = runs.search_space(client, parent)
     ranked = runs.ranked_trials(client, parent, space)
     if not ranked:
-        name = parent.data.tags.get("medtune.search")
+        name = parent.data.tags.get(TAG_SEARCH)
         raise UserError(f"Search {name!r} has no trial that trained to the end; resume it (python tune.py --resume "
                         f"{name}) or run a longer search")
     key, _ = runs.selection(parent, space)

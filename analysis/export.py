@@ -33,6 +33,7 @@ from analysis.bootstrap import N_RESAMPLES, format_ci, metrics_with_ci
 from analysis.calibration import ECE_BINS, calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
 from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
 from analysis.replay import Replay, replay
+from analysis.tracking import TAG_SEARCH, TAG_TRIAL_RUN
 from trainables.errors import UserError
 from trainables.metrics import classification_metrics, confusion, predictions, probabilities
 
@@ -221,7 +222,7 @@ def register(out: Path, module, tracking_uri: str, trial, search: str, model_nam
                             "the Model Registry needs a database-backed store (sqlite:///..., a tracking server)") from error
     client = mlflow.MlflowClient(tracking_uri)
     version = info.registered_model_version
-    for key, value in {"medtune.search": search, "medtune.trial_run_id": trial.info.run_id,
+    for key, value in {TAG_SEARCH: search, TAG_TRIAL_RUN: trial.info.run_id,
                        "test_acc": f"{metrics['test']['argmax']['acc']['value']:.4f}",
                        "test_auc": f"{metrics['test']['argmax']['auc']['value']:.4f}"}.items():
         client.set_model_version_tag(model_name, str(version), key, value)
@@ -398,7 +399,7 @@ def export(args) -> int:
     key, _ = runs.selection(parent, space)
     logged = trial.data.metrics
     metrics = {
-        "format": FORMAT, "search": parent.data.tags.get("medtune.search"), "search_run_id": parent.info.run_id,
+        "format": FORMAT, "search": parent.data.tags.get(TAG_SEARCH), "search_run_id": parent.info.run_id,
         "trial_id": runs.trial_label(trial), "trial_run_id": trial.info.run_id, "dataset": rep.config["dataset"],
         "selection": {"metric": key, "value": logged.get(key, float("nan"))},
         "best_epoch": state.get("best_epoch"), "searched": runs.searched_keys(space), "splits": split_summary(rep),

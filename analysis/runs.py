@@ -24,6 +24,7 @@ from analysis.tracking import (
     TAG_CHECKPOINT,
     TAG_OUTCOME,
     TAG_ROLE,
+    TAG_SEARCH,
     TAG_TRIAL,
     check_tracking_uri,
     default_tracking_uri,
@@ -86,7 +87,7 @@ def search_space(client, parent) -> dict:
     A search whose parent run has no such artifact (logged before tune.py wrote one) falls back to the
     parent's params `metric` and `mode`; anything else that stops the file from being read is a UserError:
     ranking with a guessed mode would put a min-mode search backwards."""
-    name = parent.data.tags.get("medtune.search", parent.info.run_id)
+    name = parent.data.tags.get(TAG_SEARCH, parent.info.run_id)
     with tempfile.TemporaryDirectory() as directory:
         try:
             path = client.download_artifacts(parent.info.run_id, SPACE_FILE, directory)
@@ -130,7 +131,7 @@ def selection(parent, space: dict) -> tuple[str, str]:
     metric = space.get("metric") or parent.data.params.get("metric")
     mode = space.get("mode") or parent.data.params.get("mode")
     if not metric or mode not in ("max", "min"):
-        name = parent.data.tags.get("medtune.search", parent.info.run_id)
+        name = parent.data.tags.get(TAG_SEARCH, parent.info.run_id)
         raise UserError(f"Search {name!r} does not say which metric it ranked by and in which direction "
                         f"(metric {metric!r}, mode {mode!r}); re-run the search with this medtune")
     return selection_key(metric), mode
@@ -153,7 +154,7 @@ def ranked_trials(client, parent, space: dict) -> list:
 def winner(client, parent):
     """The trial tune.py chose on validation (the parent's `medtune.best_run_id`)."""
     run_id = parent.data.tags.get(TAG_BEST_RUN)
-    name = parent.data.tags.get("medtune.search", parent.info.run_id)
+    name = parent.data.tags.get(TAG_SEARCH, parent.info.run_id)
     if not run_id:
         raise UserError(f"Search {name!r} has no finished trial (its parent run names no best trial); "
                         f"finish it with `python tune.py --resume {name}` or run a new search")

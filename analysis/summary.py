@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from analysis.ranking import COMPLETED, FAILED, STOPPED_EARLY, outcome, rank, selection_key
 
@@ -40,3 +41,45 @@ def print_summary(ranked: list, results, searched: list[str], metric: str, max_t
     print("\nbest config:", json.dumps({p: best.config.get(p) for p in searched}, default=str))
     tests = {k: round(v, 4) for k, v in best.metrics.items() if k.startswith("test_") and isinstance(v, float)}
     print("best test metrics:", json.dumps(tests))
+
+
+# --- after the table: the search's page in MLflow, the study report, where to look -------------------
+
+def publish(client, parent_id: str, report: bool) -> None:
+    """Write the parent run's description and (unless `report` is False) the study report. Neither may fail the
+    search: trained trials are worth more than a page, so a problem is one line and the search's exit code stands."""
+    from analysis.description import write_description
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars between our lines
+    board = _never_fails("description", lambda: write_description(client, parent_id))
+    if report:
+        from analysis.report import report_after_search
+
+        _never_fails("report", lambda: report_after_search(client, parent_id, board))
+
+
+def _never_fails(what: str, body):
+    try:
+        return body()
+    except Exception as error:  # noqa: BLE001 (any: the trials are done and logged whatever a page does)
+        first = str(error).splitlines()[0][:200] if str(error) else ""
+        print(f"{what}: not written ({type(error).__name__}: {first}); the search's results are unaffected")
+        return None
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The parent run's page (its description is the leaderboard), on the server or on a local `mlflow ui`."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def print_where(tracking_uri: str, experiment_id: str, parent_id: str) -> None:
+    """How to open the results: a server is opened in a browser; a local store needs `mlflow ui` first."""
+    from analysis.tracking import runs_table_url
+
+    page, table = run_page_url(tracking_uri, experiment_id, parent_id), runs_table_url(tracking_uri, experiment_id)
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: open {page}  (the search's page; every run: {table})")
+    else:
+        print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  then open {page}  "
+              f"(every run: {table})")

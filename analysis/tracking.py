@@ -30,6 +30,9 @@ TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | failed
 TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
 TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
 TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
+TAG_ERROR = "medtune.error"  # a failed trial's last error line
+TAG_SPACE, TAG_DATASET, TAG_SEED, TAG_VERSION = "medtune.space", "medtune.dataset", "medtune.seed", "medtune.version"
+TAG_TRIAL_RUN = "medtune.trial_run_id"  # on a registered model version: the trial it came from
 PARENT = "mlflow.parentRunId"
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
@@ -204,7 +207,7 @@ class MLflowTrialCallback(Callback):
         run_id = self._run_id(trial)
         error = (trial.error_file and Path(trial.error_file).exists() and
                  Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
-        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, FAILED), RunTag("medtune.error", error[:5000])])
+        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, FAILED), RunTag(TAG_ERROR, error[:5000])])
         self.client.set_terminated(run_id, status="FAILED")
 
 

@@ -1,5 +1,6 @@
-"""The per-trial report files: confusion matrix, ROC curve, learning curves, classification report, and the
-study figures: misclassified test images, augmented training images, class distribution per split.
+"""The per-trial report files: confusion matrix, ROC curve, learning curves, classification report, the
+study figures (misclassified test images, augmented training images, class distribution per split), and the
+test predictions themselves (labels and probabilities: analysis/ bootstraps CIs from them without a replay).
 
 Written next to the final checkpoint, so they travel with it to shared storage and the driver can log
 them to MLflow without the worker ever talking to the tracking server.
@@ -22,7 +23,9 @@ from .metrics import confusion, predictions  # noqa: E402
 
 REPORT_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
 STUDY_ARTIFACTS = ("misclassified_test.png", "augmented_train.png", "class_distribution.png", "class_distribution.json")
-ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS  # every file a finished trial's checkpoint folder holds besides the weights
+PREDICTIONS = "test_predictions.npz"  # test labels and probabilities: a few kB for a MedMNIST test split
+# every file a finished trial's checkpoint folder holds besides the weights (the MLflow callback logs them all)
+ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,)
 GRID = 16  # images per grid
 
 
@@ -40,6 +43,22 @@ def write_trial_figures(directory: str | Path, task: str, class_names, labels: n
                                    zero_division=0, labels=np.arange(len(names)) if task != "multilabel" else None)
     paths[3].write_text(json.dumps(report, indent=2))
     return paths
+
+
+def write_test_predictions(directory: str | Path, task: str, class_names, labels: np.ndarray,
+                           probs: np.ndarray) -> Path:
+    """Keep the finished trial's test labels and probabilities (as evaluated: same dtype), so a confidence interval
+    for any test metric is a bootstrap over this file, not a replay of the checkpoint on the data."""
+    path = Path(directory) / PREDICTIONS
+    np.savez_compressed(path, labels=labels, probs=probs, task=np.array(task), class_names=np.array(list(class_names)))
+    return path
+
+
+def read_test_predictions(path: str | Path) -> dict:
+    """{"task", "class_names", "labels", "probs"} from a PREDICTIONS file (plain arrays: no pickle is loaded)."""
+    with np.load(path, allow_pickle=False) as kept:
+        return {"task": str(kept["task"]), "class_names": [str(c) for c in kept["class_names"]],
+                "labels": kept["labels"], "probs": kept["probs"]}
 
 
 def _confusion_figure(task, names, labels, probs, split):

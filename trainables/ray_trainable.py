@@ -12,7 +12,7 @@ from ray import tune
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import resolve_config
-from .figures import write_study_figures, write_trial_figures
+from .figures import write_study_figures, write_test_predictions, write_trial_figures
 from .train import iterate_epochs
 
 
@@ -43,4 +43,5 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -
                 write_study_figures(directory, dataset.task, dataset.class_names, test_images=dataset.test.images,
                                     test_labels=epoch.test_labels, test_probs=epoch.test_probs,
                                     train_examples=epoch.train_examples, split_labels=epoch.split_labels)
+                write_test_predictions(directory, dataset.task, dataset.class_names, epoch.test_labels, epoch.test_probs)
             tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))
