@@ -58,7 +58,7 @@ def search(cluster, tmp_path_factory, medmnist_root):
     intruder = subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address={cluster.address!r})"],
                                 env={**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "tiny.yaml"), "--name", "multinode",
+    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "tiny.yaml"), "--name", "multinode", "--no-report",
                "--address", cluster.address, "--storage", str(shared), "--data-root", str(medmnist_root),
                "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--seed", "3"]
     result = subprocess.run(command, cwd=tmp, env=cluster.env, capture_output=True, text=True, timeout=900)
@@ -150,7 +150,7 @@ def test_slurm_script_runs_a_search_on_a_two_node_allocation(tmp_path, medmnist_
         env.pop(name, None)
     log = tmp_path / "medtune-4242.out"  # a file, not a pipe: the Ray nodes outlive the script and hold it open
     with open(log, "w") as handle:
-        job = subprocess.Popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5"],
+        job = subprocess.Popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5", "--no-report"],
                                cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -119,7 +119,8 @@ def test_a_finished_trial_keeps_one_checkpoint_with_its_best_weights_only(shared
 def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_root):
     space = tmp_path / "resumable.yaml"
     space.write_text(TINY.format(num_samples=4, max_t=2, lr="{loguniform: [1.0e-3, 0.3]}"))
-    driver = subprocess.Popen(tune_cmd(tmp_path, medmnist_root, "--space", str(space), "--name", "resumable"),
+    driver = subprocess.Popen(tune_cmd(tmp_path, medmnist_root, "--space", str(space), "--name", "resumable",
+                                       "--no-report"),
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     deadline, seen = time.time() + 300, []
@@ -132,7 +133,7 @@ def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_
     driver.wait()
     assert any("completed" in line or "stopped early" in line for line in seen), "".join(seen)[-3000:]
 
-    resume = [a for a in tune_cmd(tmp_path, medmnist_root, "--resume", "resumable") if a != str(medmnist_root)]
+    resume = [a for a in tune_cmd(tmp_path, medmnist_root, "--resume", "resumable", "--no-report") if a != str(medmnist_root)]
     resume.remove("--data-root")  # the search keeps its own: a resume refuses flags that would change it
     resumed = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
