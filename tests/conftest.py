@@ -82,12 +82,21 @@ mode: min
 num_samples: 6
 max_concurrent: 2
 max_failures: 0
-scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}
+scheduler: {max_t: 2, grace_period: 1, reduction_factor: 2}
 resources: {cpu: 1, gpu: 0.25}
 fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
 params:
   lr: {choice: [1.0e+30, 0.3, 0.1, 0.03, 0.01]}
   split_ratio: {choice: [0.8, 0.9]}
+# Tried in this order, so ASHA's decisions do not hang on which trial TPE draws first: rising learning rates
+# beat the running median at the rung (epoch 1) and finish; the late slow one falls below it and is stopped; the last diverges.
+points_to_evaluate:
+  - {lr: 0.01, split_ratio: 0.8}
+  - {lr: 0.03, split_ratio: 0.9}
+  - {lr: 0.1, split_ratio: 0.8}
+  - {lr: 0.3, split_ratio: 0.9}
+  - {lr: 0.01, split_ratio: 0.9}
+  - {lr: 1.0e+30, split_ratio: 0.8}
 """
 
 
