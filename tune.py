@@ -14,23 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
-import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces, validate_space
+from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
+from search_spaces.overrides import apply_overrides, check_resume_flags, resume_tracking_uri
 from search_spaces.state import check_storage, read_state, storage_root, write_state
-from trainables.config import check_value, parse_overrides
 from trainables.errors import UserError
-
-# Flags that shape a search: a resumed search keeps the ones it started with, so giving one is an error.
-SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_root": "--data-root",
-                 "skip_bad_images": "--skip-bad-images", "num_samples": "--num-samples", "max_epochs": "--max-epochs",
-                 "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
-                 "max_concurrent": "--max-concurrent", "set": "--set", "name": "--name", "seed": "--seed"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,88 +77,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def apply_overrides(space: SearchSpace, args) -> SearchSpace:
-    """The space with the command line's overrides, each flag checked alone, then the whole space again."""
-    if args.dataset:
-        from trainables.datasets import check_dataset_name
-
-        check_dataset_name(args.dataset)
-        space.dataset = args.dataset
-    if args.image_size is not None:
-        _check_flag("--image-size", "image_size", args.image_size)
-        space.params.pop("image_size", None)
-        space.fixed["image_size"] = args.image_size
-    for field, value in (("num_samples", args.num_samples), ("max_t", args.max_epochs), ("cpu", args.cpus_per_trial),
-                         ("gpu", args.gpus_per_trial), ("max_concurrent", args.max_concurrent)):
-        if value is not None:
-            setattr(space, field, value)
-    space.grace_period = min(space.grace_period, space.max_t)
-    for key, value in parse_overrides(args.set).items():
-        _check_flag(f"--set {key}", key, value)
-        space.params.pop(key, None)
-        space.fixed[key] = value
-    if args.data_root:
-        space.fixed["data_root"] = str(Path(args.data_root).expanduser().resolve())
-    if args.skip_bad_images:
-        space.fixed["skip_bad_images"] = True
-    space.fixed["seed"] = args.seed or 0
-    return validate_space(space, origin=f"{space.source} with the command line's overrides")
-
-
-def _check_flag(flag: str, key: str, value) -> None:
-    try:
-        check_value(key, value)
-    except UserError as error:
-        raise UserError(f"{flag}: {error}") from error
-
-
-def check_resume_flags(args) -> None:
-    """A resumed search runs as it was started: a flag it would ignore is refused, not dropped."""
-    given = [flag for attr, flag in SHAPING_FLAGS.items() if getattr(args, attr) not in (None, False, [])]
-    if given:
-        raise UserError(f"--resume continues search {args.resume!r} as it was started, so {given[0]} would be "
-                        f"ignored; remove it, or start a new search with --space")
-
-
-def resume_tracking_uri(args, state: dict) -> str:
-    """The MLflow server the search started with; a different --tracking-uri or $MLFLOW_TRACKING_URI is refused."""
-    from analysis.tracking import normalise_tracking_uri, without_credentials
-
-    stored = state["tracking_uri"]
-    asked = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if asked and without_credentials(normalise_tracking_uri(asked)) != stored:
-        source = "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
-        raise UserError(f"Search {args.resume!r} logs to MLflow at {stored}, but {source} is "
-                        f"{without_credentials(asked)}; a resume must log where the search started: pass "
-                        f"--tracking-uri {stored} or unset {source}")
-    return normalise_tracking_uri(asked) if asked else stored
-
-
-def quiet_libraries(debug: bool) -> None:
-    """MLflow, Ray Tune and Optuna log INFO chatter by default; keep the terminal to our lines."""
-    import mlflow  # noqa: F401  (configures its loggers on import: set levels after)
-    import optuna
-
-    for library in ("mlflow", "ray.tune"):
-        logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
-
-
-def search_tags(space: SearchSpace, seed: int) -> dict:
-    from analysis.tracking import TAG_DATASET, TAG_SEED, TAG_SPACE, TAG_VERSION
-
-    tags = {TAG_SPACE: space.name, TAG_DATASET: space.dataset, TAG_SEED: str(seed),
-            TAG_VERSION: importlib.metadata.version("medtune")}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""  # not a git checkout (an installed copy): no commit to record
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
 def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str, resuming: bool) -> int:
     """Check everything, start Ray, run (or resume) the Tuner, name the winner in MLflow, print where it is."""
     import ray
@@ -180,10 +88,11 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         flat_params,
         get_experiment_id,
         numeric_metrics,
+        search_tags,
         start_search_run,
     )
     from search_spaces.preflight import check_leaks, check_pretrained, check_tracking, load_datasets
-    from search_spaces.tuner import build_tuner, make_trainable, restore_tuner, start_ray
+    from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
 
     quiet_libraries(args.debug)
     storage = storage_root(args.storage)

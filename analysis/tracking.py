@@ -7,9 +7,11 @@ that `tune.py`, the callback and `analysis/` share.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -89,6 +91,20 @@ def check_tracking_uri(uri: str) -> MlflowClient:
     except Exception as error:  # MlflowException, requests errors, sqlalchemy errors
         raise ConnectionError(f"{type(error).__name__}: {str(error).splitlines()[0][:160]}") from error
     return client
+
+
+def search_tags(space, seed: int) -> dict:
+    """The parent run's tags: space, dataset, seed, medtune version and the git commit when there is one."""
+    tags = {TAG_SPACE: space.name, TAG_DATASET: space.dataset, TAG_SEED: str(seed),
+            TAG_VERSION: importlib.metadata.version("medtune")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""  # not a git checkout (an installed copy): no commit to record
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def get_experiment_id(client: MlflowClient, name: str = EXPERIMENT) -> str:

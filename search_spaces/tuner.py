@@ -5,6 +5,7 @@ Ray is imported inside the functions so that `tune.py --help` and every input ch
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ray.tune import Callback
@@ -129,3 +130,13 @@ class ProgressLines(Callback):
 
 def fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def quiet_libraries(debug: bool) -> None:
+    """MLflow, Ray Tune and Optuna log INFO chatter by default; keep the terminal to our lines."""
+    import mlflow  # noqa: F401  (configures its loggers on import: set levels after)
+    import optuna
+
+    for library in ("mlflow", "ray.tune"):
+        logging.getLogger(library).setLevel(logging.DEBUG if debug else logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)

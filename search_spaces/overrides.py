@@ -1,0 +1,77 @@
+"""What the command line may change in a search: overrides of a new search, and what a resume must refuse.
+
+Each flag is checked alone (so the error names the flag), then the whole space again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from search_spaces import SearchSpace, validate_space
+from trainables.config import check_value, parse_overrides
+from trainables.errors import UserError
+
+# Flags that shape a search: a resumed search keeps the ones it started with, so giving one is an error.
+SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_root": "--data-root",
+                 "skip_bad_images": "--skip-bad-images", "num_samples": "--num-samples", "max_epochs": "--max-epochs",
+                 "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
+                 "max_concurrent": "--max-concurrent", "set": "--set", "name": "--name", "seed": "--seed"}
+
+
+
+def apply_overrides(space: SearchSpace, args) -> SearchSpace:
+    """The space with the command line's overrides, each flag checked alone, then the whole space again."""
+    if args.dataset:
+        from trainables.datasets import check_dataset_name
+
+        check_dataset_name(args.dataset)
+        space.dataset = args.dataset
+    if args.image_size is not None:
+        _check_flag("--image-size", "image_size", args.image_size)
+        space.params.pop("image_size", None)
+        space.fixed["image_size"] = args.image_size
+    for field, value in (("num_samples", args.num_samples), ("max_t", args.max_epochs), ("cpu", args.cpus_per_trial),
+                         ("gpu", args.gpus_per_trial), ("max_concurrent", args.max_concurrent)):
+        if value is not None:
+            setattr(space, field, value)
+    space.grace_period = min(space.grace_period, space.max_t)
+    for key, value in parse_overrides(args.set).items():
+        _check_flag(f"--set {key}", key, value)
+        space.params.pop(key, None)
+        space.fixed[key] = value
+    if args.data_root:
+        space.fixed["data_root"] = str(Path(args.data_root).expanduser().resolve())
+    if args.skip_bad_images:
+        space.fixed["skip_bad_images"] = True
+    space.fixed["seed"] = args.seed or 0
+    return validate_space(space, origin=f"{space.source} with the command line's overrides")
+
+
+def _check_flag(flag: str, key: str, value) -> None:
+    try:
+        check_value(key, value)
+    except UserError as error:
+        raise UserError(f"{flag}: {error}") from error
+
+
+def check_resume_flags(args) -> None:
+    """A resumed search runs as it was started: a flag it would ignore is refused, not dropped."""
+    given = [flag for attr, flag in SHAPING_FLAGS.items() if getattr(args, attr) not in (None, False, [])]
+    if given:
+        raise UserError(f"--resume continues search {args.resume!r} as it was started, so {given[0]} would be "
+                        f"ignored; remove it, or start a new search with --space")
+
+
+def resume_tracking_uri(args, state: dict) -> str:
+    """The MLflow server the search started with; a different --tracking-uri or $MLFLOW_TRACKING_URI is refused."""
+    from analysis.tracking import normalise_tracking_uri, without_credentials
+
+    stored = state["tracking_uri"]
+    asked = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if asked and without_credentials(normalise_tracking_uri(asked)) != stored:
+        source = "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
+        raise UserError(f"Search {args.resume!r} logs to MLflow at {stored}, but {source} is "
+                        f"{without_credentials(asked)}; a resume must log where the search started: pass "
+                        f"--tracking-uri {stored} or unset {source}")
+    return normalise_tracking_uri(asked) if asked else stored
