@@ -3,9 +3,10 @@
     python -m analysis.best --search smoke-20261121-101500 --top 5
 
 Trials are ranked by the validation score tune.py optimised (never by test): `best_<metric>`, highest
-first for mode max, lowest first for mode min. Test intervals need the per-image predictions, so each
-listed trial's best checkpoint is scored on the test split again, on the trial's own device and precision
-where this machine has them (analysis.replay; the `logged` column lets you check).
+first for mode max, lowest first for mode min. Test intervals need the per-image predictions: finished trials
+keep them beside their checkpoint (logged to MLflow); for a trial from before that, its best checkpoint is scored
+on the test split again, on the trial's own device and precision where this machine has them (analysis.replay;
+the `logged` column lets you check).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pandas as pd
 
 from analysis import runs
 from analysis.bootstrap import format_ci, metrics_with_ci
+from analysis.description import kept_predictions
 from analysis.replay import replay
 from analysis.tracking import TAG_SEARCH
 from trainables.errors import UserError
@@ -43,8 +45,12 @@ def differing(rows: list, keys: list[str]) -> list[str]:
     return [k for k in keys if len({r.data.params.get(k) for r in rows}) > 1] if len(rows) > 1 else keys
 
 
-def test_cis(run, data_root: str | None, n_resamples: int, seed: int) -> dict | None:
-    """{metric: ci} of the trial's best checkpoint on the test split; None when its checkpoint is gone."""
+def test_cis(client, run, data_root: str | None, n_resamples: int, seed: int) -> dict | None:
+    """{metric: ci} on the test split: from the predictions the finished trial kept, else (a trial logged before
+    trials kept them) by replaying its best checkpoint; None when neither is there."""
+    kept = kept_predictions(client, run)
+    if kept is not None:
+        return metrics_with_ci(kept["task"], kept["labels"], kept["probs"], 0.5, n_resamples, seed=seed)
     try:
         state = runs.checkpoint_state(run)
     except UserError:
@@ -71,7 +77,7 @@ def best_table(client, parent, args) -> pd.DataFrame:
         m = run.data.metrics
         row = {"rank": rank, "trial": runs.trial_label(run) + (" *" if run.info.run_id == best_id else ""),
                **{k: _short(run.data.params.get(k)) for k in columns}, key: f"{m[key]:.4f}"}
-        cis = None if args.no_ci else test_cis(run, args.data_root, args.n_resamples, args.seed)
+        cis = None if args.no_ci else test_cis(client, run, args.data_root, args.n_resamples, args.seed)
         if cis is None:  # --no-ci, or the checkpoint is gone: the logged point values
             row |= {f"test_{name}": f"{m[f'test_{name}']:.3f}" for name in ("acc", "auc") if f"test_{name}" in m}
         else:
