@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler  # noqa: E402
 
-from bench.common import base_parser, machine_line  # noqa: E402
+from bench.common import base_parser, interleaved, machine_line, spread  # noqa: E402
 from trainables.augment import build_minority_transform, build_train_transform  # noqa: E402
 from trainables.batch_augment import DeviceInputs, build_batch_augment  # noqa: E402
 from trainables.config import DEFAULTS  # noqa: E402
@@ -99,15 +99,7 @@ def measure(data_root, size: int, name: str, device: torch.device, repeats: int)
     runs = {"per-sample": lambda: per_sample_rate(sample, device), "batched": lambda: batched_rate(batch, config, size, device)}
     for run in runs.values():
         run()
-    rates: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
-            rates[key].append(run())
-    return rates
-
-
-def summary(rates: list[float]) -> str:
-    return f"median {statistics.median(rates):,.0f} img/s (range {min(rates):,.0f}-{max(rates):,.0f})"
+    return interleaved(runs, repeats)
 
 
 def main() -> None:
@@ -123,8 +115,8 @@ def main() -> None:
         for name in WORKLOADS:
             rates = measure(args.data_root, size, name, device, args.repeats)
             ratios[(size, name)] = statistics.median(rates["batched"]) / statistics.median(rates["per-sample"])
-            print(f"{size} px, {name}: per-sample {summary(rates['per-sample'])}; batched {summary(rates['batched'])}; "
-                  f"batched/per-sample {ratios[(size, name)]:.1f}x", flush=True)
+            print(f"{size} px, {name}: per-sample {spread(rates['per-sample'], 'img/s')}; "
+                  f"batched {spread(rates['batched'], 'img/s')}; batched/per-sample {ratios[(size, name)]:.1f}x", flush=True)
     key = (28, "flip+rotation+jitter") if (28, "flip+rotation+jitter") in ratios else next(iter(ratios))
     print(f"ratio batched/per-sample at {key[0]} px, {key[1]} = {ratios[key]:.1f}x")
 
