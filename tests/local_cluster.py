@@ -44,8 +44,9 @@ def free_port() -> int:
 
 class LocalCluster:
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, log_dir: str | os.PathLike | None = None,
-                 start_timeout: float = 120.0):
+                 start_timeout: float = 120.0, gpus_per_node: int = 0):
         self.nodes, self.cpus_per_node, self.start_timeout = nodes, cpus_per_node, start_timeout
+        self.gpus_per_node = gpus_per_node  # 0: the nodes hide any GPU (tests); the GPU benchmark offers one
         # Ray's unix sockets live under the temp dir and must stay under ~100 characters: keep it short.
         self.root = Path(tempfile.mkdtemp(prefix="mtray-", dir="/tmp"))
         self.log_dir = Path(log_dir) if log_dir else self.root / "logs"
@@ -79,7 +80,7 @@ class LocalCluster:
         return f"127.0.0.{index + 1}"
 
     def _start_node(self, index: int) -> None:
-        common = [f"--num-cpus={self.cpus_per_node}", "--num-gpus=0", f"--node-ip-address={self.node_ip(index)}",
+        common = [f"--num-cpus={self.cpus_per_node}", f"--num-gpus={self.gpus_per_node}", f"--node-ip-address={self.node_ip(index)}",
                   f"--temp-dir={self.root / 'ray'}", f"--labels=medtune-node=node{index}",
                   f"--resources={json.dumps({f'medtune_node{index}': 1})}",
                   f"--dashboard-agent-listen-port={free_port()}", "--block", "--disable-usage-stats"]
