@@ -41,7 +41,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="medtune-ckpt-"))
     subprocess.run([sys.executable, str(Path(args.repo) / "tune.py"), "--space", "smoke", "--num-samples",
                     str(args.num_samples), "--storage", str(workdir / "results"), "--data-root", args.data_root,
-                    "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--name", "ckpt"],
+                    "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--name", "ckpt",
+                    *(["--gpus-per-trial", "0.5", "--set", "device=cuda"] if args.device == "cuda" else [])],
                    cwd=workdir, check=True, stdout=subprocess.DEVNULL)
     sizes = trial_sizes(workdir / "results" / "ckpt", max_t=3)
     for kind, values in sizes.items():

@@ -36,6 +36,8 @@ def main() -> None:
 
     space = yaml.safe_load(args.space.read_text())
     space["fixed"]["device"] = args.device
+    if args.device == "cuda":  # Ray hides GPUs from trials that do not ask for one
+        space["resources"]["gpu"] = 0.5
     seconds, workdir = run_tune(space, "--data-root", args.data_root)
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     best = runs.winner(client, runs.get_search(client, "bench"))
