@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
+from search_spaces.budget import budget_line, budget_spent, parse_duration
 from search_spaces.overrides import apply_overrides, check_resume_flags, resume_tracking_uri
 from search_spaces.state import check_storage, read_state, storage_root, write_state
 from trainables.errors import UserError
@@ -47,6 +49,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="tune.py", description="Hyperparameter search for medical image classification.")
     what = parser.add_mutually_exclusive_group(required=True)
@@ -59,6 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable images (counted and logged) instead of stopping")
     parser.add_argument("--num-samples", type=positive(int), help="number of trials")
+    parser.add_argument("--time-budget", type=duration, metavar="DURATION",
+                        help="keep starting trials until this much time is spent (90s, 30m, 1.5h; a number = seconds); "
+                             "the space's trial count no longer applies unless --num-samples is given too")
     parser.add_argument("--max-epochs", type=positive(int), help="epochs per trial (ASHA max_t)")
     parser.add_argument("--cpus-per-trial", type=positive(float), help="CPUs per trial")
     parser.add_argument("--gpus-per-trial", type=non_negative_float, help="GPUs per trial; fractions share a card")
@@ -115,21 +127,30 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
             client.log_dict(parent_id, leak_detail, "leak_report.json")
             client.log_batch(parent_id, metrics=numeric_metrics(leak_metrics, 0))
             client.log_batch(parent_id, params=flat_params({"space": space.name, "dataset": space.dataset,
-                                                            "num_samples": space.num_samples, "max_t": space.max_t,
+                                                            "num_samples": space.num_samples or "until the budget",
+                                                            "time_budget_s": space.time_budget, "max_t": space.max_t,
                                                             "metric": space.metric, "mode": space.mode, "seed": seed}))
         trainable = make_trainable(space, datasets, gpu)
         if resuming:
             tuner = restore_tuner(space, name, storage, trainable)
         else:
-            callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t)
+            callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t, space.time_budget)
             tuner = build_tuner(space, name, storage, trainable, [callback], seed)
+        started = time.time()
         results = tuner.fit()
-        ranked = rank_results(results, space.metric, space.mode, space.max_t)
+        used = time.time() - started
+        spent = budget_spent(space.time_budget, used)  # then the trials still running were cut by it
+        state = read_state(args.storage, name) or {}
+        if spent and not state.get("budget_spent"):  # kept, so a resume ranks the cut trials as this run did
+            write_state(args.storage, name, {**state, "budget_spent": True})
+        spent = spent or bool(state.get("budget_spent"))
+        ranked = rank_results(results, space.metric, space.mode, space.max_t, spent)
         best = ranked[0] if ranked else None
         live = {r.metrics.get("trial_id") for r in results if r.metrics}
         best_run = close_search(client, parent_id, best.metrics.get("trial_id") if best else None,
                                 best.metrics if best else {}, live)
-        print_summary(ranked, results, list(space.params), space.metric, space.max_t)
+        print_summary(ranked, results, list(space.params), space.metric, space.max_t, budget_spent=spent,
+                      budget=budget_line(space.time_budget, used) if space.time_budget else None)
         publish(client, parent_id, report=not args.no_report)  # the run's description; reports/<name>/report.html
         print(f"\nresults:  {storage}/{name}")
         if best is not None and best.checkpoint is not None:

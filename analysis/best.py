@@ -19,6 +19,7 @@ import pandas as pd
 from analysis import runs
 from analysis.bootstrap import format_ci, metrics_with_ci
 from analysis.description import kept_predictions
+from analysis.ranking import RANKED
 from analysis.replay import replay
 from analysis.tracking import TAG_SEARCH
 from trainables.errors import UserError
@@ -65,8 +66,8 @@ def best_table(client, parent, args) -> pd.DataFrame:
     ranked = runs.ranked_trials(client, parent, space)
     if not ranked:
         name = parent.data.tags.get(TAG_SEARCH)
-        raise UserError(f"Search {name!r} has no trial that trained to the end; resume it (python tune.py --resume "
-                        f"{name}) or run a longer search")
+        raise UserError(f"Search {name!r} has no trial that trained to the end or was cut by its time budget; resume "
+                        f"it (python tune.py --resume {name}) or run a longer search")
     key, _ = runs.selection(parent, space)
     shown = ranked[:args.top]
     keys = runs.searched_keys(space) or sorted({k for r in shown for k in r.data.params})
@@ -104,7 +105,7 @@ def best(args) -> int:
     parent = runs.get_search(client, args.search)
     table = best_table(client, parent, args)
     everything = runs.trials(client, parent)
-    unfinished = sum(r.data.tags.get(runs.TAG_OUTCOME) != "completed" for r in everything)
+    unfinished = sum(r.data.tags.get(runs.TAG_OUTCOME) not in RANKED for r in everything)
     test = "logged values" if args.no_ci else f"value [95% CI], percentile bootstrap, {args.n_resamples} resamples"
     print(f"search {parent.data.tags.get('medtune.search')} (run {parent.info.run_id}): top {len(table)} trials by "
           f"validation ({unfinished} of {len(everything)} stopped early or failed: not listed); * = the winner. "

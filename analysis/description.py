@@ -22,7 +22,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from analysis import runs
 from analysis.bootstrap import format_ci, metric_names, metrics_with_ci
-from analysis.ranking import COMPLETED, FAILED, OUTCOMES, STOPPED_EARLY, rank
+from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, RANKED, STOPPED_EARLY, rank
 from analysis.tracking import TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
 from trainables.figures import PREDICTIONS, read_test_predictions
 from trainables.leaks import format_leak_report
@@ -51,7 +51,7 @@ class Leaderboard:
     keys: list[str]  # the searched config keys
     max_t: int | None  # epochs a trial trains when ASHA lets it
     trials: list  # every trial run
-    rows: list  # the trials in leaderboard order: completed, then stopped early
+    rows: list  # the trials in leaderboard order: completed or cut by budget, then stopped early
     winner: object | None  # the run tune.py named best, or None
     cis: dict = field(default_factory=dict)  # run id -> {metric: {"value", "low", "high"}}
     n_test: int | None = None  # test images the CIs rest on
@@ -73,12 +73,12 @@ def outcome_of(run) -> str:
 
 
 def leaderboard_order(trials: list, objective: str, mode: str) -> list:
-    """Completed trials first (only they were tested and can win), then those ASHA stopped; each group by the
-    validation score with analysis.ranking.rank, the rule tune.py chose the winner by. Failed trials have no score."""
-    def group(outcome: str) -> list:
-        return rank([t for t in trials if outcome_of(t) == outcome], lambda r: r.data.metrics.get(objective, math.nan),
+    """Completed trials and those the time budget cut first (they can win), then those ASHA stopped; each group by
+    the validation score with analysis.ranking.rank, the rule tune.py chose the winner by. Failed trials have no score."""
+    def group(*outcomes: str) -> list:
+        return rank([t for t in trials if outcome_of(t) in outcomes], lambda r: r.data.metrics.get(objective, math.nan),
                     mode, tie=runs.trial_label)
-    return group(COMPLETED) + group(STOPPED_EARLY)
+    return group(*RANKED) + group(STOPPED_EARLY)
 
 
 def kept_predictions(client, run) -> dict | None:
@@ -179,12 +179,12 @@ def tested_cell(board: Leaderboard, run, name: str) -> str:
 
 
 def epochs_cell(run, max_t: int | None) -> str:
-    """`3/3`, or `1/3 stopped by ASHA`: how far the trial trained and why it ended there."""
+    """`3/3`, `1/3 stopped by ASHA` or `2/3 cut by budget`: how far the trial trained and why it ended there."""
     epochs = run.data.metrics.get("epoch")
     done = "?" if epochs is None else str(int(epochs))
     of = f"{done}/{max_t}" if max_t else done
-    return {COMPLETED: of, STOPPED_EARLY: f"{of} stopped by ASHA", FAILED: f"{of} failed"}.get(outcome_of(run),
-                                                                                              f"{of} unfinished")
+    return {COMPLETED: of, STOPPED_EARLY: f"{of} stopped by ASHA", CUT_BY_BUDGET: f"{of} cut by budget",
+            FAILED: f"{of} failed"}.get(outcome_of(run), f"{of} unfinished")
 
 
 def direction(mode: str) -> str:
@@ -223,8 +223,8 @@ def leaderboard_cells(board: Leaderboard, top: int = TOP) -> tuple[list[str], li
 
 def leaderboard_intro(board: Leaderboard) -> str:
     return (f"Ordered by `{board.objective}` on validation ({direction(board.mode)}): trials that trained to the end "
-            "first (only they were tested and can win), then those ASHA stopped. Test columns are reported, never used "
-            f"to choose: value [95 % CI]{ci_note(board)}.")
+            "or were cut by the time budget first (only they can win; a cut trial was not tested), then those ASHA "
+            f"stopped. Test columns are reported, never used to choose: value [95 % CI]{ci_note(board)}.")
 
 
 def leaderboard_table(board: Leaderboard, top: int = TOP) -> list[str]:
@@ -285,8 +285,12 @@ def winner_tests(board: Leaderboard) -> list[tuple[str, str]]:
 
 def outcomes_section(board: Leaderboard) -> list[str]:
     ended = [outcome_of(t) for t in board.trials]
-    parts = [f"{ended.count(o)} {o.replace('_', ' ')}" for o in (*OUTCOMES, UNFINISHED) if ended.count(o) or o in OUTCOMES]
-    lines = ["### How the trials ended", f"{len(ended)} trials: {', '.join(parts)} (stopped early = by ASHA, on validation)."]
+    parts = [f"{ended.count(o)} {o.replace('_', ' ')}" for o in (*OUTCOMES, UNFINISHED)
+             if ended.count(o) or o in (COMPLETED, STOPPED_EARLY, FAILED)]
+    cut = "; cut by budget = running when the search's time budget was spent, its finished epochs count" \
+        if CUT_BY_BUDGET in ended else ""
+    lines = ["### How the trials ended",
+             f"{len(ended)} trials: {', '.join(parts)} (stopped early = by ASHA, on validation{cut})."]
     for run in (t for t in board.trials if outcome_of(t) == FAILED):
         error = (run.data.tags.get(TAG_ERROR) or "no error recorded").replace("|", "\\|")[:200]
         lines.append(f"- `{runs.trial_label(run)}` failed: {error}")

@@ -11,16 +11,22 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
-OUTCOMES = (COMPLETED, STOPPED_EARLY, FAILED)
+CUT_BY_BUDGET = "cut_by_budget"  # running when the search's time budget was spent: Ray stopped it mid-epoch
+OUTCOMES = (COMPLETED, STOPPED_EARLY, CUT_BY_BUDGET, FAILED)
+RANKED = (COMPLETED, CUT_BY_BUDGET)  # can win: the budget, not their score, ended the cut ones (finished epochs count)
 T = TypeVar("T")
 
 
-def outcome(epochs_done: int, max_t: int, failed: bool = False) -> str:
-    """A trial is completed when it trained all `max_t` epochs (it then has test metrics); a trial that
-    stopped before without an error was stopped early by ASHA."""
+def outcome(epochs_done: int, max_t: int, failed: bool = False, marked_done: bool = True,
+            budget_spent: bool = False) -> str:
+    """A trial is completed when it trained all `max_t` epochs (it then has test metrics). One that stopped before
+    without an error was stopped early by ASHA, which marks its last result done; one without that mark, stopped
+    when the search's time budget was spent, was cut by the budget (Ray stops running trials where they are)."""
     if failed:
         return FAILED
-    return COMPLETED if epochs_done >= max_t else STOPPED_EARLY
+    if epochs_done >= max_t:
+        return COMPLETED
+    return CUT_BY_BUDGET if budget_spent and not marked_done else STOPPED_EARLY
 
 
 def selection_key(metric: str) -> str:

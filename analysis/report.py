@@ -48,13 +48,14 @@ from analysis.description import (  # noqa: E402
     short,
     winner_tests,
 )
-from analysis.ranking import COMPLETED, FAILED, STOPPED_EARLY, rank  # noqa: E402
+from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, rank  # noqa: E402
 from analysis.tracking import TAG_SEARCH  # noqa: E402
 from trainables.errors import UserError  # noqa: E402
 
 PAGE = "report.html"
 
-STATES = {COMPLETED: TrialState.COMPLETE, STOPPED_EARLY: TrialState.PRUNED, FAILED: TrialState.FAIL}
+STATES = {COMPLETED: TrialState.COMPLETE, STOPPED_EARLY: TrialState.PRUNED, CUT_BY_BUDGET: TrialState.PRUNED,
+          FAILED: TrialState.FAIL}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -84,15 +85,15 @@ def trials_frame(client, parent, space: dict, keys: list[str], objective: str, m
 
 
 def in_leaderboard_order(frame: pd.DataFrame, objective: str, mode: str) -> pd.DataFrame:
-    """Completed trials by validation score, then the ASHA-stopped ones, then the rest: analysis.ranking.rank, the
-    rule the winner was chosen by (ties by trial id), as on the run's description."""
+    """Completed trials and those cut by the time budget by validation score, then the ASHA-stopped ones, then the
+    rest: analysis.ranking.rank, the rule the winner was chosen by (ties by trial id), as on the run's description."""
     def score(index) -> float:
         value = frame.at[index, objective]
         return math.nan if value is None else float(value)
 
     order = []
-    for group in (frame["outcome"] == COMPLETED, frame["outcome"] == STOPPED_EARLY,
-                  ~frame["outcome"].isin([COMPLETED, STOPPED_EARLY])):
+    for group in (frame["outcome"].isin(RANKED), frame["outcome"] == STOPPED_EARLY,
+                  ~frame["outcome"].isin([*RANKED, STOPPED_EARLY])):
         order += rank(list(frame.index[group]), score, mode, tie=lambda index: frame.at[index, "trial"])
     return frame.loc[order].reset_index(drop=True)
 
@@ -318,7 +319,8 @@ def para(text: str, kind: str = "") -> str:
 
 def summary_section(board: Leaderboard, frame: pd.DataFrame, space: dict) -> str:
     counts = frame["outcome"].value_counts().to_dict()
-    ended = ", ".join(f"{counts.get(o, 0)} {o.replace('_', ' ')}" for o in (COMPLETED, STOPPED_EARLY, FAILED))
+    ended = ", ".join(f"{counts.get(o, 0)} {o.replace('_', ' ')}" for o in (COMPLETED, STOPPED_EARLY, CUT_BY_BUDGET, FAILED)
+                      if counts.get(o) or o != CUT_BY_BUDGET)
     parts = [para(f"Dataset {space.get('dataset', '?')}; {len(frame)} trials: {ended}. Selection: {board.objective} on "
                   f"validation ({'higher' if board.mode == 'max' else 'lower'} is better). Test metrics are reported, never "
                   "used to choose.")]

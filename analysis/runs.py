@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from analysis.ranking import rank, selection_key
+from analysis.ranking import RANKED, rank, selection_key
 from analysis.tracking import (
     PARENT,
     TAG_BEST_RUN,
@@ -144,10 +144,12 @@ def trials(client, parent, outcome: str | None = None) -> list:
 
 
 def ranked_trials(client, parent, space: dict) -> list:
-    """Trials that trained to the end (they have test metrics), best validation score first: `best_<metric>`
-    descending for mode max, ascending for mode min; ties by trial id (analysis.ranking, tune.py's own rule)."""
+    """Trials that trained to the end (they have test metrics) or were cut by the time budget, best validation score
+    first: `best_<metric>` descending for mode max, ascending for mode min; ties by trial id (analysis.ranking,
+    tune.py's own rule)."""
     key, mode = selection(parent, space)
-    done = [r for r in trials(client, parent, "completed") if not math.isnan(r.data.metrics.get(key, math.nan))]
+    done = [r for r in trials(client, parent) if r.data.tags.get(TAG_OUTCOME) in RANKED
+            and not math.isnan(r.data.metrics.get(key, math.nan))]
     return rank(done, lambda r: r.data.metrics[key], mode, tie=trial_label)
 
 

@@ -21,14 +21,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from analysis.ranking import FAILED, outcome
+from analysis.ranking import CUT_BY_BUDGET, FAILED, outcome
 from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
 
 EXPERIMENT = "medtune"
 TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
 TAG_ROLE = "medtune.role"  # "search" (parent) or "trial"
 TAG_TRIAL = "medtune.trial_id"  # Ray's trial id: a resumed trial finds its run again
-TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | failed
+TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | cut_by_budget | failed
 TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
 TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
 TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
@@ -173,14 +173,18 @@ class MLflowTrialCallback(Callback):
     """Mirror every trial into a run nested under the search's parent run.
 
     Params at start, one metric step per epoch, and at the end the trial's report files (read from its
-    final checkpoint on shared storage), the checkpoint URI and how the trial ended.
+    final checkpoint on shared storage), the checkpoint URI and how the trial ended. Ray calls no trial hook for
+    the trials it stops when the time budget is spent, so the experiment's end closes those (cut by budget).
     """
 
-    def __init__(self, tracking_uri: str, parent_run_id: str, search: str, max_t: int):
+    def __init__(self, tracking_uri: str, parent_run_id: str, search: str, max_t: int,
+                 time_budget_s: float | None = None):
         self.tracking_uri, self.parent_run_id, self.search, self.max_t = tracking_uri, parent_run_id, search, max_t
+        self.time_budget_s = time_budget_s
         self._runs: dict[str, str] = {}
 
     def setup(self, **info):
+        self._started = time.time()  # before Ray's budget clock starts (its first step), as is a resume's
         self.client = MlflowClient(self.tracking_uri)
         parent = self.client.get_run(self.parent_run_id)
         for run in trial_runs(self.client, parent):  # a resumed search finds its trials' runs again
@@ -206,9 +210,23 @@ class MLflowTrialCallback(Callback):
         self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t))
+
+    def on_experiment_end(self, trials, **info):
+        budget = getattr(self, "time_budget_s", None)  # None in a callback pickled before budgets existed
+        spent = budget is not None and time.time() - self._started >= budget
+        for trial in trials:
+            if trial.status != "TERMINATED":
+                continue
+            ended = outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t,
+                            marked_done=bool(trial.last_result.get("done")), budget_spent=spent)
+            if ended == CUT_BY_BUDGET:
+                self._close(trial, ended)
+
+    def _close(self, trial, ended: str) -> None:
+        """Tag how the trial ended, log its report files and checkpoint URI, and finish its run."""
         run_id = self._run_id(trial)
-        epochs = int(trial.last_result.get("training_iteration", 0))
-        tags = [RunTag(TAG_OUTCOME, outcome(epochs, self.max_t))]
+        tags = [RunTag(TAG_OUTCOME, ended)]
         checkpoint = trial.checkpoint
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))

@@ -7,7 +7,8 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     dataset: pneumoniamnist            # registered name or kind:PATH
     metric: val_auc                    # validation metric to optimise (never a test_ metric)
     mode: max
-    num_samples: 8                     # trials
+    num_samples: 8                     # trials (default 8; with a time_budget and no num_samples: no limit)
+    time_budget: 30m                   # optional: keep proposing trials until spent (90s, 30m, 1.5h, seconds)
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
     max_failures: 1                    # retries per trial (FailureConfig); 0 = none
     scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = epochs
@@ -29,11 +30,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
+from search_spaces.budget import parse_duration
 from trainables.config import DEFAULTS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
 from trainables.errors import UserError
 
@@ -115,7 +117,8 @@ class SpaceFile(_Strict):
     dataset: str
     metric: str = "val_auc"
     mode: Literal["max", "min"] = "max"
-    num_samples: PositiveInt = 8
+    num_samples: PositiveInt | None = None  # None: 8, or no limit when a time_budget is given
+    time_budget: Annotated[float, BeforeValidator(parse_duration)] | None = None  # seconds
     max_concurrent: PositiveInt = 2
     max_failures: NonNegativeInt = 1
     scheduler: Scheduler = Scheduler()
@@ -134,7 +137,8 @@ class SearchSpace:
     dataset: str
     metric: str = "val_auc"
     mode: str = "max"
-    num_samples: int = 8
+    num_samples: int | None = 8  # None: no limit, the time budget ends the search
+    time_budget: float | None = None  # seconds; Ray Tune's time_budget_s
     max_concurrent: int = 2
     max_failures: int = 1
     max_t: int = 3
@@ -173,8 +177,8 @@ class SearchSpace:
     def as_dict(self) -> dict:
         """The resolved space, as YAML would state it (logged with every search)."""
         return {"description": self.description, "dataset": self.dataset, "metric": self.metric, "mode": self.mode,
-                "num_samples": self.num_samples, "max_concurrent": self.max_concurrent,
-                "max_failures": self.max_failures,
+                "num_samples": self.num_samples, **({"time_budget": self.time_budget} if self.time_budget else {}),
+                "max_concurrent": self.max_concurrent, "max_failures": self.max_failures,
                 "scheduler": {"kind": self.scheduler, "max_t": self.max_t, "grace_period": self.grace_period,
                               "reduction_factor": self.reduction_factor},
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "fixed": self.fixed, "params": self.params,
@@ -232,7 +236,8 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
         raise UserError(f"{origin}: {where}: {_space_problem(error, first)}") from error
     space = SearchSpace(
         name=path.stem, source=path, description=typed.description, dataset=typed.dataset, metric=typed.metric,
-        mode=typed.mode, num_samples=typed.num_samples, max_concurrent=typed.max_concurrent,
+        mode=typed.mode, num_samples=trial_count(typed), time_budget=typed.time_budget,
+        max_concurrent=typed.max_concurrent,
         max_failures=typed.max_failures, max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
         reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind, cpu=typed.resources.cpu,
         gpu=typed.resources.gpu, fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
@@ -241,6 +246,13 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
     )
     check_trial_configs(space, typed, origin)
     return space
+
+
+def trial_count(typed: SpaceFile) -> int | None:
+    """`num_samples` as given; unset, 8 trials, or no limit when a time budget ends the search instead."""
+    if typed.num_samples is not None:
+        return typed.num_samples
+    return None if typed.time_budget is not None else 8
 
 
 def _space_problem(error: ValidationError, first: dict) -> str:

@@ -16,7 +16,8 @@ from trainables.errors import UserError
 SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_root": "--data-root",
                  "skip_bad_images": "--skip-bad-images", "num_samples": "--num-samples", "max_epochs": "--max-epochs",
                  "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
-                 "max_concurrent": "--max-concurrent", "set": "--set", "name": "--name", "seed": "--seed"}
+                 "max_concurrent": "--max-concurrent", "set": "--set", "name": "--name", "seed": "--seed",
+                 "time_budget": "--time-budget"}
 
 
 
@@ -31,6 +32,8 @@ def apply_overrides(space: SearchSpace, args) -> SearchSpace:
         _check_flag("--image-size", "image_size", args.image_size)
         space.params.pop("image_size", None)
         space.fixed["image_size"] = args.image_size
+    if args.time_budget is not None:  # the budget ends the search, not the space's trial count (unless given too)
+        space.time_budget, space.num_samples = args.time_budget, args.num_samples
     for field, value in (("num_samples", args.num_samples), ("max_t", args.max_epochs), ("cpu", args.cpus_per_trial),
                          ("gpu", args.gpus_per_trial), ("max_concurrent", args.max_concurrent)):
         if value is not None:

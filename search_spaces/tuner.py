@@ -63,7 +63,7 @@ def make_searcher(space: SearchSpace, seed: int):
 
     if not space.params and not space.variants:
         return None  # nothing to search: run the fixed config num_samples times
-    startup = max(2, min(10, space.num_samples // 3))
+    startup = max(2, min(10, (space.num_samples or 30) // 3))  # no trial count (a time budget): 10
     return OptunaSearch(metric=selection_key(space.metric), mode=space.mode,
                         points_to_evaluate=space.points_to_evaluate or None,
                         sampler=TPESampler(seed=seed, n_startup_trials=startup))
@@ -89,7 +89,8 @@ def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callback
     )
     return tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
                       tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed), scheduler=make_scheduler(space),
-                                                  num_samples=space.num_samples,
+                                                  num_samples=space.num_samples or -1,  # -1: until the budget
+                                                  time_budget_s=space.time_budget,
                                                   max_concurrent_trials=space.max_concurrent,
                                                   trial_name_creator=trial_name, trial_dirname_creator=trial_name))
 
