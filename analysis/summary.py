@@ -34,10 +34,13 @@ def print_summary(ranked: list, results, searched: list[str], metric: str, max_t
     if budget:
         print(budget)
     key = selection_key(metric)
+
+    def epochs(result) -> str:  # `2 cut`: the epochs a trial the budget cut had finished
+        cut = result_outcome(result, max_t, budget_spent) == CUT_BY_BUDGET
+        return f"{result.metrics.get('training_iteration')}{' cut' if cut else ''}"
+
     header = ["trial", *searched, "epochs", key, "test_auc", "test_acc"]
-    rows = [[r.metrics.get("trial_id", "?"), *[fmt(r.config.get(p)) for p in searched],
-             str(r.metrics.get("training_iteration")) + (" cut" if result_outcome(r, max_t, budget_spent) == CUT_BY_BUDGET
-                                                         else ""),
+    rows = [[r.metrics.get("trial_id", "?"), *[fmt(r.config.get(p)) for p in searched], epochs(r),
              fmt(r.metrics.get(key)), fmt(r.metrics.get("test_auc")),
              fmt(r.metrics.get("test_acc"))] for r in ranked[:top]]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
