@@ -1,0 +1,202 @@
+"""A search's time budget: how it is written, what it overrides, and the "cut by budget" outcome everywhere."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import yaml
+
+import tune
+from analysis.description import epochs_cell, leaderboard_order, outcomes_section
+from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY, outcome
+from analysis.summary import print_summary, rank_results, result_outcome
+from analysis.tracking import TAG_CHECKPOINT, TAG_OUTCOME, TAG_TRIAL, MLflowTrialCallback
+from search_spaces import load_space, parse_space
+from search_spaces.budget import budget_line, parse_duration
+from search_spaces.overrides import apply_overrides, check_resume_flags
+from trainables.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = {"description": "x", "dataset": "pneumoniamnist", "fixed": {"model": "simple_cnn"}}
+
+
+# --- writing a budget ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("1.5h", 5400), ("45", 45), (600, 600),
+                                           (" 2 M ", 120), (0.5, 0.5)])
+def test_a_budget_is_seconds_minutes_hours_or_a_plain_number_of_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "30min", "-3m", "0", "0s", "1e3", "", True, float("inf")])
+def test_a_budget_that_is_not_a_positive_duration_is_refused(text):
+    with pytest.raises(ValueError, match="time budget"):
+        parse_duration(text)
+
+
+def run_tune(capsys, *argv) -> tuple[int, str]:
+    try:
+        code = tune.main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_a_bad_budget_is_one_line_exit_2_before_anything_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_tune(capsys, "--space", "smoke", "--time-budget", "10 minutes")
+    assert code == 2 and err.count("\n") == 1 and "argument --time-budget: time budget '10 minutes'" in err, err
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**SPACE, "time_budget": "-5m"}))
+    code, err = run_tune(capsys, "--space", tmp_path / "mine.yaml")
+    assert code == 2 and err.count("\n") == 1 and "mine.yaml: time_budget: time budget '-5m'" in err, err
+    assert not (tmp_path / "medtune_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_space_with_a_budget_and_no_trial_count_runs_until_the_budget_and_both_apply_when_both_are_given():
+    alone = parse_space({**SPACE, "time_budget": "30m"}, Path("a.yaml"))
+    assert (alone.time_budget, alone.num_samples) == (1800, None)
+    both = parse_space({**SPACE, "time_budget": 90, "num_samples": 4}, Path("b.yaml"))
+    assert (both.time_budget, both.num_samples) == (90, 4)
+    neither = parse_space(SPACE, Path("c.yaml"))
+    assert (neither.time_budget, neither.num_samples) == (None, 8) and "time_budget" not in neither.as_dict()
+    again = parse_space(alone.as_dict(), Path("a.yaml"))  # the state file's copy, as --resume reads it
+    assert (again.time_budget, again.num_samples) == (1800, None)
+
+
+def test_the_command_line_budget_replaces_the_space_trial_count_unless_num_samples_is_given_too():
+    parser = tune.get_args_parser()
+    space = apply_overrides(load_space("smoke"), parser.parse_args(["--space", "smoke", "--time-budget", "4m"]))
+    assert (space.time_budget, space.num_samples) == (240, None)
+    space = apply_overrides(load_space("smoke"),
+                            parser.parse_args(["--space", "smoke", "--time-budget", "1.5h", "--num-samples", "3"]))
+    assert (space.time_budget, space.num_samples) == (5400, 3)
+
+
+def test_resume_refuses_a_new_budget():
+    args = tune.get_args_parser().parse_args(["--resume", "old", "--time-budget", "30m"])
+    with pytest.raises(UserError, match="--resume continues search 'old' as it was started, so --time-budget would"):
+        check_resume_flags(args)
+
+
+# --- the outcome rule and where it shows ---------------------------------------------------------
+
+def test_a_trial_is_cut_by_budget_only_without_a_done_mark_short_of_max_t_and_with_the_budget_spent():
+    assert outcome(1, 3, marked_done=False, budget_spent=True) == CUT_BY_BUDGET
+    assert outcome(0, 3, marked_done=False, budget_spent=True) == CUT_BY_BUDGET  # cut before its first epoch
+    assert outcome(1, 3, marked_done=True, budget_spent=True) == STOPPED_EARLY  # ASHA marks its stops done
+    assert outcome(3, 3, marked_done=False, budget_spent=True) == COMPLETED  # its last epoch was in
+    assert outcome(1, 3, marked_done=False, budget_spent=False) == STOPPED_EARLY  # no budget: as before
+    assert outcome(1, 3, failed=True, marked_done=False, budget_spent=True) == FAILED
+
+
+def result(trial_id, epochs, best, done, error=None, lr=0.1, **metrics):
+    return SimpleNamespace(metrics={"trial_id": trial_id, "training_iteration": epochs, "best_val_auc": best,
+                                    "done": done, **metrics}, error=error, config={"lr": lr})
+
+
+RESULTS = [result("a", 3, 0.90, True, test_auc=0.88), result("b", 1, 0.80, True),  # completed; stopped by ASHA
+           result("c", 2, 0.95, False), result("d", 1, 0.99, False, error=RuntimeError("nan")),  # cut; failed
+           result("e", 1, 0.97, True)]  # stopped by ASHA with a high score: it does not rank
+
+
+def test_cut_trials_rank_with_completed_ones_on_their_best_validation_score():
+    ranked = rank_results(RESULTS, "val_auc", "max", 3, budget_spent=True)
+    assert [r.metrics["trial_id"] for r in ranked] == ["c", "a"]
+    assert [r.metrics["trial_id"] for r in rank_results(RESULTS, "val_auc", "max", 3)] == ["a"]  # no budget spent
+    assert [result_outcome(r, 3, True) for r in RESULTS] == [COMPLETED, STOPPED_EARLY, CUT_BY_BUDGET, FAILED,
+                                                             STOPPED_EARLY]
+
+
+def test_summary_counts_cut_trials_apart_and_states_the_budget_used(capsys):
+    ranked = rank_results(RESULTS, "val_auc", "max", 3, budget_spent=True)
+    print_summary(ranked, RESULTS, ["lr"], "val_auc", 3, budget=budget_line(240, 246), budget_spent=True)
+    out = capsys.readouterr().out
+    assert "5 trials: 1 completed, 2 stopped early by ASHA, 1 cut by budget, 1 failed" in out
+    assert "time budget: 4m, used 4.1m (102 %)" in out
+    assert "2 cut" in out.split("best_val_auc")[1]  # its epochs column
+    assert "best test metrics: none yet (cut by the budget after 2 epochs)" in out
+
+
+class RecordingClient:
+    """The few MlflowClient calls the callback makes when a trial ends, recorded."""
+
+    def __init__(self):
+        self.tags, self.ended = {}, {}
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.tags.setdefault(run_id, {}).update({t.key: t.value for t in tags})
+
+    def set_terminated(self, run_id, status):
+        self.ended[run_id] = status
+
+    def log_artifact(self, run_id, path):
+        pass
+
+
+def ray_trial(trial_id, status, epochs, done):
+    return SimpleNamespace(trial_id=trial_id, status=status, checkpoint=None,
+                           last_result={"training_iteration": epochs, "done": done})
+
+
+@pytest.mark.parametrize("spent", [True, False])
+def test_mlflow_tags_the_trials_ray_stopped_at_the_budget_and_only_those(spent):
+    callback = MLflowTrialCallback("sqlite:///unused.db", "parent", "s", max_t=3, time_budget_s=60)
+    callback.client, callback._started = RecordingClient(), time.time() - (61 if spent else 30)
+    callback._runs = {t: f"run-{t}" for t in "abcd"}
+    callback.on_experiment_end(trials=[ray_trial("a", "TERMINATED", 3, True), ray_trial("b", "TERMINATED", 1, True),
+                                       ray_trial("c", "TERMINATED", 2, False), ray_trial("d", "ERROR", 1, False)])
+    expected = {"run-c": {TAG_OUTCOME: CUT_BY_BUDGET}} if spent else {}
+    assert callback.client.tags == expected  # a, b were closed by on_trial_complete; d by on_trial_error
+    assert callback.client.ended == ({"run-c": "FINISHED"} if spent else {})
+
+
+def run(trial_id, outcome_tag, best, epochs):
+    return SimpleNamespace(info=SimpleNamespace(run_id=f"run-{trial_id}"),
+                           data=SimpleNamespace(tags={TAG_TRIAL: trial_id, TAG_OUTCOME: outcome_tag},
+                                                metrics={"best_val_auc": best, "epoch": epochs}, params={}))
+
+
+def test_the_description_ranks_cut_trials_with_completed_ones_and_says_why_they_ended():
+    runs = [run("a", COMPLETED, 0.90, 3), run("b", STOPPED_EARLY, 0.99, 1), run("c", CUT_BY_BUDGET, 0.95, 2)]
+    assert [r.data.tags[TAG_TRIAL] for r in leaderboard_order(runs, "best_val_auc", "max")] == ["c", "a", "b"]
+    assert epochs_cell(runs[2], 3) == "2/3 cut by budget"
+    board = SimpleNamespace(trials=runs)
+    assert "3 trials: 1 completed, 1 stopped early, 1 cut by budget, 0 failed" in outcomes_section(board)[1]
+
+
+# --- one real search under a budget ----------------------------------------------------------------
+
+TINY = """\
+description: a search that the time budget ends
+dataset: pneumoniamnist
+max_concurrent: 2
+max_failures: 0
+scheduler: {max_t: 100, grace_period: 50, reduction_factor: 2}
+resources: {cpu: 1}
+fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
+params:
+  lr: {loguniform: [1.0e-3, 0.1]}
+"""
+
+
+@pytest.mark.integration
+def test_a_budgeted_search_cuts_its_running_trials_and_still_names_a_winner(tmp_path, medmnist_root):
+    (tmp_path / "budget.yaml").write_text(TINY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp_path / "budget.yaml"), "--name", "budgeted",
+               "--time-budget", "20s", "--storage", str(tmp_path / "results"), "--data-root", str(medmnist_root),
+               "--tracking-uri", uri, "--no-report"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "time budget: 20s, used" in done.stdout and "2 cut by budget" in done.stdout, done.stdout
+    client = mlflow.MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("medtune").experiment_id], max_results=100)
+    cut = [r for r in found if r.data.tags.get(TAG_OUTCOME) == CUT_BY_BUDGET]
+    assert len(cut) == 2 and all(r.info.status == "FINISHED" for r in cut)
+    winner = next(r for r in found if r.data.tags.get("medtune.best_trial") == "true")
+    assert winner in cut and TAG_CHECKPOINT in winner.data.tags  # the best of the cut trials, by validation
+    assert winner.data.metrics["best_val_auc"] == max(r.data.metrics["best_val_auc"] for r in cut)
