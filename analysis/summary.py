@@ -16,9 +16,10 @@ def result_outcome(result, max_t: int, budget_spent: bool = False) -> str:
 
 
 def rank_results(results, metric: str, mode: str, max_t: int, budget_spent: bool = False) -> list:
-    """Completed trials and those the time budget cut, best validation score first: the rule analysis/ uses."""
+    """Completed trials and those the time budget cut after an epoch or more, best validation score first: the
+    rule analysis/ uses (a trial cut before its first epoch has no score)."""
     key = selection_key(metric)
-    done = [r for r in results if result_outcome(r, max_t, budget_spent) in RANKED]
+    done = [r for r in results if result_outcome(r, max_t, budget_spent) in RANKED and key in (r.metrics or {})]
     return rank(done, lambda r: r.metrics.get(key, float("nan")), mode, tie=lambda r: str(r.metrics.get("trial_id")))
 
 
@@ -40,7 +41,7 @@ def print_summary(ranked: list, results, searched: list[str], metric: str, max_t
         return f"{result.metrics.get('training_iteration')}{' cut' if cut else ''}"
 
     header = ["trial", *searched, "epochs", key, "test_auc", "test_acc"]
-    rows = [[r.metrics.get("trial_id", "?"), *[fmt(r.config.get(p)) for p in searched], epochs(r),
+    rows = [[r.metrics.get("trial_id", "?"), *[fmt((r.config or {}).get(p)) for p in searched], epochs(r),
              fmt(r.metrics.get(key)), fmt(r.metrics.get("test_auc")),
              fmt(r.metrics.get("test_acc"))] for r in ranked[:top]]
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
