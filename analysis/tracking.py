@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from analysis.ranking import FAILED, outcome
-from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
+from trainables.figures import ARTIFACTS, OOF_PREDICTIONS
 
 EXPERIMENT = "medtune"
 TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
@@ -213,7 +213,7 @@ class MLflowTrialCallback(Callback):
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
             with checkpoint.as_directory() as directory:
-                for name in TRIAL_ARTIFACTS:  # written by trainables.figures
+                for name in (*ARTIFACTS, OOF_PREDICTIONS):  # written by trainables.figures (OOF: CV trials)
                     if (Path(directory) / name).exists():
                         self.client.log_artifact(run_id, str(Path(directory) / name))
         self.client.log_batch(run_id, tags=tags)

@@ -10,6 +10,7 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     num_samples: 8                     # trials
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
     max_failures: 1                    # retries per trial (FailureConfig); 0 = none
+    cv_folds: 1                        # K > 1: every trial trains K fold models (trainables/cv.py); 1..20
     scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = epochs
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
     fixed: {model: resnet18, ...}      # trainables/config.py keys
@@ -34,11 +35,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
-from trainables.config import DEFAULTS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
+from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
 from trainables.errors import UserError
 
 SPACES_DIR = Path(__file__).resolve().parent
-SET_BY_SPACE = ("dataset", "epochs", "metric", "mode")  # trial keys the space's top-level keys decide
+SET_BY_SPACE = ("dataset", "epochs", "metric", "mode", "cv_folds")  # trial keys the space's top-level keys decide
 
 
 class _Strict(BaseModel):
@@ -118,6 +119,7 @@ class SpaceFile(_Strict):
     num_samples: PositiveInt = 8
     max_concurrent: PositiveInt = 2
     max_failures: NonNegativeInt = 1
+    cv_folds: int = Field(1, ge=1, le=MAX_CV_FOLDS)  # cross-validated trials: K fold models each, val_* = fold mean
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()
     fixed: dict[str, Any] = {}
@@ -137,6 +139,7 @@ class SearchSpace:
     num_samples: int = 8
     max_concurrent: int = 2
     max_failures: int = 1
+    cv_folds: int = 1
     max_t: int = 3
     grace_period: int = 1
     reduction_factor: int = 2
@@ -161,7 +164,8 @@ class SearchSpace:
 
     def base_config(self) -> dict:
         """The fixed part of every trial's config."""
-        return {**self.fixed, "dataset": self.dataset, "epochs": self.max_t, "metric": self.metric, "mode": self.mode}
+        return {**self.fixed, "dataset": self.dataset, "epochs": self.max_t, "metric": self.metric, "mode": self.mode,
+                "cv_folds": self.cv_folds}
 
     def param_space(self) -> dict:
         """Fixed values plus Ray Tune domains, for `Tuner(param_space=...)` with OptunaSearch."""
@@ -174,7 +178,7 @@ class SearchSpace:
         """The resolved space, as YAML would state it (logged with every search)."""
         return {"description": self.description, "dataset": self.dataset, "metric": self.metric, "mode": self.mode,
                 "num_samples": self.num_samples, "max_concurrent": self.max_concurrent,
-                "max_failures": self.max_failures,
+                "max_failures": self.max_failures, **({"cv_folds": self.cv_folds} if self.cv_folds > 1 else {}),
                 "scheduler": {"kind": self.scheduler, "max_t": self.max_t, "grace_period": self.grace_period,
                               "reduction_factor": self.reduction_factor},
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "fixed": self.fixed, "params": self.params,
@@ -233,7 +237,8 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
     space = SearchSpace(
         name=path.stem, source=path, description=typed.description, dataset=typed.dataset, metric=typed.metric,
         mode=typed.mode, num_samples=typed.num_samples, max_concurrent=typed.max_concurrent,
-        max_failures=typed.max_failures, max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
+        max_failures=typed.max_failures, cv_folds=typed.cv_folds, max_t=typed.scheduler.max_t,
+        grace_period=typed.scheduler.grace_period,
         reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind, cpu=typed.resources.cpu,
         gpu=typed.resources.gpu, fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
         variants={k: dict(v) for k, v in typed.variants.items()},
@@ -271,7 +276,7 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
                 raise fail(f"{section}.{key}", "unknown config key; valid keys: see trainables/config.py")
             if key in SET_BY_SPACE:
                 raise fail(f"{section}.{key}", "is set by the space's top-level keys (dataset, scheduler.max_t, "
-                                               "metric, mode); set it there")
+                                               "metric, mode, cv_folds); set it there")
     overlap = set(space.fixed) & set(space.params)
     if overlap:
         raise fail(f"params.{sorted(overlap)[0]}", "is both fixed and searched; keep one")
