@@ -170,3 +170,29 @@ def test_one_fold_is_todays_single_split(toy, monkeypatch):
     assert len(splits) == 2 and all(np.array_equal(a, b) for split in splits for a, b in zip(split, official))
     assert "folds" not in final.state and "oof" not in final.state and "model" in final.state
     assert final.metrics == {**default.metrics, "epoch_seconds": final.metrics["epoch_seconds"]}
+
+
+def test_the_ray_trainable_writes_fold_files_and_out_of_fold_predictions(monkeypatch):
+    from pathlib import Path
+
+    from ray import tune
+
+    from trainables import ray_trainable
+    from trainables.figures import OOF_PREDICTIONS
+
+    written = []
+
+    def report(metrics, checkpoint):
+        with checkpoint.as_directory() as directory:
+            written.append(sorted(p.name for p in Path(directory).iterdir()))
+            if OOF_PREDICTIONS in written[-1]:
+                with np.load(Path(directory) / OOF_PREDICTIONS, allow_pickle=False) as kept:
+                    written.append(kept["index"])
+
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", report)
+    data, config = toy_dataset(groups=True), {**CV, "cv_folds": 2, "epochs": 1}
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(loop.resolve_config(config)): data})
+    files, index = written
+    assert {FILENAME, "fold0.pt", "fold1.pt", OOF_PREDICTIONS} <= set(files)
+    assert np.array_equal(index, np.arange(len(data.dev)))
