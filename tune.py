@@ -75,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-trial", type=positive(float), help="CPUs per trial")
     parser.add_argument("--gpus-per-trial", type=non_negative_float, help="GPUs per trial; fractions share a card")
     parser.add_argument("--max-concurrent", type=positive(int), help="trials running at once")
+    parser.add_argument("--cv-folds", type=positive(int), metavar="K",
+                        help="cross-validated trials: K fold models of the development pool each, ranked and stopped "
+                             "on the fold mean (1..20; default the space's cv_folds, 1 = one validation split)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fix a trial config key (YAML value)")
     parser.add_argument("--address", help="join a running Ray cluster (e.g. auto); default: start a local one")
     parser.add_argument("--storage", default="medtune_results",
@@ -103,7 +106,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         search_tags,
         start_search_run,
     )
-    from search_spaces.preflight import check_leaks, check_pretrained, check_tracking, load_datasets
+    from search_spaces.preflight import check_folds, check_leaks, check_pretrained, check_tracking, load_datasets
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
 
     quiet_libraries(args.debug)
@@ -111,6 +114,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     check_storage(args.storage)
     datasets = load_datasets(space)
     check_pretrained(space, datasets)
+    check_folds(space, datasets, seed)
     leak_metrics, leak_detail = check_leaks(space, datasets, seed)
     client = check_tracking(tracking_uri)  # after the data: a local store is created by this check
     tracking_uri = client.tracking_uri  # without credentials: they stay in this process's environment
@@ -129,6 +133,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
             client.log_batch(parent_id, params=flat_params({"space": space.name, "dataset": space.dataset,
                                                             "num_samples": space.num_samples or "until the budget",
                                                             "time_budget_s": space.time_budget, "max_t": space.max_t,
+                                                            "cv_folds": space.cv_folds,
                                                             "metric": space.metric, "mode": space.mode, "seed": seed}))
         trainable = make_trainable(space, datasets, gpu)
         if resuming:

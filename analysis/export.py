@@ -77,6 +77,14 @@ def fit_decision(val_logits: np.ndarray, val_labels: np.ndarray, task: str, clas
     return decision
 
 
+def decision_data(state: dict, rep: Replay) -> tuple[np.ndarray, np.ndarray]:
+    """What the threshold and temperature are fitted on: a cross-validated trial's out-of-fold predictions (every
+    development image, scored by the fold model that held it out), else the trial's validation split replayed."""
+    if "oof" in state:
+        return state["oof"]["logits"].numpy(), state["oof"]["labels"].numpy()
+    return rep.logits(rep.model, rep.val)
+
+
 def calibration_report(logits: np.ndarray, labels: np.ndarray, task: str, temperature: float) -> dict:
     before, after = probabilities(task, logits), calibrated(logits, task, temperature)
     return {"ece_before": expected_calibration_error(labels, before, task),
@@ -332,8 +340,9 @@ Precision change: {_change_text(metrics['precision_change'])}.
 
 ## Calibration
 
-Temperature scaling: logits are divided by T = {decision['temperature']:.4f}, fitted on the validation split by
-minimising the negative log-likelihood. Expected calibration error ({ECE_BINS} equal-width bins, top label):
+Temperature scaling: logits are divided by T = {decision['temperature']:.4f}, fitted on
+{decision.get('fitted_on', 'the validation split')} by minimising the negative log-likelihood. Expected calibration
+error ({ECE_BINS} equal-width bins, top label):
 
 {_table(['split', 'ECE before', 'ECE after', 'NLL before', 'NLL after'],
         [[s, f"{cal[s]['ece_before']:.4f}", f"{cal[s]['ece_after']:.4f}", f"{cal[s]['nll_before']:.4f}",
@@ -384,8 +393,10 @@ def export(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    val_logits, val_labels = rep.logits(rep.model, rep.val)  # validation only: threshold and temperature
+    val_logits, val_labels = decision_data(state, rep)  # validation only: threshold and temperature
     decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity)
+    decision["fitted_on"] = (f"out-of-fold predictions of the {len(state['folds'])} fold models ({len(val_labels)} "
+                             "development images)" if "oof" in state else f"the validation split ({len(val_labels)} images)")
     prep = preprocessing(state, rep, out)
     module = save_model(rep.model, architecture(rep), out)
     shipped = load_model(out)  # the exported model exactly as analysis.predict loads it

@@ -25,7 +25,7 @@ from trainables.checkpoint import best_weights
 from trainables.datasets import Dataset, ImageSet, load_dataset
 from trainables.errors import UserError
 from trainables.normalization import Normalization
-from trainables.splits import train_val_indices
+from trainables.splits import development_splits
 from trainables.train import build_model, eval_loader, predict_logits
 
 CPU = torch.device("cpu")
@@ -125,8 +125,8 @@ def replay(state: dict, data_root: str | None = None) -> Replay:
     if meta and (list(meta.get("class_names", [])) != list(dataset.class_names) or meta.get("task") != dataset.task):
         raise UserError(f"The data at {data_root or config.get('data_root')} is not the data the trial trained on "
                         f"(classes {meta.get('class_names')} expected); pass the right --data-root")
-    train_index, val_index = train_val_indices(dataset, config["split_ratio"], int(config["seed"]),
-                                               split_version=split_version)
+    # a cross-validated trial: the split of the fold model its best weights are (the one that scored test)
+    train_index, val_index = development_splits(dataset, config)[int(state.get("best_fold", 0))]
     model = build_model({**config, "pretrained": False}, dataset)  # the weights come from the checkpoint
     model.load_state_dict(best_weights(state))  # never the last epoch's weights in their place
     trial = trial_setting(state)

@@ -23,6 +23,7 @@ from ray.tune import Callback
 
 from analysis.ranking import CUT_BY_BUDGET, FAILED, outcome
 from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
+from trainables.figures import OOF_PREDICTIONS
 
 EXPERIMENT = "medtune"
 TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
@@ -231,7 +232,7 @@ class MLflowTrialCallback(Callback):
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
             with checkpoint.as_directory() as directory:
-                for name in TRIAL_ARTIFACTS:  # written by trainables.figures
+                for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS):  # written by trainables.figures (OOF: CV trials)
                     if (Path(directory) / name).exists():
                         self.client.log_artifact(run_id, str(Path(directory) / name))
         self.client.log_batch(run_id, tags=tags)

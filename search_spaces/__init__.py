@@ -11,6 +11,7 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     time_budget: 30m                   # optional: keep proposing trials until spent (90s, 30m, 1.5h, seconds)
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
     max_failures: 1                    # retries per trial (FailureConfig); 0 = none
+    cv_folds: 1                        # K > 1: every trial trains K fold models (trainables/cv.py); 1..20
     scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = epochs
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
     fixed: {model: resnet18, ...}      # trainables/config.py keys
@@ -36,11 +37,11 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from search_spaces.budget import parse_duration
-from trainables.config import DEFAULTS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
+from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
 from trainables.errors import UserError
 
 SPACES_DIR = Path(__file__).resolve().parent
-SET_BY_SPACE = ("dataset", "epochs", "metric", "mode")  # trial keys the space's top-level keys decide
+SET_BY_SPACE = ("dataset", "epochs", "metric", "mode", "cv_folds")  # trial keys the space's top-level keys decide
 
 
 class _Strict(BaseModel):
@@ -121,6 +122,7 @@ class SpaceFile(_Strict):
     time_budget: Annotated[float, BeforeValidator(parse_duration)] | None = None  # seconds
     max_concurrent: PositiveInt = 2
     max_failures: NonNegativeInt = 1
+    cv_folds: int = Field(1, ge=1, le=MAX_CV_FOLDS)  # cross-validated trials: K fold models each, val_* = fold mean
     scheduler: Scheduler = Scheduler()
     resources: Resources = Resources()
     fixed: dict[str, Any] = {}
@@ -141,6 +143,7 @@ class SearchSpace:
     time_budget: float | None = None  # seconds; Ray Tune's time_budget_s
     max_concurrent: int = 2
     max_failures: int = 1
+    cv_folds: int = 1
     max_t: int = 3
     grace_period: int = 1
     reduction_factor: int = 2
@@ -165,7 +168,8 @@ class SearchSpace:
 
     def base_config(self) -> dict:
         """The fixed part of every trial's config."""
-        return {**self.fixed, "dataset": self.dataset, "epochs": self.max_t, "metric": self.metric, "mode": self.mode}
+        return {**self.fixed, "dataset": self.dataset, "epochs": self.max_t, "metric": self.metric, "mode": self.mode,
+                "cv_folds": self.cv_folds}
 
     def param_space(self) -> dict:
         """Fixed values plus Ray Tune domains, for `Tuner(param_space=...)` with OptunaSearch."""
@@ -179,6 +183,7 @@ class SearchSpace:
         return {"description": self.description, "dataset": self.dataset, "metric": self.metric, "mode": self.mode,
                 "num_samples": self.num_samples, **({"time_budget": self.time_budget} if self.time_budget else {}),
                 "max_concurrent": self.max_concurrent, "max_failures": self.max_failures,
+                **({"cv_folds": self.cv_folds} if self.cv_folds > 1 else {}),
                 "scheduler": {"kind": self.scheduler, "max_t": self.max_t, "grace_period": self.grace_period,
                               "reduction_factor": self.reduction_factor},
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "fixed": self.fixed, "params": self.params,
@@ -237,8 +242,8 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
     space = SearchSpace(
         name=path.stem, source=path, description=typed.description, dataset=typed.dataset, metric=typed.metric,
         mode=typed.mode, num_samples=trial_count(typed), time_budget=typed.time_budget,
-        max_concurrent=typed.max_concurrent,
-        max_failures=typed.max_failures, max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
+        max_concurrent=typed.max_concurrent, max_failures=typed.max_failures, cv_folds=typed.cv_folds,
+        max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
         reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind, cpu=typed.resources.cpu,
         gpu=typed.resources.gpu, fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
         variants={k: dict(v) for k, v in typed.variants.items()},
@@ -283,7 +288,7 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
                 raise fail(f"{section}.{key}", "unknown config key; valid keys: see trainables/config.py")
             if key in SET_BY_SPACE:
                 raise fail(f"{section}.{key}", "is set by the space's top-level keys (dataset, scheduler.max_t, "
-                                               "metric, mode); set it there")
+                                               "metric, mode, cv_folds); set it there")
     overlap = set(space.fixed) & set(space.params)
     if overlap:
         raise fail(f"params.{sorted(overlap)[0]}", "is both fixed and searched; keep one")

@@ -16,8 +16,8 @@ from trainables.errors import UserError
 SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_root": "--data-root",
                  "skip_bad_images": "--skip-bad-images", "num_samples": "--num-samples", "max_epochs": "--max-epochs",
                  "cpus_per_trial": "--cpus-per-trial", "gpus_per_trial": "--gpus-per-trial",
-                 "max_concurrent": "--max-concurrent", "set": "--set", "name": "--name", "seed": "--seed",
-                 "time_budget": "--time-budget"}
+                 "max_concurrent": "--max-concurrent", "cv_folds": "--cv-folds", "set": "--set", "name": "--name",
+                 "seed": "--seed", "time_budget": "--time-budget"}
 
 
 
@@ -35,11 +35,14 @@ def apply_overrides(space: SearchSpace, args) -> SearchSpace:
     if args.time_budget is not None:  # the budget ends the search, not the space's trial count (unless given too)
         space.time_budget, space.num_samples = args.time_budget, args.num_samples
     for field, value in (("num_samples", args.num_samples), ("max_t", args.max_epochs), ("cpu", args.cpus_per_trial),
-                         ("gpu", args.gpus_per_trial), ("max_concurrent", args.max_concurrent)):
+                         ("gpu", args.gpus_per_trial), ("max_concurrent", args.max_concurrent),
+                         ("cv_folds", args.cv_folds)):
         if value is not None:
             setattr(space, field, value)
     space.grace_period = min(space.grace_period, space.max_t)
     for key, value in parse_overrides(args.set).items():
+        if key == "cv_folds":
+            raise UserError("--set cv_folds: the number of folds is the search's, not a trial key; use --cv-folds K")
         _check_flag(f"--set {key}", key, value)
         space.params.pop(key, None)
         space.fixed[key] = value

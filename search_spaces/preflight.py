@@ -10,7 +10,7 @@ from trainables.datasets import load_dataset
 from trainables.errors import UserError
 from trainables.leaks import format_leak_report, leak_metrics, leak_report
 from trainables.models import create_model
-from trainables.splits import train_val_indices
+from trainables.splits import cv_fold_indices, train_val_indices
 
 
 def load_datasets(space: SearchSpace) -> dict:
@@ -32,6 +32,12 @@ def check_leaks(space: SearchSpace, datasets: dict, seed: int) -> tuple[dict, di
         print(f"skipped {len(skipped)} unreadable images (--skip-bad-images), e.g. {skipped[0]}")
         metrics["skipped_images"] = float(len(skipped))
     return metrics, {**report["leak_detail"], "skipped_images": [str(f) for f in skipped]}
+
+
+def check_folds(space: SearchSpace, datasets: dict, seed: int) -> None:
+    """With cv_folds > 1, make the folds once: too few images, patients or class members fail here."""
+    if space.cv_folds > 1:
+        cv_fold_indices(next(iter(datasets.values())), space.cv_folds, seed)
 
 
 def check_pretrained(space: SearchSpace, datasets: dict) -> None:

@@ -47,6 +47,10 @@ def assert_nothing_written(folder: Path):
     (["--space", "smoke", "--max-epochs", "2.5"], "argument --max-epochs: invalid positive int value: '2.5'"),
     (["--space", "smoke", "--set", "model=densenet121"], "Model densenet121 needs images of at least 32 px"),
     (["--resume", "no-such-search"], "No search named 'no-such-search'"),
+    (["--space", "smoke", "--set", "cv_folds=3"], "--set cv_folds: the number of folds is the search's, not a trial key"),
+    (["--space", "smoke", "--cv-folds", "21"], "cv_folds: 21: input should be less than or equal to 20"),
+    (["--space", "smoke", "--cv-folds", "0"], "argument --cv-folds: 0 is not > 0"),
+    (["--space", "smoke", "--cv-folds", "3", "--set", "split_ratio=0.8"], "split_ratio 0.8 and cv_folds 3 both split"),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(capsys, in_tmp, argv, expected):
     code, err = run_tune(capsys, *argv)
@@ -67,6 +71,9 @@ SPACE = "description: x\ndataset: pneumoniamnist\n"
     ("scheduler: {max_t: 2, grace_period: 3}\n", "scheduler: grace_period 3 exceeds max_t 2"),
     ("num_samples: 2.5\n", "num_samples: 2.5: input should be a valid integer"),
     ("resources: {cpu: 0}\n", "resources.cpu: 0: input should be greater than 0"),
+    ("fixed: {cv_folds: 3}\n", "fixed.cv_folds: is set by the space's top-level keys"),
+    ("params:\n  cv_folds: {choice: [1, 3]}\n", "params.cv_folds: is set by the space's top-level keys"),
+    ("cv_folds: 3\nfixed: {split_ratio: 0.8}\n", "fixed: split_ratio 0.8 and cv_folds 3 both split the development pool"),
 ])
 def test_a_wrong_type_or_range_in_a_space_file_is_named_before_ray_starts(capsys, in_tmp, body, expected):
     (in_tmp / "mine.yaml").write_text(SPACE + body)
@@ -94,7 +101,8 @@ def saved_search(in_tmp):
 
 
 @pytest.mark.parametrize("flag", [["--num-samples", "9"], ["--max-epochs", "5"], ["--set", "lr=0.1"], ["--seed", "3"],
-                                  ["--gpus-per-trial", "1"], ["--dataset", "breastmnist"], ["--skip-bad-images"]])
+                                  ["--gpus-per-trial", "1"], ["--dataset", "breastmnist"], ["--skip-bad-images"],
+                                  ["--cv-folds", "3"]])
 def test_resume_refuses_a_flag_it_would_ignore(capsys, saved_search, flag):
     code, err = run_tune(capsys, "--resume", "old", *flag)
     assert code == 2 and err.count("\n") == 1

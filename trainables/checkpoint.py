@@ -13,15 +13,24 @@ from .errors import UserError
 FORMAT = "medtune-checkpoint-v2"  # v2: optimizer only in resumable checkpoints, best weights never duplicated
 READABLE = ("medtune-checkpoint-v1", FORMAT)
 FILENAME = "checkpoint.pt"
+FOLD_FILENAME = "fold{}.pt"  # a cross-validated trial: one file per fold model beside FILENAME
 
 
 def save_checkpoint(state: dict, directory: str | os.PathLike) -> Path:
-    """Write atomically (temp file + rename) so a killed trial never leaves a half-written file."""
+    """Write atomically (temp file + rename) so a killed trial never leaves a half-written file. A
+    cross-validated state's `folds` go to one file each (FOLD_FILENAME), the rest to FILENAME."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / FILENAME
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-        torch.save({"format": FORMAT, **state}, handle)
+    folds = state.get("folds") or []
+    for number, fold in enumerate(folds):
+        _write({"format": FORMAT, **fold}, directory / FOLD_FILENAME.format(number))
+    rest = {key: value for key, value in state.items() if key != "folds"}
+    return _write({"format": FORMAT, **rest, **({"fold_count": len(folds)} if folds else {})}, directory / FILENAME)
+
+
+def _write(payload: dict, target: Path) -> Path:
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as handle:
+        torch.save(payload, handle)
     os.replace(handle.name, target)
     return target
 
@@ -33,6 +42,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         path = path / FILENAME
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}; pass a trial checkpoint directory or its {FILENAME}")
+    state = _read(path)
+    if state.get("fold_count"):
+        state["folds"] = [_read(path.parent / FOLD_FILENAME.format(number)) for number in range(state["fold_count"])]
+    return state
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"No fold weights at {path}; a cross-validated checkpoint needs every {FOLD_FILENAME} file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a zip, a pickle with code in it, truncated...
@@ -46,10 +64,18 @@ def best_weights(state: dict) -> dict:
     """The best-validation weights a checkpoint holds; a checkpoint without them is an error, never a fallback.
 
     v2: `model` holds the best weights when the checkpoint is final or its epoch is the best one, otherwise
-    `best_model` does. v1 checkpoints always carried `best_model`."""
+    `best_model` does. v1 checkpoints always carried `best_model`. A cross-validated trial: the best fold's
+    (`best_fold`, the model that scored test)."""
+    if state.get("folds"):
+        return best_weights(state["folds"][state["best_fold"]])
     if state.get("best_model") is not None:
         return state["best_model"]
     if state.get("final") or state.get("epoch") == state.get("best_epoch"):
         return state["model"]
     raise UserError(f"This checkpoint (epoch {state.get('epoch')}) does not hold the best-validation weights "
                     f"(epoch {state.get('best_epoch')}); pass the trial's latest checkpoint")
+
+
+def fold_weights(state: dict) -> list[dict]:
+    """The best-validation weights of every fold model (for ensembling); one entry for a single-split trial."""
+    return [best_weights(fold) for fold in state["folds"]] if state.get("folds") else [best_weights(state)]

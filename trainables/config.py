@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 SPLIT_VERSION = 2  # 1: patient groups split by GroupShuffleSplit (not stratified); 2: stratified and grouped
+MAX_CV_FOLDS = 20
 
 
 class TrialConfig(BaseModel):
@@ -25,6 +26,9 @@ class TrialConfig(BaseModel):
     image_size: int = Field(28, ge=8, le=1024)  # MedMNIST 28/64/128/224; folder datasets are resized to it
     split_ratio: float | None = Field(None, gt=0.0, lt=1.0)  # train share of the development pool; None: official split
     split_version: int = Field(SPLIT_VERSION, ge=1, le=SPLIT_VERSION)  # how splits are made (replay of old searches)
+    # K > 1: K stratified (patient-grouped) folds of the development pool trained in lockstep, val_* = fold mean;
+    # set by a space's top-level `cv_folds` or `tune.py --cv-folds`, never searched
+    cv_folds: int = Field(1, ge=1, le=MAX_CV_FOLDS)
     skip_bad_images: bool = False  # leave unreadable image files out (counted) instead of failing
     seed: int = Field(0, ge=0)  # seeds the split, the initialisation, the augmentation and the loader order
     # --- model ---
@@ -128,6 +132,13 @@ class TrialConfig(BaseModel):
 
         check_model_name(self.model, self.image_size)
         check_model_options(self.model, drop_path_rate=self.drop_path_rate, attn_drop_rate=self.attn_drop_rate)
+        return self
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> TrialConfig:
+        if self.cv_folds > 1 and self.split_ratio is not None:
+            raise ValueError(f"split_ratio {self.split_ratio} and cv_folds {self.cv_folds} both split the development "
+                             "pool; drop split_ratio (each fold is the validation part once) or use cv_folds 1")
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ STUDY_ARTIFACTS = ("misclassified_test.png", "augmented_train.png", "class_distr
 PREDICTIONS = "test_predictions.npz"  # test labels and probabilities: a few kB for a MedMNIST test split
 # every file a finished trial's checkpoint folder holds besides the weights (the MLflow callback logs them all)
 ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,)
+OOF_PREDICTIONS = "oof_predictions.npz"  # and a cross-validated trial's out-of-fold development-pool predictions
 GRID = 16  # images per grid
 
 
@@ -51,6 +52,15 @@ def write_test_predictions(directory: str | Path, task: str, class_names, labels
     for any test metric is a bootstrap over this file, not a replay of the checkpoint on the data."""
     path = Path(directory) / PREDICTIONS
     np.savez_compressed(path, labels=labels, probs=probs, task=np.array(task), class_names=np.array(list(class_names)))
+    return path
+
+
+def write_oof_predictions(directory: str | Path, task: str, class_names, oof: dict) -> Path:
+    """Keep a cross-validated trial's out-of-fold predictions: per development image (`index` into the pool) its
+    `fold`, `labels` and `logits` from the best weights of the fold that held it out (never a test image)."""
+    path = Path(directory) / OOF_PREDICTIONS
+    np.savez_compressed(path, **{name: values.numpy() for name, values in oof.items()}, task=np.array(task),
+                        class_names=np.array(list(class_names)))
     return path
 
 

@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
-from sklearn.model_selection import GroupShuffleSplit, train_test_split
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from .config import SPLIT_VERSION  # the version new trials record
 from .errors import UserError
@@ -75,6 +75,56 @@ def train_val_indices(dataset, split_ratio: float | None, seed: int,
         return np.flatnonzero(~dataset.official_val), np.flatnonzero(dataset.official_val)
     ratio = 0.9 if split_ratio is None else float(split_ratio)
     return holdout(dataset.dev.labels, dataset.dev.groups, 1.0 - ratio, seed, split_version)
+
+
+def cv_fold_indices(dataset, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`folds` sorted (train, validation) index pairs into `dataset.dev`; every development image is in exactly
+    one validation part, each patient's images on one side, labels stratified. The test split is never involved.
+
+    Ungrouped: StratifiedKFold (multi-label: iterstrat's MultilabelStratifiedKFold). Grouped single-label:
+    StratifiedGroupKFold; grouped multi-label: iterstrat folds of per-patient label vectors (as `holdout`)."""
+    labels, groups = dataset.dev.labels, dataset.dev.groups
+    units = len(labels) if groups is None else len(np.unique(groups))
+    if folds > units:
+        what = "images" if groups is None else "patients"
+        raise UserError(f"cv_folds {folds} needs at least {folds} {what} in the development pool, which has {units}; "
+                        "lower cv_folds")
+    if labels.ndim == 1:
+        _check_class_sizes(labels, groups, folds)
+    if labels.ndim == 1 and groups is None:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        parts = splitter.split(labels, labels)
+    elif labels.ndim == 1:
+        parts = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(labels, labels, groups)
+    elif groups is None:
+        parts = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(labels, labels)
+    else:
+        rows = _label_rows(labels)
+        patients, patient_of = np.unique(groups, return_inverse=True)
+        per_patient = np.zeros((len(patients), rows.shape[1]), np.uint8)
+        np.maximum.at(per_patient, patient_of, rows)
+        fold_of = _patient_folds(per_patient, folds, seed)[patient_of]
+        parts = ((np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)) for f in range(folds))
+    return [(np.sort(train), np.sort(val)) for train, val in parts]
+
+
+def _check_class_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int) -> None:
+    """Every class must be able to reach every validation fold (else that fold's AUC is undefined)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if groups is not None:
+        counts = np.array([len(np.unique(groups[labels == c])) for c in classes])
+    if counts.min() < folds:
+        what = "images" if groups is None else "patients"
+        raise UserError(f"cv_folds {folds}: class {classes[counts.argmin()]} has only {counts.min()} {what} in the "
+                        f"development pool, too few for one in every fold; use cv_folds <= {counts.min()}")
+
+
+def development_splits(dataset, config: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, validation) pairs a trial trains on: `cv_folds` folds, or the one split of `train_val_indices`."""
+    split_version = int(config.get("split_version", 1))  # configs from before split versions: version 1
+    if int(config.get("cv_folds", 1)) > 1:
+        return cv_fold_indices(dataset, int(config["cv_folds"]), int(config["seed"]))
+    return [train_val_indices(dataset, config.get("split_ratio"), int(config["seed"]), split_version)]
 
 
 def share_gap(labels: np.ndarray, held: np.ndarray) -> float:

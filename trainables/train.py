@@ -36,7 +36,7 @@ from .metrics import classification_metrics, probabilities
 from .models import create_model, model_costs
 from .normalization import HALF, Normalization, resolve_normalization
 from .sampling import build_sampler
-from .splits import train_val_indices
+from .splits import development_splits
 
 MEAN, STD = 0.5, 0.5  # the `half` normalisation: [-1, 1], as in the MedMNIST baselines (others: normalization.py)
 EXAMPLES = 16  # augmented training images shown in the final checkpoint's figure
@@ -299,91 +299,151 @@ def training_data(config: dict, train_set: ImageSet, extra: np.ndarray, normaliz
     return data, build_batch_augment(config, size, channels, copies=len(extra) > 0)
 
 
+class SplitRun:
+    """One train/validation split's training state (data, model, optimiser, schedule, best weights), stepped one
+    epoch at a time: a trial runs one (today's single split) or K in lockstep (cross-validation, `cv_folds`)."""
+
+    def __init__(self, config: dict, dataset: Dataset, train_idx: np.ndarray, val_idx: np.ndarray,
+                 device: torch.device, amp: bool, fold: int = 0):
+        self.config, self.dataset, self.device, self.amp, self.fold = config, dataset, device, amp, fold
+        self.val_index = val_idx
+        self.train_set, self.val_set = dataset.dev.subset(train_idx), dataset.dev.subset(val_idx)
+        size, channels = int(self.train_set.images.shape[1]), dataset.channels
+        self.normalization = resolve_normalization(config["normalize"], model=config["model"],
+                                                   pretrained=config["pretrained"],
+                                                   train_images=self.train_set.images)  # training split only
+        self.extra = minority_copies(self.train_set.labels, float(config["minority_aug_pct"]), config["seed"])
+        batched = use_batched(config["augment_device"], device)
+        self.train_data, self.batch_augment = training_data(config, self.train_set, self.extra, self.normalization,
+                                                            channels, batched)
+        self.prepare = DeviceInputs(self.batch_augment, self.normalization) if batched else None
+        self.generator = torch.Generator().manual_seed(config["seed"])
+        sampler = build_sampler(config["sampling"], self.train_data.labels[self.train_data.index], self.generator)
+        self.train_loader = build_train_loader(self.train_data, config, sampler, self.generator, device, batched)
+        self.val_loader = eval_loader(self.val_set, 512, device, self.normalization)
+
+        self.model = build_model(config, dataset).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.costs = model_costs(self.model, channels, size)  # params_total, params_trainable, flops_per_image
+        self.criterion = build_loss(dataset.task, self.train_set.labels, dataset.num_classes, config["loss_weighting"],
+                                    config["effective_beta"]).to(device)
+        self.optimizer = build_optimizer(config, self.model)
+        self.schedule = build_schedule(config, self.optimizer, len(self.train_loader))
+        self.best_score, self.best_epoch, self.best_state = None, 0, None
+        self.step = 0
+        self.metric_key = config["metric"].removeprefix("val_")
+        self.cpu_criterion = self.criterion.cpu() if device.type == "cpu" else copy.deepcopy(self.criterion).cpu()
+
+    def resume(self, saved: dict) -> int:
+        """Load a checkpoint's (or a fold file's) model, optimizer and best weights; returns the next epoch."""
+        if "optimizer" not in saved:
+            raise UserError(f"Checkpoint of epoch {saved['epoch']} is a finished trial's; there is nothing to resume")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.best_score, self.best_epoch, self.best_state = saved["best_score"], saved["best_epoch"], best_weights(saved)
+        return saved["epoch"] + 1
+
+    def start_at(self, epoch: int) -> None:
+        self.step = (epoch - 1) * len(self.train_loader)
+        if self.schedule is not None:
+            self.schedule.step_update(self.step)
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Train one epoch, score validation, keep the best weights; returns the epoch's metrics."""
+        config, task = self.config, self.dataset.task
+        started = time.perf_counter()
+        # Each epoch's shuffle, augmentation and dropout draws depend on (seed, fold, epoch) only, so a trial
+        # resumed from a checkpoint trains exactly as one that was never interrupted.
+        draws = config["seed"] * 100_003 + epoch + 1_000_003 * self.fold
+        self.generator.manual_seed(draws)
+        torch.manual_seed(draws)
+        train_loss, self.step, train_logits, train_labels = train_one_epoch(
+            self.model, self.criterion, self.optimizer, self.schedule, self.train_loader, self.device, task, self.step,
+            self.amp, prepare=self.prepare)
+        # on the augmented (and re-sampled) training batches, in train mode: a cheap gap monitor, not a score
+        train_metrics = classification_metrics(task, train_labels, probabilities(task, train_logits),
+                                               self.dataset.class_names)
+        val_metrics, _, _ = evaluate(self.model, self.cpu_criterion, self.val_loader, self.device, task,
+                                     self.dataset.class_names, self.amp)
+        score = val_metrics.get(self.metric_key, float("nan"))
+        if _better(score, self.best_score, config["mode"]):
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.best_state is None:  # no epoch scored yet (NaN metric): the first epoch's weights stand in
+            self.best_epoch = epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return {"epoch": epoch, "train_loss": train_loss, "train_acc": train_metrics["acc"],
+                "train_auc": train_metrics["auc"], **{f"val_{k}": v for k, v in val_metrics.items()},
+                "best_epoch": self.best_epoch,
+                f"best_{config['metric']}": self.best_score if self.best_score is not None else float("nan"),
+                "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
+                "train_images": len(self.train_data), **self.costs}
+
+    def load_best(self) -> None:
+        self.model.load_state_dict(self.best_state)
+
+    def score(self, images: ImageSet) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(metrics, labels, probabilities) of the current weights on `images` (call `load_best` first)."""
+        return evaluate(self.model, self.cpu_criterion, eval_loader(images, 512, self.device, self.normalization),
+                        self.device, self.dataset.task, self.dataset.class_names, self.amp)
+
+    def val_logits(self) -> np.ndarray:
+        """Validation logits of the current weights (the best ones at the end: out-of-fold predictions)."""
+        return predict_logits(self.model, self.val_loader, self.device, self.amp)[0]
+
+    def split_labels(self, test_labels: np.ndarray) -> dict:
+        labels = {"train": self.train_set.labels, "val": self.val_set.labels, "test": test_labels}
+        if len(self.extra):
+            labels = {"train": self.train_set.labels,
+                      "train_with_copies": self.train_data.labels[self.train_data.index],
+                      "val": self.val_set.labels, "test": test_labels}
+        return labels
+
+    def dataset_meta(self) -> dict:
+        dataset = self.dataset
+        return {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
+                "channels": dataset.channels, "image_size": int(self.train_set.images.shape[1]),
+                **self.normalization.as_meta()}
+
+    def weights(self, epoch: int, final: bool) -> dict:
+        return checkpoint_weights(self.model, self.optimizer, self.best_state, self.best_epoch == epoch, final)
+
+
 def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -> Iterator[Epoch]:
-    """Train `config` on `dataset`, yielding each epoch; the last one carries the test metrics."""
+    """Train `config` on `dataset`, yielding each epoch; the last one carries the test metrics.
+
+    `cv_folds` K > 1 trains K fold models in lockstep (cv.py): one epoch of each per yield."""
     config = resolve_config(config)
+    if config["cv_folds"] > 1:
+        from .cv import iterate_cv_epochs
+
+        yield from iterate_cv_epochs(config, dataset, resume)
+        return
     seed_everything(config["seed"])
     device = pick_device(config["device"])
     amp = use_bf16(config["precision"], device)
-    train_idx, val_idx = train_val_indices(dataset, config["split_ratio"], config["seed"], config["split_version"])
-    train_set, val_set = dataset.dev.subset(train_idx), dataset.dev.subset(val_idx)
-    size, channels = int(train_set.images.shape[1]), dataset.channels
-    normalization = resolve_normalization(config["normalize"], model=config["model"], pretrained=config["pretrained"],
-                                          train_images=train_set.images)  # training split only
-    extra = minority_copies(train_set.labels, float(config["minority_aug_pct"]), config["seed"])
-    batched = use_batched(config["augment_device"], device)
-    train_data, batch_augment = training_data(config, train_set, extra, normalization, channels, batched)
-    prepare = DeviceInputs(batch_augment, normalization) if batched else None
-    generator = torch.Generator().manual_seed(config["seed"])
-    sampler = build_sampler(config["sampling"], train_data.labels[train_data.index], generator)
-    train_loader = build_train_loader(train_data, config, sampler, generator, device, batched)
-    val_loader = eval_loader(val_set, 512, device, normalization)
-
-    model = build_model(config, dataset).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    costs = model_costs(model, channels, size)  # params_total, params_trainable, flops_per_image
-    criterion = build_loss(dataset.task, train_set.labels, dataset.num_classes, config["loss_weighting"],
-                           config["effective_beta"]).to(device)
-    optimizer = build_optimizer(config, model)
-    schedule = build_schedule(config, optimizer, len(train_loader))
-    start, best_score, best_epoch, best_state, history = 1, None, 0, None, []
+    (train_idx, val_idx), = development_splits(dataset, config)
+    run = SplitRun(config, dataset, train_idx, val_idx, device, amp)
+    start, history = 1, []
     if resume is not None:
-        if "optimizer" not in resume:
-            raise UserError(f"Checkpoint of epoch {resume['epoch']} is a finished trial's; there is nothing to resume")
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start, best_score, best_epoch = resume["epoch"] + 1, resume["best_score"], resume["best_epoch"]
-        best_state, history = best_weights(resume), list(resume["history"])
-    step = (start - 1) * len(train_loader)
-    if schedule is not None:
-        schedule.step_update(step)
-    metric_key = config["metric"].removeprefix("val_")
-    cpu_criterion = criterion.cpu() if device.type == "cpu" else copy.deepcopy(criterion).cpu()
+        start, history = run.resume(resume), list(resume["history"])
+    run.start_at(start)
 
     for epoch in range(start, config["epochs"] + 1):
-        started = time.perf_counter()
-        # Each epoch's shuffle, augmentation and dropout draws depend on (seed, epoch) only, so a trial
-        # resumed from a checkpoint trains exactly as one that was never interrupted.
-        generator.manual_seed(config["seed"] * 100_003 + epoch)
-        torch.manual_seed(config["seed"] * 100_003 + epoch)
-        train_loss, step, train_logits, train_labels = train_one_epoch(model, criterion, optimizer, schedule,
-                                                                       train_loader, device, dataset.task, step, amp,
-                                                                       prepare=prepare)
-        # on the augmented (and re-sampled) training batches, in train mode: a cheap gap monitor, not a score
-        train_metrics = classification_metrics(dataset.task, train_labels, probabilities(dataset.task, train_logits),
-                                               dataset.class_names)
-        val_metrics, _, _ = evaluate(model, cpu_criterion, val_loader, device, dataset.task, dataset.class_names, amp)
-        score = val_metrics.get(metric_key, float("nan"))
-        if _better(score, best_score, config["mode"]):
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if best_state is None:  # no epoch scored yet (NaN metric): the first epoch's weights stand in
-            best_epoch, best_state = epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        metrics = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_metrics["acc"],
-                   "train_auc": train_metrics["auc"], **{f"val_{k}": v for k, v in val_metrics.items()},
-                   "best_epoch": best_epoch, f"best_{config['metric']}": best_score if best_score is not None else float("nan"),
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-                   "train_images": len(train_data), **costs}
+        metrics = run.run_epoch(epoch)
         history.append(metrics)
         final = epoch == config["epochs"]
         test_labels = test_probs = examples = split_labels = None
         if final:  # the only place the test split is read
-            model.load_state_dict(best_state)
-            test_metrics, test_labels, test_probs = evaluate(model, cpu_criterion,
-                                                             eval_loader(dataset.test, 512, device, normalization),
-                                                             device, dataset.task, dataset.class_names, amp)
+            run.load_best()
+            test_metrics, test_labels, test_probs = run.score(dataset.test)
             metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
-            examples = augmented_examples(train_data, config["seed"], augment=batch_augment)
-            split_labels = {"train": train_set.labels, "val": val_set.labels, "test": test_labels}
-            if len(extra):
-                split_labels = {"train": train_set.labels, "train_with_copies": train_data.labels[train_data.index],
-                                "val": val_set.labels, "test": test_labels}
-        state = {"config": config, "epoch": epoch, "final": final, "best_score": best_score, "best_epoch": best_epoch,
-                 "history": history, "precision": "bf16" if amp else "fp32", "device": device.type,
-                 "dataset": {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
-                             "channels": dataset.channels, "image_size": size, **normalization.as_meta()},
-                 **checkpoint_weights(model, optimizer, best_state, best_epoch == epoch, final)}
+            examples = augmented_examples(run.train_data, config["seed"], augment=run.batch_augment)
+            split_labels = run.split_labels(test_labels)
+        state = {"config": config, "epoch": epoch, "final": final, "best_score": run.best_score,
+                 "best_epoch": run.best_epoch, "history": history, "precision": "bf16" if amp else "fp32",
+                 "device": device.type, "dataset": run.dataset_meta(), **run.weights(epoch, final)}
         yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels)
 
 
