@@ -12,7 +12,7 @@ from ray import tune
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import resolve_config
-from .figures import write_study_figures, write_test_predictions, write_trial_figures
+from .figures import write_gan_figures, write_study_figures, write_test_predictions, write_trial_figures
 from .train import iterate_epochs
 
 
@@ -44,4 +44,6 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -
                                     test_labels=epoch.test_labels, test_probs=epoch.test_probs,
                                     train_examples=epoch.train_examples, split_labels=epoch.split_labels)
                 write_test_predictions(directory, dataset.task, dataset.class_names, epoch.test_labels, epoch.test_probs)
+                if epoch.synthetic is not None:
+                    write_gan_figures(directory, dataset.class_names, epoch.synthetic)
             tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))

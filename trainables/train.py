@@ -37,6 +37,7 @@ from .models import create_model, model_costs
 from .normalization import HALF, Normalization, resolve_normalization
 from .sampling import build_sampler
 from .splits import train_val_indices
+from .synthetic import SyntheticImages, synthetic_training_images
 
 MEAN, STD = 0.5, 0.5  # the `half` normalisation: [-1, 1], as in the MedMNIST baselines (others: normalization.py)
 EXAMPLES = 16  # augmented training images shown in the final checkpoint's figure
@@ -112,6 +113,7 @@ class Epoch:
     history: list = field(default_factory=list)
     train_examples: dict | None = None  # final epoch: augmented training images ("images", "labels", "copy")
     split_labels: dict | None = None  # final epoch: the labels of each split, for the class distribution
+    synthetic: dict | None = None  # final epoch, with synthetic_pct: the GAN's samples, losses and summary
 
 
 def pick_device(choice: str) -> torch.device:
@@ -311,8 +313,10 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     normalization = resolve_normalization(config["normalize"], model=config["model"], pretrained=config["pretrained"],
                                           train_images=train_set.images)  # training split only
     extra = minority_copies(train_set.labels, float(config["minority_aug_pct"]), config["seed"])
+    synthetic = synthetic_training_images(train_set, config, dataset, device)  # None without synthetic_pct
     batched = use_batched(config["augment_device"], device)
-    train_data, batch_augment = training_data(config, train_set, extra, normalization, channels, batched)
+    train_data, batch_augment = training_data(config, with_synthetic(train_set, synthetic), extra, normalization,
+                                              channels, batched)
     prepare = DeviceInputs(batch_augment, normalization) if batched else None
     generator = torch.Generator().manual_seed(config["seed"])
     sampler = build_sampler(config["sampling"], train_data.labels[train_data.index], generator)
@@ -364,7 +368,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
                    "train_auc": train_metrics["auc"], **{f"val_{k}": v for k, v in val_metrics.items()},
                    "best_epoch": best_epoch, f"best_{config['metric']}": best_score if best_score is not None else float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-                   "train_images": len(train_data), **costs}
+                   "train_images": len(train_data), **costs, **(synthetic.metrics if synthetic else {})}
         history.append(metrics)
         final = epoch == config["epochs"]
         test_labels = test_probs = examples = split_labels = None
@@ -376,15 +380,26 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
             metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
             examples = augmented_examples(train_data, config["seed"], augment=batch_augment)
             split_labels = {"train": train_set.labels, "val": val_set.labels, "test": test_labels}
-            if len(extra):
-                split_labels = {"train": train_set.labels, "train_with_copies": train_data.labels[train_data.index],
+            if len(extra) or synthetic:
+                added = "_and_".join(n for n, on in (("copies", len(extra)), ("synthetic", synthetic)) if on)
+                split_labels = {"train": train_set.labels, f"train_with_{added}": train_data.labels[train_data.index],
                                 "val": val_set.labels, "test": test_labels}
         state = {"config": config, "epoch": epoch, "final": final, "best_score": best_score, "best_epoch": best_epoch,
                  "history": history, "precision": "bf16" if amp else "fp32", "device": device.type,
                  "dataset": {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
                              "channels": dataset.channels, "image_size": size, **normalization.as_meta()},
                  **checkpoint_weights(model, optimizer, best_state, best_epoch == epoch, final)}
-        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels)
+        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
+                    synthetic.report if synthetic and final else None)
+
+
+def with_synthetic(train_set: ImageSet, synthetic: SyntheticImages | None) -> ImageSet:
+    """The training split with the generated images appended (after the real rows, so minority copies, which
+    index real rows, stay copies of real images); normalisation and loss weights keep the real rows' statistics."""
+    if synthetic is None or not len(synthetic.labels):
+        return train_set
+    return ImageSet(np.concatenate([train_set.images, synthetic.images]),  # no patient IDs: training needs none
+                    np.concatenate([train_set.labels, synthetic.labels.astype(train_set.labels.dtype)]))
 
 
 def checkpoint_weights(model, optimizer, best_state: dict, best_is_current: bool, final: bool) -> dict:
