@@ -139,8 +139,8 @@ def train_dcgan(images: np.ndarray, labels: np.ndarray, *, num_classes: int, set
                 g_opt.zero_grad(set_to_none=True)
                 g_loss.backward()
                 g_opt.step()
-                history["d_loss"].append(float(d_loss))
-                history["g_loss"].append(float(g_loss))
+                history["d_loss"].append(d_loss.item())
+                history["g_loss"].append(g_loss.item())
     return generator.cpu().eval(), history
 
 
