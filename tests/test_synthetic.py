@@ -149,7 +149,7 @@ def test_a_finished_trial_writes_the_gan_report_for_mlflow(monkeypatch):
     monkeypatch.setattr(tune, "report", report)
     config = {**FAST, "epochs": 2, "synthetic_pct": 20}
     ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): toy_dataset("binary")})
-    assert not set(GAN_ARTIFACTS) & set(written[0]) and set(GAN_ARTIFACTS) <= set(written[-1])
+    assert all(set(GAN_ARTIFACTS) <= set(files) for files in written)  # an ASHA-stopped trial's last checkpoint too
     assert written[-1]["gan_samples.png"][:4] == b"\x89PNG" and written[-1]["gan_losses.png"][:4] == b"\x89PNG"
     summary = json.loads(written[-1]["gan_training.json"])
     assert len(summary["history"]["g_loss"]) == len(summary["history"]["d_loss"]) > 0

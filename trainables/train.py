@@ -113,7 +113,7 @@ class Epoch:
     history: list = field(default_factory=list)
     train_examples: dict | None = None  # final epoch: augmented training images ("images", "labels", "copy")
     split_labels: dict | None = None  # final epoch: the labels of each split, for the class distribution
-    synthetic: dict | None = None  # final epoch, with synthetic_pct: the GAN's samples, losses and summary
+    synthetic: dict | None = None  # every epoch, with synthetic_pct: the GAN's samples, losses and summary
 
 
 def pick_device(choice: str) -> torch.device:
@@ -390,7 +390,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
                              "channels": dataset.channels, "image_size": size, **normalization.as_meta()},
                  **checkpoint_weights(model, optimizer, best_state, best_epoch == epoch, final)}
         yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
-                    synthetic.report if synthetic and final else None)
+                    synthetic.report if synthetic else None)
 
 
 def with_synthetic(train_set: ImageSet, synthetic: SyntheticImages | None) -> ImageSet:
