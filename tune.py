@@ -106,7 +106,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         search_tags,
         start_search_run,
     )
-    from search_spaces.preflight import check_folds, check_leaks, check_pretrained, check_tracking, load_datasets
+    from search_spaces.preflight import check_leaks, check_pretrained, check_synthetic, check_tracking, load_datasets
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
 
     quiet_libraries(args.debug)
@@ -114,7 +114,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     check_storage(args.storage)
     datasets = load_datasets(space)
     check_pretrained(space, datasets)
-    check_folds(space, datasets, seed)
+    check_synthetic(space, datasets)
     leak_metrics, leak_detail = check_leaks(space, datasets, seed)
     client = check_tracking(tracking_uri)  # after the data: a local store is created by this check
     tracking_uri = client.tracking_uri  # without credentials: they stay in this process's environment

@@ -11,6 +11,7 @@ from trainables.errors import UserError
 from trainables.leaks import format_leak_report, leak_metrics, leak_report
 from trainables.models import create_model
 from trainables.splits import cv_fold_indices, train_val_indices
+from trainables.synthetic import check_synthetic_task
 
 
 def load_datasets(space: SearchSpace) -> dict:
@@ -51,6 +52,12 @@ def check_pretrained(space: SearchSpace, datasets: dict) -> None:
             create_model(model, num_classes=dataset.num_classes, in_chans=dataset.channels,
                          img_size=int(dataset.dev.images.shape[1]), pretrained=True,
                          pretrained_path=space.fixed.get("pretrained_path"))
+
+
+def check_synthetic(space: SearchSpace, datasets: dict) -> None:
+    """Generated images (`synthetic_pct`) need single-label classes: a multi-label dataset fails now, not per trial."""
+    if "synthetic_pct" in space.params or any(float(v) > 0 for v in space.values_of("synthetic_pct")):
+        check_synthetic_task(next(iter(datasets.values())).task, space.dataset)
 
 
 def check_tracking(uri: str):

@@ -57,6 +57,14 @@ class TrialConfig(BaseModel):
     minority_aug_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra augmented copies
     augment_device: Literal["auto", "cpu", "batch"] = "auto"  # cpu: per image; batch: Kornia on the device; auto: batch on CUDA
     sampling: Literal["none", "oversample", "undersample"] = "none"  # class-balanced draws (multi-label: rarest positive label)
+    # generated minority images (trainables/synthetic.py): a class-conditional DCGAN trained on the training split
+    synthetic_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra generated images
+    gan_image_size: Literal["auto", 28, 64] = "auto"  # GAN side; auto: 28 for images <= 28 px, else 64 (then up-sampled)
+    gan_epochs: int | None = Field(None, ge=1, le=100_000)  # passes over the training split; None: about 2000 steps
+    gan_width: int = Field(32, ge=4, le=512)  # channels of the GAN's full-resolution block (doubled per halving)
+    gan_latent_dim: int = Field(64, ge=2, le=1024)  # length of the generator's noise vector
+    gan_batch_size: int = Field(64, ge=2, le=4096)
+    gan_lr: float = Field(2e-4, gt=0.0, le=1.0)  # Adam (beta1 0.5) for both networks, as in DCGAN
     # --- loss ---
     # inverse / effective: from the training labels (multi-label: positive weights per label); wcel: per-batch betas
     loss_weighting: Literal["none", "inverse", "effective", "wcel"] = "none"

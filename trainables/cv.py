@@ -61,7 +61,8 @@ def iterate_cv_epochs(config: dict, dataset: Dataset, resume: dict | None = None
                  "best_epoch": runs[best].best_epoch, "best_fold": best, "history": history,
                  "precision": "bf16" if amp else "fp32", "device": device.type, "dataset": runs[best].dataset_meta(),
                  "folds": [fold_state(run, epoch, final) for run in runs], **({"oof": oof} if final else {})}
-        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels)
+        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
+                    runs[best].synthetic_report)  # each fold's GAN learns from its own training rows
 
 
 def fold_mean(fold_metrics: list[dict], metric: str) -> dict:

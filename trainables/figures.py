@@ -24,8 +24,9 @@ from .metrics import confusion, predictions  # noqa: E402
 REPORT_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
 STUDY_ARTIFACTS = ("misclassified_test.png", "augmented_train.png", "class_distribution.png", "class_distribution.json")
 PREDICTIONS = "test_predictions.npz"  # test labels and probabilities: a few kB for a MedMNIST test split
+GAN_ARTIFACTS = ("gan_samples.png", "gan_losses.png", "gan_training.json")  # only with synthetic_pct > 0
 # every file a finished trial's checkpoint folder holds besides the weights (the MLflow callback logs them all)
-ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,)
+ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,) + GAN_ARTIFACTS
 OOF_PREDICTIONS = "oof_predictions.npz"  # and a cross-validated trial's out-of-fold development-pool predictions
 GRID = 16  # images per grid
 
@@ -201,6 +202,52 @@ def _distribution_figure(counts: dict):
         ax.bar(np.arange(len(classes)) + k * width, [counts[split][c] for c in classes], width, label=split)
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
     ax.set(ylabel="images", title="Class distribution per split")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def write_gan_figures(directory: str | Path, class_names, report: dict) -> list[Path]:
+    """Write GAN_ARTIFACTS: generated images per class (one row each), the two networks' losses per step, and
+    the GAN's summary (settings, cache, build time, two-sample test) as JSON. `report`: SyntheticImages.report."""
+    directory = Path(directory)
+    names = list(class_names)
+    paths = [directory / name for name in GAN_ARTIFACTS]
+    _gan_samples(report["samples"], report["sample_labels"], names, report["summary"]).savefig(
+        paths[0], dpi=110, bbox_inches="tight")
+    _gan_losses(report["history"]).savefig(paths[1], dpi=110, bbox_inches="tight")
+    plt.close("all")
+    paths[2].write_text(json.dumps({**report["summary"], "history": report["history"]}, indent=1))
+    return paths
+
+
+def _gan_samples(images: np.ndarray, labels: np.ndarray, names: list[str], summary: dict):
+    classes = list(dict.fromkeys(int(label) for label in labels))
+    columns = max(int(np.max(np.unique(labels, return_counts=True)[1])), 1)
+    fig, axes = plt.subplots(len(classes), columns, figsize=(1.1 * columns, 1.25 * len(classes) + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, value in enumerate(classes):
+        for ax, image in zip(axes[row], images[labels == value]):
+            grey = image.shape[-1] == 1
+            ax.imshow(image[..., 0] if grey else image, cmap="gray" if grey else None, vmin=0, vmax=255)
+        axes[row, 0].set_title(names[value], fontsize=8, loc="left")
+    fig.suptitle(f"Generated images per class (C2ST accuracy {summary['gan_c2st_acc']:.2f} on pixels, "
+                 f"{summary['gan_c2st_coarse_acc']:.2f} on 4x4 blocks; 0.5 = indistinguishable)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _gan_losses(history: dict):
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    window = max(1, len(history["g_loss"]) // 50)
+    for key, label in (("d_loss", "discriminator"), ("g_loss", "generator")):
+        values = np.asarray(history[key], dtype=float)
+        line, = ax.plot(values, lw=0.5, alpha=0.3)
+        if len(values) >= window:
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(window - 1, len(values)), smooth, color=line.get_color(), label=label)
+    ax.set(xlabel="step", ylabel="loss (BCE)", title="DCGAN training losses")
     ax.legend()
     fig.tight_layout()
     return fig

@@ -7,12 +7,13 @@ The only module of `trainables` that imports Ray. Datasets arrive through `tune.
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 from ray import tune
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import resolve_config
-from .figures import write_oof_predictions, write_study_figures, write_test_predictions, write_trial_figures
+from .figures import write_gan_figures, write_oof_predictions, write_study_figures, write_test_predictions, write_trial_figures
 from .train import iterate_epochs
 
 
@@ -34,9 +35,15 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume = load_checkpoint(directory)
+    gan_files: dict[str, bytes] = {}
     for epoch in iterate_epochs(config, dataset, resume):
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(epoch.state, directory)
+            if epoch.synthetic is not None:  # in every checkpoint: an ASHA-stopped trial's last one shows the GAN too
+                gan_files = gan_files or {path.name: path.read_bytes() for path in
+                                          write_gan_figures(directory, dataset.class_names, epoch.synthetic)}
+                for name, data in gan_files.items():  # drawn once, copied into each later checkpoint
+                    (Path(directory) / name).write_bytes(data)
             if epoch.final:
                 write_trial_figures(directory, dataset.task, dataset.class_names, epoch.test_labels,
                                     epoch.test_probs, epoch.history)

@@ -37,6 +37,7 @@ from .models import create_model, model_costs
 from .normalization import HALF, Normalization, resolve_normalization
 from .sampling import build_sampler
 from .splits import development_splits
+from .synthetic import SyntheticImages, synthetic_training_images
 
 MEAN, STD = 0.5, 0.5  # the `half` normalisation: [-1, 1], as in the MedMNIST baselines (others: normalization.py)
 EXAMPLES = 16  # augmented training images shown in the final checkpoint's figure
@@ -112,6 +113,7 @@ class Epoch:
     history: list = field(default_factory=list)
     train_examples: dict | None = None  # final epoch: augmented training images ("images", "labels", "copy")
     split_labels: dict | None = None  # final epoch: the labels of each split, for the class distribution
+    synthetic: dict | None = None  # every epoch, with synthetic_pct: the GAN's samples, losses and summary
 
 
 def pick_device(choice: str) -> torch.device:
@@ -313,9 +315,11 @@ class SplitRun:
                                                    pretrained=config["pretrained"],
                                                    train_images=self.train_set.images)  # training split only
         self.extra = minority_copies(self.train_set.labels, float(config["minority_aug_pct"]), config["seed"])
+        # generated minority images, from a GAN trained on this split's training rows only (None without synthetic_pct)
+        self.synthetic = synthetic_training_images(self.train_set, config, dataset, device)
         batched = use_batched(config["augment_device"], device)
-        self.train_data, self.batch_augment = training_data(config, self.train_set, self.extra, self.normalization,
-                                                            channels, batched)
+        self.train_data, self.batch_augment = training_data(config, with_synthetic(self.train_set, self.synthetic),
+                                                            self.extra, self.normalization, channels, batched)
         self.prepare = DeviceInputs(self.batch_augment, self.normalization) if batched else None
         self.generator = torch.Generator().manual_seed(config["seed"])
         sampler = build_sampler(config["sampling"], self.train_data.labels[self.train_data.index], self.generator)
@@ -378,7 +382,8 @@ class SplitRun:
                 "best_epoch": self.best_epoch,
                 f"best_{config['metric']}": self.best_score if self.best_score is not None else float("nan"),
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-                "train_images": len(self.train_data), **self.costs}
+                "train_images": len(self.train_data), **self.costs,
+                **(self.synthetic.metrics if self.synthetic else {})}
 
     def load_best(self) -> None:
         self.model.load_state_dict(self.best_state)
@@ -394,11 +399,16 @@ class SplitRun:
 
     def split_labels(self, test_labels: np.ndarray) -> dict:
         labels = {"train": self.train_set.labels, "val": self.val_set.labels, "test": test_labels}
-        if len(self.extra):
+        if len(self.extra) or self.synthetic:
+            added = "_and_".join(n for n, on in (("copies", len(self.extra)), ("synthetic", self.synthetic)) if on)
             labels = {"train": self.train_set.labels,
-                      "train_with_copies": self.train_data.labels[self.train_data.index],
+                      f"train_with_{added}": self.train_data.labels[self.train_data.index],
                       "val": self.val_set.labels, "test": test_labels}
         return labels
+
+    @property
+    def synthetic_report(self) -> dict | None:
+        return self.synthetic.report if self.synthetic else None
 
     def dataset_meta(self) -> dict:
         dataset = self.dataset
@@ -444,7 +454,17 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         state = {"config": config, "epoch": epoch, "final": final, "best_score": run.best_score,
                  "best_epoch": run.best_epoch, "history": history, "precision": "bf16" if amp else "fp32",
                  "device": device.type, "dataset": run.dataset_meta(), **run.weights(epoch, final)}
-        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels)
+        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
+                    run.synthetic_report)
+
+
+def with_synthetic(train_set: ImageSet, synthetic: SyntheticImages | None) -> ImageSet:
+    """The training split with the generated images appended (after the real rows, so minority copies, which
+    index real rows, stay copies of real images); normalisation and loss weights keep the real rows' statistics."""
+    if synthetic is None or not len(synthetic.labels):
+        return train_set
+    return ImageSet(np.concatenate([train_set.images, synthetic.images]),  # no patient IDs: training needs none
+                    np.concatenate([train_set.labels, synthetic.labels.astype(train_set.labels.dtype)]))
 
 
 def checkpoint_weights(model, optimizer, best_state: dict, best_is_current: bool, final: bool) -> dict:
