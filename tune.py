@@ -18,7 +18,13 @@ import sys
 from pathlib import Path
 
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
-from search_spaces.overrides import apply_overrides, check_resume_flags, resume_tracking_uri
+from search_spaces.overrides import (
+    apply_overrides,
+    check_resume_flags,
+    check_resume_selection,
+    pin_older_stem,
+    resume_tracking_uri,
+)
 from search_spaces.state import check_storage, read_state, storage_root, write_state
 from trainables.errors import UserError
 
@@ -63,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-trial", type=positive(float), help="CPUs per trial")
     parser.add_argument("--gpus-per-trial", type=non_negative_float, help="GPUs per trial; fractions share a card")
     parser.add_argument("--max-concurrent", type=positive(int), help="trials running at once")
+    parser.add_argument("--metric", help="validation metric that picks each trial's best epoch and the winner "
+                                         "(e.g. val_loss); overrides the space's")
+    parser.add_argument("--mode", choices=("max", "min"), help="direction of --metric (default: the metric's own)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fix a trial config key (YAML value)")
     parser.add_argument("--address", help="join a running Ray cluster (e.g. auto); default: start a local one")
     parser.add_argument("--storage", default="medtune_results",
@@ -91,13 +100,14 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         search_tags,
         start_search_run,
     )
-    from search_spaces.preflight import check_leaks, check_pretrained, check_tracking, load_datasets
+    from search_spaces.preflight import check_leaks, check_metric, check_pretrained, check_tracking, load_datasets
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
 
     quiet_libraries(args.debug)
     storage = storage_root(args.storage)
     check_storage(args.storage)
     datasets = load_datasets(space)
+    check_metric(space, datasets)
     check_pretrained(space, datasets)
     leak_metrics, leak_detail = check_leaks(space, datasets, seed)
     client = check_tracking(tracking_uri)  # after the data: a local store is created by this check
@@ -154,8 +164,9 @@ def main(argv=None) -> int:
             if state is None:
                 raise UserError(f"No search named {args.resume!r} in {storage_root(args.storage)}; "
                                 "check --resume NAME and --storage")
+            space = pin_older_stem(parse_space(state["space"], Path(f"{state['space_name']}.yaml")))
+            check_resume_selection(args, space)
             tracking_uri = resume_tracking_uri(args, state)
-            space = parse_space(state["space"], Path(f"{state['space_name']}.yaml"))
             return run_search(space, args, args.resume, state["seed"], tracking_uri, resuming=True)
         from analysis.tracking import tracking_uri_from
 

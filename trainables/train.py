@@ -33,7 +33,7 @@ from .datasets import Dataset, ImageSet, load_dataset
 from .errors import UserError
 from .losses import build_loss
 from .metrics import classification_metrics, probabilities
-from .models import create_model, model_costs
+from .models import create_model, model_costs, resolve_stem
 from .normalization import HALF, Normalization, resolve_normalization
 from .sampling import build_sampler
 from .splits import train_val_indices
@@ -228,12 +228,13 @@ def eval_loader(images: ImageSet, batch_size: int, device: torch.device, normali
 
 
 def build_model(config: dict, dataset: Dataset) -> torch.nn.Module:
-    """The trial's network (also used by replay on older configs: keys added later are read with .get)."""
+    """The trial's network (also used by replay on older configs: keys added later are read with .get; a config
+    from before `stem` gets timm's ImageNet stem, which its weights were trained with)."""
     return create_model(config["model"], num_classes=dataset.num_classes, in_chans=dataset.channels,
                         img_size=int(dataset.dev.images.shape[1]), pretrained=config["pretrained"],
                         pretrained_path=config["pretrained_path"], freeze_backbone=config["freeze_backbone"],
                         drop_rate=config["drop_rate"], drop_path_rate=config.get("drop_path_rate"),
-                        attn_drop_rate=config.get("attn_drop_rate"))
+                        attn_drop_rate=config.get("attn_drop_rate"), stem=config.get("stem", "imagenet"))
 
 
 def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES, augment: BatchAugment | None = None) -> dict:
@@ -323,6 +324,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     costs = model_costs(model, channels, size)  # params_total, params_trainable, flops_per_image
+    stem = resolve_stem(config["model"], config["stem"], size)  # logged (stem_resolved) and kept in the checkpoint
     criterion = build_loss(dataset.task, train_set.labels, dataset.num_classes, config["loss_weighting"],
                            config["effective_beta"]).to(device)
     optimizer = build_optimizer(config, model)
@@ -331,6 +333,9 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
     if resume is not None:
         if "optimizer" not in resume:
             raise UserError(f"Checkpoint of epoch {resume['epoch']} is a finished trial's; there is nothing to resume")
+        if resume.get("stem", "imagenet") != stem:  # same weight shapes either way: loading would not notice
+            raise UserError(f"The checkpoint was trained with the {resume.get('stem', 'imagenet')} stem, this config "
+                            f"builds the {stem} stem; resume with stem: {resume.get('stem', 'imagenet')}")
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start, best_score, best_epoch = resume["epoch"] + 1, resume["best_score"], resume["best_epoch"]
@@ -364,7 +369,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
                    "train_auc": train_metrics["auc"], **{f"val_{k}": v for k, v in val_metrics.items()},
                    "best_epoch": best_epoch, f"best_{config['metric']}": best_score if best_score is not None else float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
-                   "train_images": len(train_data), **costs}
+                   "train_images": len(train_data), **costs, "stem_resolved": stem}
         history.append(metrics)
         final = epoch == config["epochs"]
         test_labels = test_probs = examples = split_labels = None
@@ -380,7 +385,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
                 split_labels = {"train": train_set.labels, "train_with_copies": train_data.labels[train_data.index],
                                 "val": val_set.labels, "test": test_labels}
         state = {"config": config, "epoch": epoch, "final": final, "best_score": best_score, "best_epoch": best_epoch,
-                 "history": history, "precision": "bf16" if amp else "fp32", "device": device.type,
+                 "history": history, "precision": "bf16" if amp else "fp32", "device": device.type, "stem": stem,
                  "dataset": {"name": dataset.name, "task": dataset.task, "class_names": list(dataset.class_names),
                              "channels": dataset.channels, "image_size": size, **normalization.as_meta()},
                  **checkpoint_weights(model, optimizer, best_state, best_epoch == epoch, final)}
