@@ -79,6 +79,7 @@ def test_completed_trials_hold_curves_test_metrics_and_plots_on_the_server(share
         assert set(TRIAL_ARTIFACTS) <= artifacts  # incl. misclassified test images, augmented training images
         assert run.data.metrics["params_total"] == run.data.metrics["params_trainable"] > 0
         assert run.data.metrics["flops_per_image"] > 0 and "train_auc" in run.data.metrics
+        assert run.data.params["stem"] == "auto" and run.data.params["stem_resolved"] == "fixed"  # simple_cnn: no choice
     local = client.download_artifacts(shared_search.winner.info.run_id, "roc_curve.png", str(shared_search.tmp))
     assert Path(local).read_bytes()[:4] == b"\x89PNG"  # proxied through the server
 
