@@ -20,7 +20,13 @@ from pathlib import Path
 
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
 from search_spaces.budget import budget_line, budget_spent, parse_duration
-from search_spaces.overrides import apply_overrides, check_resume_flags, resume_tracking_uri
+from search_spaces.overrides import (
+    apply_overrides,
+    check_resume_flags,
+    check_resume_selection,
+    pin_older_stem,
+    resume_tracking_uri,
+)
 from search_spaces.state import check_storage, read_state, storage_root, write_state
 from trainables.errors import UserError
 
@@ -78,6 +84,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cv-folds", type=positive(int), metavar="K",
                         help="cross-validated trials: K fold models of the development pool each, ranked and stopped "
                              "on the fold mean (1..20; default the space's cv_folds, 1 = one validation split)")
+    parser.add_argument("--metric", help="validation metric that picks each trial's best epoch and the winner "
+                                         "(e.g. val_loss); overrides the space's")
+    parser.add_argument("--mode", choices=("max", "min"), help="direction of --metric (default: the metric's own)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fix a trial config key (YAML value)")
     parser.add_argument("--address", help="join a running Ray cluster (e.g. auto); default: start a local one")
     parser.add_argument("--storage", default="medtune_results",
@@ -106,15 +115,25 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         search_tags,
         start_search_run,
     )
-    from search_spaces.preflight import check_leaks, check_pretrained, check_synthetic, check_tracking, load_datasets
+    from search_spaces.preflight import (
+        check_folds,
+        check_leaks,
+        check_metric,
+        check_pretrained,
+        check_synthetic,
+        check_tracking,
+        load_datasets,
+    )
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
 
     quiet_libraries(args.debug)
     storage = storage_root(args.storage)
     check_storage(args.storage)
     datasets = load_datasets(space)
+    check_metric(space, datasets)
     check_pretrained(space, datasets)
     check_synthetic(space, datasets)
+    check_folds(space, datasets, seed)
     leak_metrics, leak_detail = check_leaks(space, datasets, seed)
     client = check_tracking(tracking_uri)  # after the data: a local store is created by this check
     tracking_uri = client.tracking_uri  # without credentials: they stay in this process's environment
@@ -180,8 +199,9 @@ def main(argv=None) -> int:
             if state is None:
                 raise UserError(f"No search named {args.resume!r} in {storage_root(args.storage)}; "
                                 "check --resume NAME and --storage")
+            space = pin_older_stem(parse_space(state["space"], Path(f"{state['space_name']}.yaml")))
+            check_resume_selection(args, space)
             tracking_uri = resume_tracking_uri(args, state)
-            space = parse_space(state["space"], Path(f"{state['space_name']}.yaml"))
             return run_search(space, args, args.resume, state["seed"], tracking_uri, resuming=True)
         from analysis.tracking import tracking_uri_from
 

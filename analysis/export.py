@@ -98,7 +98,8 @@ def architecture(rep: Replay) -> Architecture:
     """The constructor call that rebuilds the trial's network (model.json)."""
     return Architecture(name=rep.config["model"], num_classes=rep.dataset.num_classes, in_chans=rep.dataset.channels,
                         img_size=int(rep.dataset.dev.images.shape[1]), drop_rate=rep.config.get("drop_rate"),
-                        drop_path_rate=rep.config.get("drop_path_rate"), attn_drop_rate=rep.config.get("attn_drop_rate"))
+                        drop_path_rate=rep.config.get("drop_path_rate"), attn_drop_rate=rep.config.get("attn_drop_rate"),
+                        stem=rep.stem)
 
 
 def save_model(model: torch.nn.Module, spec: Architecture, out: Path) -> torch.jit.ScriptModule:

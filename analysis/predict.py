@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,11 +49,12 @@ class Architecture(BaseModel):
     drop_rate: float | None = None  # as trained; dropout is inactive at inference, but it shapes some heads
     drop_path_rate: float | None = None
     attn_drop_rate: float | None = None
+    stem: Literal["imagenet", "small", "fixed"] = "imagenet"  # resolved; exports from before `stem`: timm's (imagenet)
 
     def options(self) -> dict:
-        """The optional constructor arguments that were set (None: the model's default)."""
-        return {k: v for k, v in (("drop_rate", self.drop_rate), ("drop_path_rate", self.drop_path_rate),
-                                  ("attn_drop_rate", self.attn_drop_rate)) if v is not None}
+        """The optional constructor arguments that were set (None: the model's default), and the stem."""
+        return {**{k: v for k, v in (("drop_rate", self.drop_rate), ("drop_path_rate", self.drop_path_rate),
+                                     ("attn_drop_rate", self.attn_drop_rate)) if v is not None}, "stem": self.stem}
 
 
 def get_args_parser() -> argparse.ArgumentParser:

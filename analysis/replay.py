@@ -24,6 +24,7 @@ import torch
 from trainables.checkpoint import best_weights
 from trainables.datasets import Dataset, ImageSet, load_dataset
 from trainables.errors import UserError
+from trainables.models import resolve_stem
 from trainables.normalization import Normalization
 from trainables.splits import development_splits
 from trainables.train import build_model, eval_loader, predict_logits
@@ -59,6 +60,7 @@ class Replay:
     normalization: Normalization  # how the trial turned pixels into inputs (the checkpoint's "dataset" entry)
     trial: Setting  # how the trial evaluated (from the checkpoint)
     replayed: Setting  # how `trial_logits` evaluates here: the trial's setting where this machine has it
+    stem: str = "imagenet"  # the stem the network was built with (resolved: imagenet | small | fixed)
 
     @property
     def val(self) -> ImageSet:
@@ -127,11 +129,20 @@ def replay(state: dict, data_root: str | None = None) -> Replay:
                         f"(classes {meta.get('class_names')} expected); pass the right --data-root")
     # a cross-validated trial: the split of the fold model its best weights are (the one that scored test)
     train_index, val_index = development_splits(dataset, config)[int(state.get("best_fold", 0))]
-    model = build_model({**config, "pretrained": False}, dataset)  # the weights come from the checkpoint
+    stem = trial_stem(state, int(dataset.dev.images.shape[1]))
+    model = build_model({**config, "pretrained": False, "stem": stem}, dataset)  # the weights come from the checkpoint
     model.load_state_dict(best_weights(state))  # never the last epoch's weights in their place
     trial = trial_setting(state)
     normalization = Normalization.from_meta(meta)  # checkpoints from before `normalize`: [-1, 1]
-    return Replay(config, dataset, train_index, val_index, model.eval(), normalization, trial, replay_setting(trial))
+    return Replay(config, dataset, train_index, val_index, model.eval(), normalization, trial, replay_setting(trial),
+                  stem)
+
+
+def trial_stem(state: dict, image_size: int) -> str:
+    """The stem the trial's network was built with: recorded in the checkpoint, else resolved from its config;
+    a config from before `stem` existed had timm's ImageNet stem."""
+    config = state["config"]
+    return state.get("stem") or resolve_stem(config["model"], config.get("stem", "imagenet"), image_size)
 
 
 def logits_of(model, images: ImageSet, normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:

@@ -37,6 +37,7 @@ TAG_ERROR = "medtune.error"  # a failed trial's last error line
 TAG_SPACE, TAG_DATASET, TAG_SEED, TAG_VERSION = "medtune.space", "medtune.dataset", "medtune.seed", "medtune.version"
 TAG_TRIAL_RUN = "medtune.trial_run_id"  # on a registered model version: the trial it came from
 PARENT = "mlflow.parentRunId"
+RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
 
@@ -183,6 +184,7 @@ class MLflowTrialCallback(Callback):
         self.tracking_uri, self.parent_run_id, self.search, self.max_t = tracking_uri, parent_run_id, search, max_t
         self.time_budget_s = time_budget_s
         self._runs: dict[str, str] = {}
+        self._result_params: set[str] = set()  # trials whose RESULT_PARAMS are logged
 
     def setup(self, **info):
         self._started = time.time()  # before Ray's budget clock starts (its first step), as is a resume's
@@ -208,7 +210,10 @@ class MLflowTrialCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("training_iteration", 0))
-        self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step))
+        params = flat_params({key: result[key] for key in RESULT_PARAMS if key in result}) \
+            if trial.trial_id not in self._result_params else []  # once per trial (again after a resume: same value)
+        self._result_params.add(trial.trial_id)
+        self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step), params=params)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial, outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t))

@@ -62,7 +62,8 @@ def record_grid(args) -> dict:
     data = load_dataset("pneumoniamnist", image_size=28, data_root=args.data_root)
     _, val_idx = train_val_indices(data, None, 0)
     val_labels = data.dev.labels[val_idx]
-    fixed = {"model": args.model, "epochs": args.epochs, "seed": 0, "device": args.device, "data_root": args.data_root}
+    fixed = {"model": args.model, "epochs": args.epochs, "seed": 0, "device": args.device, "data_root": args.data_root,
+             "stem": "imagenet"}  # the stem the recorded grid curves (bench/results) were trained with
     space = {**fixed, **{k: tune.grid_search(v) for k, v in GRID.items()}}
     gpu = 0.5 if args.device == "cuda" else 0
     tuner = tune.Tuner(tune.with_resources(tune.with_parameters(grid_trainable, data=data), {"cpu": 1, "gpu": gpu}),

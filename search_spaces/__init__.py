@@ -278,7 +278,7 @@ def validate_space(space: SearchSpace, origin: str | None = None) -> SearchSpace
 
 def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> None:
     """Every trial the space can produce is a valid TrialConfig: its fixed part, each variant, both bounds
-    (or every choice) of each searched key, and every model x image size pair."""
+    (or every choice) of each searched key, and every model x image size x stem combination."""
     def fail(where: str, problem: str) -> UserError:
         return UserError(f"{origin}: {where}: {problem}")
 
@@ -305,8 +305,9 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
             raise fail(f"params.{key}", f"{key} is an integer; search it with int or choice, not {domain.kind}")
         for value in domain.edge_values():
             _check({**base, key: value}, fail, f"params.{key}")
-    for model, size in itertools.product(space.values_of("model"), space.values_of("image_size")):
-        _check({**base, "model": model, "image_size": size}, fail, "params")
+    for model, size, stem in itertools.product(space.values_of("model"), space.values_of("image_size"),
+                                               space.values_of("stem")):
+        _check({**base, "model": model, "image_size": size, "stem": stem}, fail, "params")
     for number, point in enumerate(space.points_to_evaluate):
         _check_point(space, typed, point, fail, f"points_to_evaluate[{number}]")
 

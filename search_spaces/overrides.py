@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 from search_spaces import SearchSpace, validate_space
-from trainables.config import check_value, parse_overrides
+from trainables.config import DEFAULTS, check_value, parse_overrides
+from trainables.dataset_registry import TASKS
 from trainables.errors import UserError
+from trainables.metrics import metric_direction, metric_names
 
 # Flags that shape a search: a resumed search keeps the ones it started with, so giving one is an error.
 SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_root": "--data-root",
@@ -51,7 +53,43 @@ def apply_overrides(space: SearchSpace, args) -> SearchSpace:
     if args.skip_bad_images:
         space.fixed["skip_bad_images"] = True
     space.fixed["seed"] = args.seed or 0
+    if not mentions(space, "stem"):  # stated in the saved space, so a resume never mistakes it for an older search
+        space.fixed["stem"] = DEFAULTS["stem"]
+    apply_selection(space, args.metric, args.mode)
     return validate_space(space, origin=f"{space.source} with the command line's overrides")
+
+
+def mentions(space: SearchSpace, key: str) -> bool:
+    return key in space.fixed or key in space.params or any(key in keys for keys in space.variants.values())
+
+
+def pin_older_stem(space: SearchSpace) -> SearchSpace:
+    """A search saved before the `stem` key existed built its trials with timm's ImageNet stem: resume it so."""
+    if not mentions(space, "stem"):
+        space.fixed["stem"] = "imagenet"
+    return space
+
+
+def apply_selection(space: SearchSpace, metric: str | None, mode: str | None) -> None:
+    """--metric / --mode: the validation metric that picks each trial's best epoch and the search's winner, and its
+    direction (inferred from the metric when --mode is left out). Whether the dataset's task logs it: preflight."""
+    if metric is None and mode is None:
+        return
+    metric = metric or space.metric
+    if not metric.startswith("val_"):
+        raise UserError(f"--metric {metric}: selection uses validation metrics only (the test split never selects "
+                        "anything); use val_..., e.g. val_auc or val_loss")
+    known = dict.fromkeys(name for task in TASKS for name in metric_names(task))
+    name = metric.removeprefix("val_")
+    if name not in known and not name.startswith("auc_"):  # auc_<label>: multi-label, named by the data's labels
+        raise UserError(f"--metric {metric} is not a metric trials log; valid: "
+                        f"{', '.join('val_' + n for n in known)} (multi-label also val_auc_<label>)")
+    direction = metric_direction(metric)
+    if mode is not None and mode != direction:
+        better = "lower" if direction == "min" else "higher"
+        raise UserError(f"--mode {mode} contradicts metric {metric}, where {better} is better; use --mode {direction} "
+                        "or leave --mode out")
+    space.metric, space.mode = metric, direction
 
 
 def _check_flag(flag: str, key: str, value) -> None:
@@ -67,6 +105,15 @@ def check_resume_flags(args) -> None:
     if given:
         raise UserError(f"--resume continues search {args.resume!r} as it was started, so {given[0]} would be "
                         f"ignored; remove it, or start a new search with --space")
+
+
+def check_resume_selection(args, saved: SearchSpace) -> None:
+    """--metric / --mode on a resume: accepted when they repeat the saved search's, refused when they differ."""
+    for flag, asked, kept in (("--metric", args.metric, saved.metric), ("--mode", args.mode, saved.mode)):
+        if asked is not None and asked != kept:
+            raise UserError(f"--resume continues search {args.resume!r}, which selects by {saved.metric} "
+                            f"({saved.mode}), so {flag} {asked} would change what its trials were chosen by; "
+                            f"remove {flag}, or start a new search with --space")
 
 
 def resume_tracking_uri(args, state: dict) -> str:

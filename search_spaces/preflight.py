@@ -9,6 +9,7 @@ from search_spaces import SearchSpace
 from trainables.datasets import load_dataset
 from trainables.errors import UserError
 from trainables.leaks import format_leak_report, leak_metrics, leak_report
+from trainables.metrics import metric_names
 from trainables.models import create_model
 from trainables.splits import cv_fold_indices, train_val_indices
 from trainables.synthetic import check_synthetic_task
@@ -41,6 +42,15 @@ def check_folds(space: SearchSpace, datasets: dict, seed: int) -> None:
         cv_fold_indices(next(iter(datasets.values())), space.cv_folds, seed)
 
 
+def check_metric(space: SearchSpace, datasets: dict) -> None:
+    """The selection metric is one the dataset's task logs (a binary task has no val_hamming_loss)."""
+    dataset = next(iter(datasets.values()))
+    names = metric_names(dataset.task, dataset.class_names)
+    if space.metric.removeprefix("val_") not in names:
+        raise UserError(f"metric {space.metric} is not logged for {space.dataset} ({dataset.task}); valid: "
+                        f"{', '.join('val_' + n for n in names)}; set it with --metric or the space's metric")
+
+
 def check_pretrained(space: SearchSpace, datasets: dict) -> None:
     """Build each pretrained model once, so missing weights fail now and not in every trial."""
     dataset = next(iter(datasets.values()))
@@ -48,10 +58,11 @@ def check_pretrained(space: SearchSpace, datasets: dict) -> None:
         if True not in ([variant["pretrained"]] if "pretrained" in variant else space.values_of("pretrained")):
             continue
         models = [variant["model"]] if "model" in variant else space.values_of("model")
+        stem = variant.get("stem", space.values_of("stem")[0])  # the stem changes no weight: any valid one will do
         for model in models:
             create_model(model, num_classes=dataset.num_classes, in_chans=dataset.channels,
                          img_size=int(dataset.dev.images.shape[1]), pretrained=True,
-                         pretrained_path=space.fixed.get("pretrained_path"))
+                         pretrained_path=space.fixed.get("pretrained_path"), stem=stem)
 
 
 def check_synthetic(space: SearchSpace, datasets: dict) -> None:

@@ -45,7 +45,15 @@ def assert_nothing_written(folder: Path):
     (["--space", "smoke", "--image-size", "-3"], "--image-size: Invalid image_size -3: input should be greater than or equal to 8"),
     (["--space", "smoke", "--num-samples", "0"], "argument --num-samples: 0 is not > 0"),
     (["--space", "smoke", "--max-epochs", "2.5"], "argument --max-epochs: invalid positive int value: '2.5'"),
-    (["--space", "smoke", "--set", "model=densenet121"], "Model densenet121 needs images of at least 32 px"),
+    (["--space", "smoke", "--set", "model=densenet121"], "Model densenet121 with the imagenet stem needs images of at "
+                                                         "least 32 px, got 28; raise image_size or use stem: small"),
+    (["--space", "smoke", "--set", "model=vgg_like", "stem=small"], "Model vgg_like has no stem choice"),
+    (["--space", "smoke", "--metric", "test_auc"], "--metric test_auc: selection uses validation metrics only"),
+    (["--space", "smoke", "--metric", "val_acuc"], "--metric val_acuc is not a metric trials log; valid: val_loss, "),
+    (["--space", "smoke", "--metric", "val_loss", "--mode", "max"],
+     "--mode max contradicts metric val_loss, where lower is better; use --mode min or leave --mode out"),
+    (["--space", "smoke", "--mode", "min"], "--mode min contradicts metric val_auc, where higher is better"),
+    (["--space", "smoke", "--mode", "up"], "argument --mode: invalid choice: 'up'"),
     (["--resume", "no-such-search"], "No search named 'no-such-search'"),
     (["--space", "smoke", "--set", "cv_folds=3"], "--set cv_folds: the number of folds is the search's, not a trial key"),
     (["--space", "smoke", "--cv-folds", "21"], "cv_folds: 21: input should be less than or equal to 20"),
@@ -107,6 +115,49 @@ def test_resume_refuses_a_flag_it_would_ignore(capsys, saved_search, flag):
     code, err = run_tune(capsys, "--resume", "old", *flag)
     assert code == 2 and err.count("\n") == 1
     assert f"--resume continues search 'old' as it was started, so {flag[0]} would be ignored" in err
+
+
+@pytest.mark.parametrize("argv, metric, mode", [
+    (["--metric", "val_loss", "--mode", "min"], "val_loss", "min"),
+    (["--metric", "val_loss"], "val_loss", "min"),  # the direction follows the metric
+    (["--metric", "val_balanced_acc"], "val_balanced_acc", "max"),
+    ([], "val_auc", "max"),  # the space's own
+])
+def test_metric_and_mode_override_the_space_selection(in_tmp, monkeypatch, argv, metric, mode):
+    ran = []
+    monkeypatch.setattr(tune, "run_search", lambda space, *args, **kwargs: ran.append(space) or 0)
+    assert tune.main(["--space", "smoke", *argv]) == 0
+    (space,) = ran
+    assert (space.metric, space.mode) == (metric, mode)
+    assert (space.base_config()["metric"], space.base_config()["mode"]) == (metric, mode)  # each trial's best epoch too
+    assert space.as_dict()["metric"] == metric  # what the state file keeps for a resume
+
+
+def test_a_metric_the_task_does_not_log_is_refused_after_the_data_is_read(capsys, in_tmp, medmnist_root):
+    code, err = run_tune(capsys, "--space", "smoke", "--data-root", medmnist_root, "--metric", "val_hamming_loss")
+    assert code == 2 and err.count("\n") == 1
+    assert "metric val_hamming_loss is not logged for pneumoniamnist (binary); valid: val_loss, " in err
+    assert_nothing_written(in_tmp)
+
+
+def test_resume_takes_the_saved_metric_and_refuses_another(capsys, saved_search, monkeypatch):
+    ran = []
+    monkeypatch.setattr(tune, "run_search", lambda space, *args, **kwargs: ran.append(space) or 0)
+    assert tune.main(["--resume", "old", "--metric", "val_auc", "--mode", "max"]) == 0  # the saved ones: accepted
+    assert (ran[0].metric, ran[0].mode) == ("val_auc", "max")
+    assert ran[0].fixed["stem"] == "imagenet"  # saved before `stem` existed: its trials had timm's stem
+    for flag in (["--metric", "val_loss"], ["--mode", "min"]):
+        code, err = run_tune(capsys, "--resume", "old", *flag)
+        assert code == 2 and err.count("\n") == 1
+        assert f"--resume continues search 'old', which selects by val_auc (max), so {flag[0]} {flag[1]} would" in err
+
+
+def test_a_new_search_states_its_stem_for_a_later_resume(in_tmp, monkeypatch):
+    ran = []
+    monkeypatch.setattr(tune, "run_search", lambda space, *args, **kwargs: ran.append(space) or 0)
+    (in_tmp / "mine.yaml").write_text("description: x\ndataset: pneumoniamnist\nfixed: {model: resnet18}\n")
+    assert tune.main(["--space", str(in_tmp / "mine.yaml")]) == 0
+    assert ran[0].as_dict()["fixed"]["stem"] == "auto"
 
 
 def test_resume_refuses_another_tracking_server(capsys, saved_search, monkeypatch):

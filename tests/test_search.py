@@ -79,6 +79,7 @@ def test_completed_trials_hold_curves_test_metrics_and_plots_on_the_server(share
         assert set(TRIAL_ARTIFACTS) <= artifacts  # incl. misclassified test images, augmented training images
         assert run.data.metrics["params_total"] == run.data.metrics["params_trainable"] > 0
         assert run.data.metrics["flops_per_image"] > 0 and "train_auc" in run.data.metrics
+        assert run.data.params["stem"] == "auto" and run.data.params["stem_resolved"] == "fixed"  # simple_cnn: no choice
     local = client.download_artifacts(shared_search.winner.info.run_id, "roc_curve.png", str(shared_search.tmp))
     assert Path(local).read_bytes()[:4] == b"\x89PNG"  # proxied through the server
 
@@ -153,7 +154,8 @@ def test_resnetd_depth_space_trains_a_trial_as_shipped(medmnist_root):
     space = load_space("resnetd_depth")
     config = {**space.base_config(), "dataset": "breastmnist", "epochs": 1, "data_root": str(medmnist_root),
               **{key: domain.get("choice", [None])[0] if "choice" in domain else next(iter(domain.values()))[0]
-                 for key, domain in space.params.items()}}
+                 for key, domain in space.params.items()},
+              "stem": "imagenet"}  # ~10x cheaper than auto's small stem at 28 px; the stem is tests/test_stem.py's
     final = train(config, report=lambda metrics: None)
     assert config["model"] == "resnet18d" and final["epoch"] == 1 and "test_auc" in final
 

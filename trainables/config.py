@@ -36,6 +36,9 @@ class TrialConfig(BaseModel):
     pretrained: bool = False  # start from ImageNet weights (needs `pretrained_path` offline)
     pretrained_path: str | None = None  # local weights file (.pth / .safetensors) for `pretrained`
     freeze_backbone: bool = False  # train the classifier head only
+    # timm CNNs (ResNet, ResNet-D, DenseNet, EfficientNet-B0): imagenet = timm's stride-2 conv + max-pool (28 px is 7 px
+    # at the first stage); small = first conv stride 1, no max-pool (28 px stays 28); auto = small below 64 px
+    stem: Literal["auto", "imagenet", "small"] = "auto"
     drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # classifier dropout (0: none); None keeps the model's default
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)  # stochastic depth (timm ResNets, EfficientNet, ViT)
     attn_drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # attention dropout (ViT only); None: the model's default
@@ -138,7 +141,7 @@ class TrialConfig(BaseModel):
     def _model_fits_images(self) -> TrialConfig:
         from .models import check_model_name, check_model_options
 
-        check_model_name(self.model, self.image_size)
+        check_model_name(self.model, self.image_size, self.stem)
         check_model_options(self.model, drop_path_rate=self.drop_path_rate, attn_drop_rate=self.attn_drop_rate)
         return self
 

@@ -46,6 +46,7 @@ def iterate_cv_epochs(config: dict, dataset: Dataset, resume: dict | None = None
         metrics = fold_mean([run.run_epoch(epoch) for run in runs], config["metric"])
         best = best_fold(runs, config["mode"])
         metrics["best_epoch"] = runs[best].best_epoch
+        metrics["stem_resolved"] = runs[best].stem  # a string: fold_mean keeps numbers only
         history.append(metrics)
         final = epoch == config["epochs"]
         test_labels = test_probs = examples = split_labels = oof = None
@@ -59,7 +60,8 @@ def iterate_cv_epochs(config: dict, dataset: Dataset, resume: dict | None = None
             split_labels = runs[best].split_labels(test_labels)
         state = {"config": config, "epoch": epoch, "final": final, "best_score": metrics[f"best_{config['metric']}"],
                  "best_epoch": runs[best].best_epoch, "best_fold": best, "history": history,
-                 "precision": "bf16" if amp else "fp32", "device": device.type, "dataset": runs[best].dataset_meta(),
+                 "precision": "bf16" if amp else "fp32", "device": device.type, "stem": runs[best].stem,
+                 "dataset": runs[best].dataset_meta(),
                  "folds": [fold_state(run, epoch, final) for run in runs], **({"oof": oof} if final else {})}
         yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
                     runs[best].synthetic_report)  # each fold's GAN learns from its own training rows
@@ -103,4 +105,4 @@ def out_of_fold(runs: list[SplitRun]) -> dict:
 def fold_state(run: SplitRun, epoch: int, final: bool) -> dict:
     """What one fold's checkpoint file holds (checkpoint.py writes each fold to its own file)."""
     return {"epoch": epoch, "final": final, "best_score": run.best_score, "best_epoch": run.best_epoch,
-            "dataset": run.dataset_meta(), **run.weights(epoch, final)}
+            "stem": run.stem, "dataset": run.dataset_meta(), **run.weights(epoch, final)}

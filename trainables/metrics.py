@@ -77,6 +77,27 @@ def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, cla
     return {key: float(value) for key, value in out.items()}
 
 
+LOWER_IS_BETTER = ("loss", "hamming_loss")  # every other metric a trial logs: higher is better
+TASK_EXAMPLE_CLASSES = ("a", "b", "c")  # class names for listing a task's metrics before its data is read
+
+
+def metric_direction(name: str) -> str:
+    """"min" or "max": the selection mode that favours better values of metric `name` (with or without val_)."""
+    return "min" if name.removeprefix("val_") in LOWER_IS_BETTER else "max"
+
+
+def metric_names(task: str, class_names=TASK_EXAMPLE_CLASSES) -> list[str]:
+    """Every metric a trial of `task` logs per split (without the split prefix): the loss and what
+    classification_metrics returns, computed on a tiny example so the list never drifts from it."""
+    k = len(class_names)
+    if task == "multilabel":
+        y_true, probs = np.eye(k, dtype=np.uint8), np.eye(k)
+    else:
+        k = 2 if task == "binary" else k
+        y_true, probs = np.arange(k), np.eye(k)
+    return ["loss", *classification_metrics(task, y_true, probs, class_names)]
+
+
 def confusion(task: str, y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """(K, K) for single-label; (L, 2, 2) one-vs-rest matrices for multi-label."""
     y_pred = predictions(task, probs, threshold)

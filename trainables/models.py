@@ -1,6 +1,6 @@
 """Models by name. timm builds every standard architecture; two small CNNs from the studies are ours.
 
-`create_model(name, num_classes=k, in_chans=c, img_size=s)` is the one entry point.
+`create_model(name, num_classes=k, in_chans=c, img_size=s, stem=...)` is the one entry point.
 """
 
 from __future__ import annotations
@@ -31,16 +31,40 @@ def model_names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-# DenseNet's four transitions halve the input 5 times: below 32 px nothing is left to pool.
-MIN_IMAGE_SIZE = {"densenet121": 32, "densenet161": 32}
+# DenseNet halves the input 5 times with the ImageNet stem (conv0, pool0, three transitions): below 32 px nothing
+# is left to pool. The small stem keeps the three transitions only: 8 px.
+MIN_IMAGE_SIZE = {"densenet121": {"imagenet": 32, "small": 8}, "densenet161": {"imagenet": 32, "small": 8}}
+SMALL_STEM_BELOW = 64  # stem `auto`: the small stem below this image size (px), timm's ImageNet stem from it on
+NO_STEM_CHOICE = "fixed"  # the resolved stem of a model that has only its own (simple_cnn, vgg_like, the ViT)
 
 
-def check_model_name(name: str, img_size: int | None = None) -> None:
+def check_model_name(name: str, img_size: int | None = None, stem: str = "imagenet") -> None:
+    """A registered name, and an image size its (resolved) stem leaves something to pool for."""
     if name not in _BUILDERS:
         raise unknown_name("model", name, model_names())
-    smallest = MIN_IMAGE_SIZE.get(name, 1)
-    if img_size is not None and img_size < smallest:
-        raise UserError(f"Model {name} needs images of at least {smallest} px, got {img_size}; raise image_size")
+    if img_size is None:
+        return
+    resolved = resolve_stem(name, stem, img_size)
+    smallest = MIN_IMAGE_SIZE.get(name, {}).get(resolved, 1)
+    if img_size < smallest:
+        fix = " or use stem: small (or auto)" if resolved == "imagenet" else ""
+        raise UserError(f"Model {name} with the {resolved} stem needs images of at least {smallest} px, got {img_size}; "
+                        f"raise image_size{fix}")
+
+
+def resolve_stem(name: str, stem: str, img_size: int) -> str:
+    """`auto` -> `small` below SMALL_STEM_BELOW px, else `imagenet`; NO_STEM_CHOICE for a model without a choice
+    (which refuses `small`)."""
+    if name not in SMALL_STEMS:
+        if stem == "small":
+            raise UserError(f"Model {name} has no stem choice; stem: small applies to {', '.join(sorted(SMALL_STEMS))}. "
+                            f"Use stem: auto or imagenet for {name}, e.g. fix stem per variant in the space")
+        return NO_STEM_CHOICE
+    if stem == "auto":
+        return "small" if img_size < SMALL_STEM_BELOW else "imagenet"
+    if stem not in ("imagenet", "small"):
+        raise UserError(f"Unknown stem {stem!r} for {name}; use auto, imagenet or small")
+    return stem
 
 
 def check_model_options(name: str, **options) -> None:
@@ -63,6 +87,31 @@ TIMM_MODELS = [f"resnet{d}d" for d in (18, 34, 50, 101, 152, 200)] + [
 ] + ["densenet121", "densenet161", "efficientnet_b0"]
 for _arch in TIMM_MODELS:
     register_model(_arch)(_timm(_arch))
+
+
+def _small_resnet_stem(model: nn.Module) -> None:
+    """ResNet: conv1 stride 1; ResNet-D: the first of its three stem convs stride 1; both without the max-pool."""
+    first = model.conv1[0] if isinstance(model.conv1, nn.Sequential) else model.conv1
+    first.stride = (1, 1)
+    model.maxpool = nn.Identity()
+
+
+def _small_densenet_stem(model: nn.Module) -> None:
+    model.features.conv0.stride = (1, 1)
+    model.features.pool0 = nn.Identity()
+
+
+def _small_efficientnet_stem(model: nn.Module) -> None:
+    model.conv_stem.stride = (1, 1)  # no max-pool to remove; padding 1 keeps a 3x3 stride-1 conv's size
+
+
+# The CNNs with a stem choice: how each becomes `small` (CIFAR-style, as MedMNIST's own ResNet (28)). Only strides
+# change and parameter-free pools go, so every weight (pretrained ones too) keeps its shape and its state-dict key.
+SMALL_STEMS: dict[str, Callable[[nn.Module], None]] = {
+    **{name: _small_resnet_stem for name in TIMM_MODELS if name.startswith("resnet")},
+    **{name: _small_densenet_stem for name in TIMM_MODELS if name.startswith("densenet")},
+    "efficientnet_b0": _small_efficientnet_stem,
+}
 
 # Which models take the optional regularisation keys (timm's DenseNet has no stochastic depth).
 SUPPORTS = {
@@ -137,12 +186,14 @@ def simple_cnn(num_classes, in_chans, img_size, **kwargs):
 
 def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int, pretrained: bool = False,
                  pretrained_path: str | None = None, freeze_backbone: bool = False, drop_rate: float | None = None,
-                 drop_path_rate: float | None = None, attn_drop_rate: float | None = None) -> nn.Module:
+                 drop_path_rate: float | None = None, attn_drop_rate: float | None = None,
+                 stem: str = "imagenet") -> nn.Module:
     """Build `name`; `pretrained` loads ImageNet weights (from `pretrained_path` when offline).
 
     `drop_rate` (classifier dropout), `drop_path_rate` (stochastic depth) and `attn_drop_rate` (ViT attention
-    dropout): None keeps the model's default."""
-    check_model_name(name, img_size)
+    dropout): None keeps the model's default. `stem`: auto | imagenet (timm's, the default here: what models saved
+    before the key existed were built with) | small (see SMALL_STEMS), applied after the weights are loaded."""
+    check_model_name(name, img_size, stem)
     check_model_options(name, drop_path_rate=drop_path_rate, attn_drop_rate=attn_drop_rate)
     kwargs = {key: value for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate),
                                             ("attn_drop_rate", attn_drop_rate)) if value is not None}
@@ -157,6 +208,8 @@ def create_model(name: str, *, num_classes: int, in_chans: int, img_size: int, p
             f"Pretrained weights for {name} could not be loaded ({type(error).__name__}: {str(error)[:120]}); "
             "download them where there is network and pass pretrained_path=<file>, or set pretrained: false"
         ) from error
+    if resolve_stem(name, stem, img_size) == "small":
+        SMALL_STEMS[name](model)
     if freeze_backbone:
         freeze_all_but_head(model)
     return model

@@ -33,7 +33,7 @@ from .datasets import Dataset, ImageSet, load_dataset
 from .errors import UserError
 from .losses import build_loss
 from .metrics import classification_metrics, probabilities
-from .models import create_model, model_costs
+from .models import create_model, model_costs, resolve_stem
 from .normalization import HALF, Normalization, resolve_normalization
 from .sampling import build_sampler
 from .splits import development_splits
@@ -230,12 +230,13 @@ def eval_loader(images: ImageSet, batch_size: int, device: torch.device, normali
 
 
 def build_model(config: dict, dataset: Dataset) -> torch.nn.Module:
-    """The trial's network (also used by replay on older configs: keys added later are read with .get)."""
+    """The trial's network (also used by replay on older configs: keys added later are read with .get; a config
+    from before `stem` gets timm's ImageNet stem, which its weights were trained with)."""
     return create_model(config["model"], num_classes=dataset.num_classes, in_chans=dataset.channels,
                         img_size=int(dataset.dev.images.shape[1]), pretrained=config["pretrained"],
                         pretrained_path=config["pretrained_path"], freeze_backbone=config["freeze_backbone"],
                         drop_rate=config["drop_rate"], drop_path_rate=config.get("drop_path_rate"),
-                        attn_drop_rate=config.get("attn_drop_rate"))
+                        attn_drop_rate=config.get("attn_drop_rate"), stem=config.get("stem", "imagenet"))
 
 
 def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES, augment: BatchAugment | None = None) -> dict:
@@ -330,6 +331,7 @@ class SplitRun:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.costs = model_costs(self.model, channels, size)  # params_total, params_trainable, flops_per_image
+        self.stem = resolve_stem(config["model"], config["stem"], size)  # logged (stem_resolved), kept in the checkpoint
         self.criterion = build_loss(dataset.task, self.train_set.labels, dataset.num_classes, config["loss_weighting"],
                                     config["effective_beta"]).to(device)
         self.optimizer = build_optimizer(config, self.model)
@@ -343,6 +345,9 @@ class SplitRun:
         """Load a checkpoint's (or a fold file's) model, optimizer and best weights; returns the next epoch."""
         if "optimizer" not in saved:
             raise UserError(f"Checkpoint of epoch {saved['epoch']} is a finished trial's; there is nothing to resume")
+        if saved.get("stem", "imagenet") != self.stem:  # same weight shapes either way: loading would not notice
+            raise UserError(f"The checkpoint was trained with the {saved.get('stem', 'imagenet')} stem, this config "
+                            f"builds the {self.stem} stem; resume with stem: {saved.get('stem', 'imagenet')}")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.best_score, self.best_epoch, self.best_state = saved["best_score"], saved["best_epoch"], best_weights(saved)
@@ -383,7 +388,7 @@ class SplitRun:
                 f"best_{config['metric']}": self.best_score if self.best_score is not None else float("nan"),
                 "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - started,
                 "train_images": len(self.train_data), **self.costs,
-                **(self.synthetic.metrics if self.synthetic else {})}
+                **(self.synthetic.metrics if self.synthetic else {}), "stem_resolved": self.stem}
 
     def load_best(self) -> None:
         self.model.load_state_dict(self.best_state)
@@ -453,7 +458,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
             split_labels = run.split_labels(test_labels)
         state = {"config": config, "epoch": epoch, "final": final, "best_score": run.best_score,
                  "best_epoch": run.best_epoch, "history": history, "precision": "bf16" if amp else "fp32",
-                 "device": device.type, "dataset": run.dataset_meta(), **run.weights(epoch, final)}
+                 "device": device.type, "stem": run.stem, "dataset": run.dataset_meta(), **run.weights(epoch, final)}
         yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
                     run.synthetic_report)
 
