@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from analysis import runs
+from analysis.ensemble_model import load_ensemble, read_manifest
 from trainables.errors import UserError
 from trainables.image_cache import READ_ERRORS, decode_image
 from trainables.metrics import probabilities
@@ -65,8 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_model(folder: str | Path) -> torch.nn.Module:
-    """The exported network in eval mode, float32 on the CPU: rebuilt by name, weights from safetensors."""
+    """The exported network in eval mode, float32 on the CPU: rebuilt by name, weights from safetensors; an
+    exported ensemble (ensemble.json) is one network averaging its members (analysis.ensemble_model)."""
     folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return load_ensemble(folder, manifest, load_model)
     try:
         spec = Architecture.model_validate_json((folder / ARCHITECTURE).read_text())
     except (OSError, ValidationError) as error:
