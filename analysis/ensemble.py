@@ -256,15 +256,26 @@ def figures_after_choice(choice: Choice) -> dict:
     return out
 
 
+def choose_for_search(client, parent, space: dict, k: int, tta: bool, data_root: str | None = None, seed: int = 0,
+                      winner_state: dict | None = None) -> Choice:
+    """The search's winner (its checkpoint, or `winner_state`) and the next best compatible trials up to `k`,
+    and the variant to ship, chosen on validation: what analysis.export and tune.py --ensemble both run."""
+    winner = runs.winner(client, parent)
+    key, mode = runs.selection(parent, space)
+    state = winner_state if winner_state is not None else runs.checkpoint_state(winner)
+    first = Member(runs.trial_label(winner), state, winner.info.run_id, winner.data.metrics.get(key))
+    members, skipped = search_members(client, parent, space, k, first)
+    return decide(members, tta, key, mode, data_root, seed=seed, skipped=skipped)
+
+
+def figures_line(tests: dict, chosen: str) -> str:
+    """Every variant's test AUC and accuracy on one line, the shipped one starred."""
+    return "test after the choice (reported, never used to choose): " + "  ".join(
+        f"{n}{' *' if n == chosen else ''} AUC {t['auc']:.4f} acc {t['acc']:.4f}" for n, t in tests.items())
+
+
 def summarise_search(client, parent_id: str, k: int, tta: bool, data_root: str | None = None) -> list[str]:
     """tune.py --ensemble K [--tta]: the export's choice for this search, then every variant's test figures."""
     parent = client.get_run(parent_id)
-    space = runs.search_space(client, parent)
-    winner = runs.winner(client, parent)
-    key, mode = runs.selection(parent, space)
-    first = Member(runs.trial_label(winner), runs.checkpoint_state(winner), winner.info.run_id, winner.data.metrics.get(key))
-    members, skipped = search_members(client, parent, space, k, first)
-    choice = decide(members, tta, key, mode, data_root, skipped=skipped)
-    tests = figures_after_choice(choice)
-    return [*choice.lines(), "test after the choice (reported, never used to choose): " + "  ".join(
-        f"{n}{' *' if n == choice.chosen else ''} AUC {t['auc']:.4f} acc {t['acc']:.4f}" for n, t in tests.items())]
+    choice = choose_for_search(client, parent, runs.search_space(client, parent), k, tta, data_root)
+    return [*choice.lines(), figures_line(figures_after_choice(choice), choice.chosen)]

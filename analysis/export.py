@@ -12,6 +12,10 @@ machine repeats the trial's arithmetic, within TOLERANCE where it cannot -- or t
 data or checkpoint). A trial evaluated under bf16 autocast (GPU trials by default) ships as float32: how
 many test predictions flip between the two and how far each metric moves is in metrics.json
 ("precision_change"), the model card and the printed summary.
+
+`--ensemble K` / `--tta` (analysis.ensemble): the winner, flip TTA and the top-K ensemble are compared on
+validation and the cheapest variant within one SE of the best ships, as one network (ensemble.json + members/);
+test is scored only after that choice.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from safetensors.torch import save_file
 from analysis import runs
 from analysis.bootstrap import N_RESAMPLES, format_ci, metrics_with_ci
 from analysis.calibration import ECE_BINS, calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
-from analysis.ensemble import Choice, Member, decide, figures_after_choice, search_members
+from analysis.ensemble import Choice, choose_for_search, figures_after_choice, figures_line
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
 from analysis.replay import Replay, replay
@@ -446,17 +450,15 @@ def export(args) -> int:
     task, names = rep.dataset.task, rep.dataset.class_names
     if args.target_sensitivity is not None and task != "binary":
         raise UserError(f"--target-sensitivity needs a binary task ({rep.config['dataset']} is {task}); leave it out")
-    key, mode = runs.selection(parent, space)
     choice = None
     if args.ensemble > 1 or args.tta:  # chosen on validation only, before any test image is scored
-        first = Member(runs.trial_label(trial), state, trial.info.run_id, trial.data.metrics.get(key))
-        members, skipped = search_members(client, parent, space, args.ensemble, first)
-        choice = decide(members, args.tta, key, mode, args.data_root, seed=args.seed, skipped=skipped)
+        choice = choose_for_search(client, parent, space, args.ensemble, args.tta, args.data_root, args.seed, state)
         print("\n".join(choice.lines()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     prep = preprocessing(state, rep, out)
+    (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))  # load_model reads it for an ensemble
     if choice is not None and choice.network == "ensemble":
         module = save_ensemble(choice, out)
         val_logits, val_labels = rep.logits(choice.module(), rep.val)  # the ensemble's log-probabilities
@@ -469,6 +471,7 @@ def export(args) -> int:
         if choice is None:
             (out / ENSEMBLE).unlink(missing_ok=True)
         else:
+            first = choice.members[0]
             write_manifest(choice, out, [{"label": first.label, "run_id": first.run_id, "path": ".",
                                           "temperature": decision["temperature"], "validation_score": first.score}])
     shipped = load_model(out)  # the exported model exactly as analysis.predict loads it
@@ -482,6 +485,7 @@ def export(args) -> int:
         trial_logits, _ = rep.trial_logits(rep.test)
     replayed = classification_metrics(task, scored["labels"], probabilities(task, trial_logits), names)
 
+    key, _ = runs.selection(parent, space)
     logged = trial.data.metrics
     metrics = {
         "format": FORMAT, "search": parent.data.tags.get(TAG_SEARCH), "search_run_id": parent.info.run_id,
@@ -497,7 +501,6 @@ def export(args) -> int:
     }
     if choice is not None:  # after the choice: every variant's test figures, reported, never used to choose
         metrics["ensemble"] = {**json.loads((out / ENSEMBLE).read_text()), "test_after_choice": figures_after_choice(choice)}
-    (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))
     (out / "decision.json").write_text(json.dumps(decision, indent=2))
     (out / "config.json").write_text(json.dumps(rep.config, indent=2, default=str))
     metrics["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -531,9 +534,7 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
     print(f"precision change: {_change_text(metrics['precision_change'])}")
     ensemble = metrics.get("ensemble")
     if ensemble is not None:
-        print("test after the choice (reported, never used to choose): " + "  ".join(
-            f"{n}{' *' if n == ensemble['variant'] else ''} AUC {t['auc']:.4f} acc {t['acc']:.4f}"
-            for n, t in ensemble["test_after_choice"].items()))
+        print(figures_line(ensemble["test_after_choice"], ensemble["variant"]))
     files = FILES if ensemble is None else (*FILES, ENSEMBLE) if ensemble["network"] == "single" else \
         (ENSEMBLE, f"{MEMBERS}/", *FILES[2:])
     print(f"wrote {out}/ ({', '.join(files)}) in {metrics['export_seconds']:.1f}s")

@@ -8,7 +8,8 @@ resize, mean/std), then the model, temperature scaling and the validation-chosen
 
 Loading executes nothing from the folder: the model is built by medtune's own registry from its name and
 constructor arguments (model.json), and the weights are plain tensors (model.safetensors). The folder's
-TorchScript file (model.ts) is for other runtimes and is never loaded here.
+TorchScript file (model.ts) is for other runtimes and is never loaded here. An exported ensemble (ensemble.json
+and members/, each member a model.json + model.safetensors pair) is built the same way, as one network.
 """
 
 from __future__ import annotations
