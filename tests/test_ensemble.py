@@ -17,6 +17,7 @@ from conftest import toy_dataset
 from sklearn.metrics import roc_auc_score
 from test_analysis import TOY, log_search, run_main, write_pngs
 
+import analysis.ensemble
 import analysis.replay
 from analysis import export, predict
 from analysis.calibration import calibrated, fit_temperature
@@ -88,7 +89,7 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
         choice.decision["chosen"] = "ensemble+tta"
         return choice
 
-    monkeypatch.setattr(export, "decide", forced)
+    monkeypatch.setattr(analysis.ensemble, "decide", forced)
     out = search.tmp / "export"
     code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
                                     "--n-resamples", 20, "--ensemble", 3, "--tta")
@@ -129,7 +130,9 @@ def test_the_choice_never_reads_the_test_split(search, monkeypatch):
 
     monkeypatch.setattr(analysis.replay.Replay, "test", property(spy))
     choice = decide(members(search, "trial_a", "trial_c"), tta=True, metric="best_val_auc", mode="max")
-    assert choice.chosen in choice.decision["variants"] and choice.decision["n_val"] == 50
+    monkeypatch.undo()
+    assert choice.chosen in choice.decision["variants"]
+    assert choice.decision["n_val"] == len(replay(search.states["trial_a"]).val_index)
 
 
 def test_mismatched_members_are_refused_with_the_reason(search):
