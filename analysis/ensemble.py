@@ -257,7 +257,7 @@ def figures_after_choice(choice: Choice) -> dict:
 
 
 def choose_for_search(client, parent, space: dict, k: int, tta: bool, data_root: str | None = None, seed: int = 0,
-                      winner_state: dict | None = None) -> Choice:
+                      winner_state: dict | None = None, n_resamples: int = N_RESAMPLES) -> Choice:
     """The search's winner (its checkpoint, or `winner_state`) and the next best compatible trials up to `k`,
     and the variant to ship, chosen on validation: what analysis.export and tune.py --ensemble both run."""
     winner = runs.winner(client, parent)
@@ -265,7 +265,7 @@ def choose_for_search(client, parent, space: dict, k: int, tta: bool, data_root:
     state = winner_state if winner_state is not None else runs.checkpoint_state(winner)
     first = Member(runs.trial_label(winner), state, winner.info.run_id, winner.data.metrics.get(key))
     members, skipped = search_members(client, parent, space, k, first)
-    return decide(members, tta, key, mode, data_root, seed=seed, skipped=skipped)
+    return decide(members, tta, key, mode, data_root, n_resamples, seed, skipped)
 
 
 def figures_line(tests: dict, chosen: str) -> str:

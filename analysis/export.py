@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from analysis import runs
 from analysis.bootstrap import N_RESAMPLES, format_ci, metrics_with_ci
 from analysis.calibration import ECE_BINS, calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
+from analysis.ensemble import N_RESAMPLES as N_RESAMPLES_CHOICE
 from analysis.ensemble import Choice, choose_for_search, figures_after_choice, figures_line
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
@@ -452,7 +453,8 @@ def export(args) -> int:
         raise UserError(f"--target-sensitivity needs a binary task ({rep.config['dataset']} is {task}); leave it out")
     choice = None
     if args.ensemble > 1 or args.tta:  # chosen on validation only, before any test image is scored
-        choice = choose_for_search(client, parent, space, args.ensemble, args.tta, args.data_root, args.seed, state)
+        choice = choose_for_search(client, parent, space, args.ensemble, args.tta, args.data_root, args.seed, state,
+                                   n_resamples=min(args.n_resamples, N_RESAMPLES_CHOICE))
         print("\n".join(choice.lines()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
