@@ -97,6 +97,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seeds the sampler and every trial (default 0)")
     parser.add_argument("--no-report", action="store_true",
                         help="skip the study report (reports/<search>/report.html) at the end; the run's description stays")
+    parser.add_argument("--ensemble", type=positive(int), default=1, metavar="K",
+                        help="at the end, choose on validation between the winner and an ensemble of the top K "
+                             "(as analysis.export --ensemble K) and print the choice")
+    parser.add_argument("--tta", action="store_true", help="with the end-of-search choice, also consider flip TTA")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Ray's progress output")
     return parser
 
@@ -105,7 +109,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     """Check everything, start Ray, run (or resume) the Tuner, name the winner in MLflow, print where it is."""
     import ray
 
-    from analysis.summary import print_summary, print_where, publish, rank_results
+    from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results
     from analysis.tracking import (
         MLflowTrialCallback,
         close_search,
@@ -176,6 +180,8 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         print_summary(ranked, results, list(space.params), space.metric, space.max_t, budget_spent=spent,
                       budget=budget_line(space.time_budget, used) if space.time_budget else None)
         publish(client, parent_id, report=not args.no_report)  # the run's description; reports/<name>/report.html
+        if best is not None and (args.ensemble > 1 or args.tta):
+            print_ensemble(client, parent_id, args.ensemble, args.tta, args.data_root)
         print(f"\nresults:  {storage}/{name}")
         if best is not None and best.checkpoint is not None:
             print(f"best checkpoint: {best.checkpoint.path}")

@@ -12,6 +12,10 @@ machine repeats the trial's arithmetic, within TOLERANCE where it cannot -- or t
 data or checkpoint). A trial evaluated under bf16 autocast (GPU trials by default) ships as float32: how
 many test predictions flip between the two and how far each metric moves is in metrics.json
 ("precision_change"), the model card and the printed summary.
+
+`--ensemble K` / `--tta` (analysis.ensemble): the winner, flip TTA and the top-K ensemble are compared on
+validation and the cheapest variant within one SE of the best ships, as one network (ensemble.json + members/);
+test is scored only after that choice.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import shutil
 import sys
 import time
 import warnings
@@ -31,6 +37,9 @@ from safetensors.torch import save_file
 from analysis import runs
 from analysis.bootstrap import N_RESAMPLES, format_ci, metrics_with_ci
 from analysis.calibration import ECE_BINS, calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
+from analysis.ensemble import N_RESAMPLES as N_RESAMPLES_CHOICE
+from analysis.ensemble import Choice, choose_for_search, figures_after_choice, figures_line
+from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
 from analysis.replay import Replay, replay
 from analysis.tracking import TAG_SEARCH, TAG_TRIAL_RUN
@@ -61,15 +70,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="the trial's checkpoint dir, when it moved from its logged location")
     parser.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples for the CIs")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="K",
+                        help="consider averaging the top K trials (calibrated); shipped only if validation says so")
+    parser.add_argument("--tta", action="store_true",
+                        help="consider horizontal-flip test-time augmentation; shipped only if validation says so")
     return parser
 
 
 # --- fitted on validation only ---------------------------------------------------------------------
 
 def fit_decision(val_logits: np.ndarray, val_labels: np.ndarray, task: str, class_names,
-                 target_sensitivity: float | None = None) -> dict:
-    """Temperature (all tasks) and, for binary tasks, the threshold on the calibrated positive probability."""
-    temperature = fit_temperature(val_logits, val_labels, task)
+                 target_sensitivity: float | None = None, temperature: float | None = None) -> dict:
+    """Temperature (all tasks; `temperature` when given: an ensemble calibrates its members itself) and, for
+    binary tasks, the threshold on the calibrated positive probability."""
+    if temperature is None:
+        temperature = fit_temperature(val_logits, val_labels, task)
     decision = {"temperature": temperature, "threshold": None, "positive_class": None, "threshold_rule": None}
     if task == "binary":
         threshold, rule = choose_threshold(val_labels, calibrated(val_logits, task, temperature)[:, 1], target_sensitivity)
@@ -105,15 +120,49 @@ def architecture(rep: Replay) -> Architecture:
 def save_model(model: torch.nn.Module, spec: Architecture, out: Path) -> torch.jit.ScriptModule:
     """model.json + float32 safetensors weights (what analysis.predict loads), and a traced TorchScript module
     for other runtimes and the Model Registry (normalised (N, C, H, W) float32 in, logits out)."""
+    save_weights(model, spec, out)
+    return save_torchscript(model, spec, out)
+
+
+def save_weights(model: torch.nn.Module, spec: Architecture, folder: Path) -> None:
+    """model.json + model.safetensors: what analysis.predict.load_model rebuilds the network from."""
     model = model.eval()
-    (out / ARCHITECTURE).write_text(spec.model_dump_json(indent=2))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS),
+    (folder / ARCHITECTURE).write_text(spec.model_dump_json(indent=2))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS),
               metadata={"format": FORMAT})
+
+
+def save_torchscript(model: torch.nn.Module, spec: Architecture, out: Path) -> torch.jit.ScriptModule:
+    """model.ts, traced (normalised (N, C, H, W) float32 in, logits out), loaded back for the registry."""
+    model = model.eval()
     example = torch.zeros(2, spec.in_chans, spec.img_size, spec.img_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice; TorchScript is an extra
         torch.jit.trace(model, example).save(str(out / TORCHSCRIPT))
         return torch.jit.load(str(out / TORCHSCRIPT), map_location="cpu")
+
+
+def save_ensemble(choice: Choice, out: Path) -> torch.jit.ScriptModule:
+    """The chosen ensemble: members/<label>/ (model.json + model.safetensors each, as a single export), the
+    manifest (ensemble.json: members, their temperatures, TTA) and one traced module averaging them (model.ts)."""
+    shutil.rmtree(out / MEMBERS, ignore_errors=True)
+    for name in (ARCHITECTURE, WEIGHTS):  # a single model's files from an earlier export would shadow nothing, but mislead
+        (out / name).unlink(missing_ok=True)
+    shipped = []
+    for member, rep, temperature in zip(choice.members[:choice.chosen_members], choice.reps, choice.temperatures):
+        folder = out / MEMBERS / re.sub(r"[^A-Za-z0-9_.-]", "_", member.label)
+        folder.mkdir(parents=True)
+        save_weights(rep.model, architecture(rep), folder)
+        shipped.append({"label": member.label, "run_id": member.run_id, "path": folder.relative_to(out).as_posix(),
+                        "temperature": temperature, "validation_score": member.score})
+    write_manifest(choice, out, shipped)
+    return save_torchscript(choice.module(), architecture(choice.reps[0]), out)
+
+
+def write_manifest(choice: Choice, out: Path, shipped: list[dict]) -> None:
+    """ensemble.json: which variant was chosen on validation and why; with `network: ensemble` also what
+    analysis.predict builds (members, temperatures, tta). `network: single` ships model.json as without --ensemble."""
+    (out / ENSEMBLE).write_text(json.dumps({"format": FORMAT, **choice.record(), "members": shipped}, indent=2))
 
 
 def preprocessing(state: dict, rep: Replay, out: Path) -> dict:
@@ -224,7 +273,8 @@ def register(out: Path, module, tracking_uri: str, trial, search: str, model_nam
             info = mlflow.pytorch.log_model(
                 module, name="exported_model", registered_model_name=model_name, signature=signature,
                 serialization_format="pickle",  # for a ScriptModule this means torch.jit.save (pt2 is for eager models)
-                extra_files=[str(out / f) for f in ("preprocessing.json", "decision.json", "metrics.json", "model_card.md")],
+                extra_files=[str(out / f) for f in ("preprocessing.json", "decision.json", "metrics.json", "model_card.md",
+                                                    ENSEMBLE) if (out / f).exists()],
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], await_registration_for=60)
         except mlflow.exceptions.MlflowException as error:
             raise UserError(f"Could not register {model_name!r} at {tracking_uri} ({str(error).splitlines()[0][:160]}); "
@@ -268,6 +318,24 @@ def _change_text(change: dict) -> str:
     return (f"{change['flips']} of {change['n']} test predictions flip{labels} between {change['from']} and the "
             f"exported float32 model; metric change (exported - replayed): {moved}; largest logit difference "
             f"{change['max_abs_logit_difference']:.2g}")
+
+def _ensemble_text(metrics: dict) -> str:
+    """The card's paragraph on the --ensemble / --tta choice (empty without one)."""
+    ensemble = metrics.get("ensemble")
+    if ensemble is None:
+        return ""
+    choice = ensemble["choice"]
+    rows = [[name, f"{v['value']:.4f}", f"{v['gap_to_best']:+.4f}", f"{v['se_of_gap']:.4f}", v["passes"],
+             f"{ensemble['test_after_choice'][name]['auc']:.4f}", f"{ensemble['test_after_choice'][name]['acc']:.4f}"]
+            for name, v in choice["variants"].items()]
+    members = ", ".join(f"`{m['label']}`" for m in ensemble["members"])
+    return (f"Shipped variant: **{ensemble['variant']}** (members {members}{', horizontal-flip TTA' if ensemble['tta'] else ''}), "
+            f"chosen by the {choice['rule']}: {choice['reason']}. Each member's probabilities are calibrated at its own "
+            "temperature (ensemble.json) before averaging. Test columns were computed after the choice, never used for it.\n\n"
+            + _table(["variant", f"validation {choice['metric']}", "gap to best", "SE of gap", "passes/image",
+                      "test AUC", "test acc"], rows) + "\n\n" + "".join(f"- {line}\n" for line in ensemble["skipped"])
+            + ("\n" if ensemble["skipped"] else ""))
+
 
 def _mean_image_file(prep: dict) -> str:
     return f", `{prep['mean_image']}` (the per-pixel mean)" if "mean_image" in prep else ""
@@ -329,7 +397,7 @@ seed {metrics['bootstrap']['seed']}); computed with the exported float32 model (
 
 {_table(headers, rows)}
 
-Reproduction check, the best checkpoint vs the trial's logged test metrics: {_repro_text(repro)}.
+{_ensemble_text(metrics)}Reproduction check, the best checkpoint vs the trial's logged test metrics: {_repro_text(repro)}.
 
 Precision change: {_change_text(metrics['precision_change'])}.
 
@@ -382,6 +450,8 @@ def export(args) -> int:
     started = time.perf_counter()
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         raise UserError(f"--target-sensitivity {args.target_sensitivity} is not a sensitivity; give a value in (0, 1], e.g. 0.95")
+    if args.ensemble < 1:
+        raise UserError(f"--ensemble {args.ensemble} is not a number of models; give K >= 1 (e.g. --ensemble 3)")
     client = runs.connect(args.tracking_uri)
     parent = runs.get_search(client, args.search)
     space = runs.search_space(client, parent)
@@ -391,19 +461,42 @@ def export(args) -> int:
     task, names = rep.dataset.task, rep.dataset.class_names
     if args.target_sensitivity is not None and task != "binary":
         raise UserError(f"--target-sensitivity needs a binary task ({rep.config['dataset']} is {task}); leave it out")
+    choice = None
+    if args.ensemble > 1 or args.tta:  # chosen on validation only, before any test image is scored
+        choice = choose_for_search(client, parent, space, args.ensemble, args.tta, args.data_root, args.seed, state,
+                                   n_resamples=min(args.n_resamples, N_RESAMPLES_CHOICE))
+        print("\n".join(choice.lines()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    val_logits, val_labels = decision_data(state, rep)  # validation only: threshold and temperature
-    decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity)
-    decision["fitted_on"] = (f"out-of-fold predictions of the {len(state['folds'])} fold models ({len(val_labels)} "
-                             "development images)" if "oof" in state else f"the validation split ({len(val_labels)} images)")
     prep = preprocessing(state, rep, out)
-    module = save_model(rep.model, architecture(rep), out)
+    (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))  # load_model reads it for an ensemble
+    if choice is not None and choice.network == "ensemble":
+        module = save_ensemble(choice, out)
+        val_logits, val_labels = rep.logits(choice.module(), rep.val)  # the ensemble's log-probabilities
+        decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity, temperature=1.0)
+        decision["fitted_on"] = f"the validation split ({len(val_labels)} images), the ensemble's probabilities"
+    else:
+        shutil.rmtree(out / MEMBERS, ignore_errors=True)
+        val_logits, val_labels = decision_data(state, rep)  # validation (or out-of-fold) only: threshold, temperature
+        decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity)
+        decision["fitted_on"] = (f"out-of-fold predictions of the {len(state['folds'])} fold models ({len(val_labels)} "
+                                 "development images)" if "oof" in state
+                                 else f"the validation split ({len(val_labels)} images)")
+        module = save_model(rep.model, architecture(rep), out)
+        if choice is None:
+            (out / ENSEMBLE).unlink(missing_ok=True)
+        else:
+            first = choice.members[0]
+            write_manifest(choice, out, [{"label": first.label, "run_id": first.run_id, "path": ".",
+                                          "temperature": decision["temperature"], "validation_score": first.score}])
     shipped = load_model(out)  # the exported model exactly as analysis.predict loads it
     scored = score_test(shipped, rep, decision, args.n_resamples, args.seed)  # test: scored, never fitted on
+    # the winner alone, float32 (what a single export ships), for the reproduction and precision checks
+    winner_logits = rep.logits(rep.model, rep.test)[0] if choice is not None and choice.network == "ensemble" \
+        else scored["logits"]
     if rep.fp32_is_trial:  # the exported model runs on the trial's own setting: one pass is both
-        trial_logits = scored["logits"]
+        trial_logits = winner_logits
     else:
         trial_logits, _ = rep.trial_logits(rep.test)
     replayed = classification_metrics(task, scored["labels"], probabilities(task, trial_logits), names)
@@ -417,12 +510,13 @@ def export(args) -> int:
         "best_epoch": state.get("best_epoch"), "searched": runs.searched_keys(space), "splits": split_summary(rep),
         "test": {k: v for k, v in scored.items() if k not in ("logits", "labels")},
         "reproduced": reproduction(replayed, logged, rep, scored["n"]),
-        "precision_change": precision_change(trial_logits, scored["logits"], scored["labels"], rep, logged),
+        "precision_change": precision_change(trial_logits, winner_logits, scored["labels"], rep, logged),
         "calibration": {"val": calibration_report(val_logits, val_labels, task, decision["temperature"]),
                         "test": calibration_report(scored["logits"], scored["labels"], task, decision["temperature"])},
         "bootstrap": {"n_resamples": args.n_resamples, "confidence": 0.95, "method": "percentile", "seed": args.seed},
     }
-    (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))
+    if choice is not None:  # after the choice: every variant's test figures, reported, never used to choose
+        metrics["ensemble"] = {**json.loads((out / ENSEMBLE).read_text()), "test_after_choice": figures_after_choice(choice)}
     (out / "decision.json").write_text(json.dumps(decision, indent=2))
     (out / "config.json").write_text(json.dumps(rep.config, indent=2, default=str))
     metrics["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -445,7 +539,8 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
     test, repro = metrics["test"], metrics["reproduced"]
     print(f"winner: trial {metrics['trial_id']} (run {metrics['trial_run_id']}), "
           f"{metrics['selection']['metric']} {metrics['selection']['value']:.4f}")
-    print("test (argmax):   " + "  ".join(f"{k} {format_ci(v)}" for k, v in test["argmax"].items()))
+    shipped = f", {metrics['ensemble']['variant']}" if "ensemble" in metrics else ""
+    print(f"test (argmax{shipped}):   " + "  ".join(f"{k} {format_ci(v)}" for k, v in test["argmax"].items()))
     if "threshold" in test:
         print(f"test (threshold {decision['threshold']:.4f}): "
               + "  ".join(f"{k} {format_ci(v)}" for k, v in test["threshold"].items()))
@@ -453,7 +548,12 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
           f"{metrics['calibration']['test']['ece_after']:.4f}")
     print(f"reproduces the logged test metrics: {_repro_text(repro)}")
     print(f"precision change: {_change_text(metrics['precision_change'])}")
-    print(f"wrote {out}/ ({', '.join(FILES)}) in {metrics['export_seconds']:.1f}s")
+    ensemble = metrics.get("ensemble")
+    if ensemble is not None:
+        print(figures_line(ensemble["test_after_choice"], ensemble["variant"]))
+    files = FILES if ensemble is None else (*FILES, ENSEMBLE) if ensemble["network"] == "single" else \
+        (ENSEMBLE, f"{MEMBERS}/", *FILES[2:])
+    print(f"wrote {out}/ ({', '.join(files)}) in {metrics['export_seconds']:.1f}s")
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ resize, mean/std), then the model, temperature scaling and the validation-chosen
 
 Loading executes nothing from the folder: the model is built by medtune's own registry from its name and
 constructor arguments (model.json), and the weights are plain tensors (model.safetensors). The folder's
-TorchScript file (model.ts) is for other runtimes and is never loaded here.
+TorchScript file (model.ts) is for other runtimes and is never loaded here. An exported ensemble (ensemble.json
+and members/, each member a model.json + model.safetensors pair) is built the same way, as one network.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from analysis import runs
+from analysis.ensemble_model import load_ensemble, read_manifest
 from trainables.errors import UserError
 from trainables.image_cache import READ_ERRORS, decode_image
 from trainables.metrics import probabilities
@@ -67,8 +69,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def load_model(folder: str | Path) -> torch.nn.Module:
-    """The exported network in eval mode, float32 on the CPU: rebuilt by name, weights from safetensors."""
+    """The exported network in eval mode, float32 on the CPU: rebuilt by name, weights from safetensors; an
+    exported ensemble (ensemble.json) is one network averaging its members (analysis.ensemble_model)."""
     folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        return load_ensemble(folder, manifest, load_model)
     try:
         spec = Architecture.model_validate_json((folder / ARCHITECTURE).read_text())
     except (OSError, ValidationError) as error:

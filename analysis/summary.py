@@ -76,6 +76,17 @@ def publish(client, parent_id: str, report: bool) -> None:
         _never_fails("report", lambda: report_after_search(client, parent_id, board))
 
 
+def print_ensemble(client, parent_id: str, k: int, tta: bool, data_root: str | None) -> None:
+    """tune.py --ensemble K [--tta]: the variant `analysis.export` would ship, chosen on validation, then the test
+    figures; like the pages, it never fails the search."""
+    from analysis.ensemble import summarise_search
+
+    lines = _never_fails("ensemble choice", lambda: summarise_search(client, parent_id, k, tta, data_root))
+    if lines:
+        print(f"\nensemble choice (as `python -m analysis.export --ensemble {k}{' --tta' if tta else ''}` makes it):")
+        print("\n".join(lines))
+
+
 def _never_fails(what: str, body):
     try:
         return body()

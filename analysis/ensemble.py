@@ -1,0 +1,281 @@
+"""Ensembles and flip test-time augmentation: who may join, and which variant ships, chosen on validation only.
+
+    python -m analysis.export --search NAME --out DIR --ensemble 3 --tta
+    python tune.py --space smoke --ensemble 3 --tta          # the end-of-search summary prints the same choice
+
+A member is a medtune checkpoint state (its config, dataset entry and best weights), today one of the top
+trials of a search by validation score; cross-validated fold models plug in as more `Member`s. Members must
+share the dataset, image size, channels, normalisation and train/validation split: others are skipped, with
+the reason. Each member gets its own temperature (fitted on validation), and a variant averages calibrated
+probabilities: `single` (the winner), `single+tta`, `ensemble` (K members), `ensemble+tta`. Which one ships
+follows the one-standard-error rule on the validation split: the cheapest variant (fewest forward passes)
+whose validation score is within one paired-bootstrap SE of the best variant's. Test is read only afterwards.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import stats
+from sklearn import metrics as skm
+
+from analysis import runs
+from analysis.calibration import calibrated, fit_temperature
+from analysis.ensemble_model import Ensemble, Flipped, flip_shift
+from analysis.replay import Replay, replay
+from trainables.errors import UserError
+from trainables.metrics import classification_metrics
+
+N_RESAMPLES = 1000  # paired bootstrap resamples of the validation split for the SE of a score difference
+SPLIT_KEYS = ("dataset", "image_size", "split_ratio", "split_version", "seed", "skip_bad_images")
+INPUT_KEYS = ("task", "class_names", "channels", "normalize", "mean", "std")
+VARIANTS = ("single", "single+tta", "ensemble", "ensemble+tta")  # cheapest first when K > 2 (passes 1, 2, K, 2K)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of an ensemble: `state` is a medtune checkpoint state (config, dataset entry, best weights)."""
+
+    label: str  # trial id (a fold model would be e.g. "trial_x/fold2")
+    state: dict
+    run_id: str | None = None
+    score: float | None = None  # its validation selection score, as ranked
+
+
+def mismatch(reference: dict, state: dict) -> str | None:
+    """Why checkpoint `state` cannot join an ensemble led by `reference` (None: it can). An ensemble's members
+    see the same images the same way and share one validation split, which the choice is made on."""
+    for key in SPLIT_KEYS:
+        mine, theirs = state["config"].get(key), reference["config"].get(key)
+        if mine != theirs:
+            return f"{key} {mine!r}, not {theirs!r}"
+    meta, ref = state.get("dataset") or {}, reference.get("dataset") or {}
+    for key in INPUT_KEYS:
+        if meta.get(key) != ref.get(key):
+            return f"{key} {meta.get(key)!r}, not {ref.get(key)!r}"
+    if (meta.get("mean_image") is None) != (ref.get("mean_image") is None) or (
+            meta.get("mean_image") is not None and not torch.equal(meta["mean_image"], ref["mean_image"])):
+        return "a different mean image"
+    return None
+
+
+def search_members(client, parent, space: dict, k: int, first: Member) -> tuple[list[Member], list[str]]:
+    """`first` (the winner) and the next best finished trials by validation until there are `k` that may join;
+    the lines say which were skipped and why."""
+    members, skipped = [first], []
+    for run in runs.ranked_trials(client, parent, space):
+        if len(members) >= k:
+            break
+        label = runs.trial_label(run)
+        if run.info.run_id == first.run_id:
+            continue
+        try:
+            state = runs.checkpoint_state(run)
+        except UserError as error:
+            skipped.append(f"skipped trial {label}: {error}")
+            continue
+        why = mismatch(first.state, state)
+        if why:
+            skipped.append(f"skipped trial {label}: {why} (members share image size, channels, normalisation and split)")
+            continue
+        key, _ = runs.selection(parent, space)
+        members.append(Member(label, state, run.info.run_id, run.data.metrics.get(key)))
+    return members, skipped
+
+
+# --- validation predictions and the choice ----------------------------------------------------------
+
+def member_probabilities(logits: np.ndarray, flipped: np.ndarray | None, task: str, temperature: float) -> np.ndarray:
+    """A member's calibrated probabilities; with flip TTA the mean of the image's and its mirror image's."""
+    probs = calibrated(logits, task, temperature)
+    return probs if flipped is None else (probs + calibrated(flipped, task, temperature)) / 2
+
+
+def variant_probabilities(plain: list[np.ndarray], tta: list[np.ndarray] | None) -> dict[str, tuple[np.ndarray, int]]:
+    """{variant: (probabilities, forward passes per image)}, cheapest first; member 0 is the winner."""
+    k = len(plain)
+    variants = {"single": (plain[0], 1)}
+    if tta is not None:
+        variants["single+tta"] = (tta[0], 2)
+    if k > 1:
+        variants["ensemble"] = (np.mean(plain, axis=0), k)
+        if tta is not None:
+            variants["ensemble+tta"] = (np.mean(tta, axis=0), 2 * k)
+    return dict(sorted(variants.items(), key=lambda item: item[1][1]))  # stable: single+tta before a 2-member ensemble
+
+
+def scorer(metric: str, task: str):
+    """(score(labels, probs), its name): the search's selection metric computed on probabilities. `loss` is the
+    negative log-likelihood of the calibrated probabilities (the trial's own loss may carry class weights)."""
+    name = metric.removeprefix("best_").removeprefix("val_")
+    if name == "loss":
+        def nll(labels, probs):
+            p = np.clip(probs, 1e-12, 1 - 1e-12)
+            if task == "multilabel":
+                return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+            return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+        return nll, "NLL"
+    if name == "auc" and task == "binary":
+        return (lambda labels, probs: float(skm.roc_auc_score(labels, probs[:, 1]))), "AUC"
+    if name == "acc" and task != "multilabel":
+        return (lambda labels, probs: float(np.mean(probs.argmax(axis=1) == labels))), "accuracy"
+    return (lambda labels, probs: classification_metrics(task, labels, probs)[name]), name
+
+
+def choose(labels: np.ndarray, variants: dict, metric: str, mode: str, task: str, n_resamples: int = N_RESAMPLES,
+           seed: int = 0) -> dict:
+    """The one-SE rule on validation: the cheapest variant whose score is within one SE of the best score, the SE
+    that of the paired difference (the same resampled validation images score both)."""
+    raw, shown = scorer(metric, task)
+
+    def score(y, probs):  # a resample with one class has no AUC: NaN, left out of the SE
+        try:
+            return raw(y, probs)
+        except ValueError:
+            return float("nan")
+
+    sign = 1.0 if mode == "max" else -1.0
+    point = {name: score(labels, probs) for name, (probs, _) in variants.items()}
+    best = max(point, key=lambda name: sign * point[name])  # ties: the cheaper one (first)
+    names = list(variants)
+
+    def gaps(rows):  # how much worse than the best each variant is on one resample (>= 0 is worse)
+        top = score(labels[rows], variants[best][0][rows])
+        return np.array([sign * (top - score(labels[rows], variants[n][0][rows])) for n in names])
+
+    se = np.zeros(len(names))
+    if len(names) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a one-class resample: AUC undefined, left out below
+            result = stats.bootstrap((np.arange(len(labels)),), gaps, vectorized=False, n_resamples=n_resamples,
+                                     method="percentile", rng=np.random.default_rng(seed))
+            se = np.nanstd(np.atleast_2d(result.bootstrap_distribution), axis=-1, ddof=1)
+    table = {n: {"value": point[n], "passes": variants[n][1], "gap_to_best": sign * (point[best] - point[n]),
+                 "se_of_gap": float(s)} for n, s in zip(names, se)}
+    chosen = next((n for n in names if table[n]["gap_to_best"] <= table[n]["se_of_gap"]), best)
+    direction = "higher" if mode == "max" else "lower"
+    if chosen == best:
+        reason = (f"{chosen} has the best validation {shown} ({point[chosen]:.4f}, {direction} is better) and every "
+                  "cheaper variant is more than one SE behind it" if chosen != names[0] else
+                  f"{chosen} is the cheapest variant and has the best validation {shown} ({point[chosen]:.4f})")
+    else:
+        reason = (f"{best} has the best validation {shown} ({point[best]:.4f}), but {chosen} ({point[chosen]:.4f}) is "
+                  f"within one SE of it (gap {table[chosen]['gap_to_best']:.4f} <= SE {table[chosen]['se_of_gap']:.4f}) "
+                  "and costs fewer forward passes")
+    return {"metric": shown, "mode": mode, "variants": table, "best": best, "chosen": chosen, "reason": reason,
+            "rule": f"one-SE rule on the validation split, paired bootstrap ({n_resamples} resamples, seed {seed})",
+            "n_val": int(len(labels))}
+
+
+@dataclass
+class Choice:
+    """Members replayed, their temperatures, the validation choice; `module()` is the chosen network."""
+
+    members: list[Member]
+    reps: list[Replay]
+    temperatures: list[float]
+    tta_offered: bool
+    decision: dict
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> str:
+        return self.decision["chosen"]
+
+    @property
+    def chosen_members(self) -> int:
+        return len(self.members) if self.chosen.startswith("ensemble") else 1
+
+    @property
+    def tta(self) -> bool:
+        return self.chosen.endswith("+tta")
+
+    @property
+    def network(self) -> str:
+        """"single": the shipped model is the winner alone, exported as without --ensemble."""
+        return "single" if self.chosen == "single" else "ensemble"
+
+    def module(self, variant: str | None = None) -> Ensemble:
+        """The chosen variant (or `variant`) as one network: normalised images in, averaged log-probabilities out."""
+        variant = variant or self.chosen
+        n = len(self.members) if variant.startswith("ensemble") else 1
+        rep = self.reps[0]
+        return Ensemble([r.model for r in self.reps[:n]], self.temperatures[:n], rep.dataset.task,
+                        variant.endswith("+tta"), flip_shift(rep.normalization)).eval()
+
+    def lines(self) -> list[str]:
+        d = self.decision
+        out = [*self.skipped, "ensemble members (best validation first): " + ", ".join(
+            f"{m.label} (T {t:.3f})" for m, t in zip(self.members, self.temperatures))]
+        out += [f"  {name:13s} val {d['metric']} {v['value']:.4f}  gap to best {v['gap_to_best']:+.4f} "
+                f"(SE {v['se_of_gap']:.4f})  {v['passes']} pass(es)/image" for name, v in d["variants"].items()]
+        out.append(f"chosen: {self.chosen} -- {d['reason']} ({d['rule']}, {d['n_val']} validation images)")
+        return out
+
+    def record(self) -> dict:
+        """What ensemble.json and metrics.json keep of the choice (the validation figures, never test)."""
+        return {"variant": self.chosen, "network": self.network, "tta": self.tta, "tta_offered": self.tta_offered,
+                "choice": self.decision, "skipped": self.skipped,
+                "candidates": [{"label": m.label, "run_id": m.run_id, "validation_score": m.score,
+                                "temperature": t} for m, t in zip(self.members, self.temperatures)]}
+
+
+def decide(members: list[Member], tta: bool, metric: str, mode: str, data_root: str | None = None,
+           n_resamples: int = N_RESAMPLES, seed: int = 0, skipped: list[str] | None = None) -> Choice:
+    """Replay the members, fit their temperatures and choose the variant, on the validation split only."""
+    reps = [replay(m.state, data_root) for m in members]
+    for member, rep in zip(members[1:], reps[1:]):
+        if not np.array_equal(rep.val_index, reps[0].val_index):
+            raise UserError(f"Member {member.label} replays to another validation split than {members[0].label}; "
+                            "ensemble trials of one split only")
+    task, labels = reps[0].dataset.task, reps[0].val.labels
+    temperatures, plain, with_tta = [], [], []
+    for rep in reps:
+        logits, _ = rep.logits(rep.model, rep.val)
+        temperature = fit_temperature(logits, labels, task)
+        flipped = rep.logits(Flipped(rep.model, flip_shift(rep.normalization)), rep.val)[0] if tta else None
+        temperatures.append(temperature)
+        plain.append(member_probabilities(logits, None, task, temperature))
+        with_tta.append(member_probabilities(logits, flipped, task, temperature) if tta else None)
+    variants = variant_probabilities(plain, with_tta if tta else None)
+    decision = choose(labels, variants, metric, mode, task, n_resamples, seed)
+    return Choice(members, reps, temperatures, tta, decision, list(skipped or []))
+
+
+def figures_after_choice(choice: Choice) -> dict:
+    """Every variant's test AUC and accuracy, computed AFTER the choice (reported, never used to choose)."""
+    rep = choice.reps[0]
+    out = {}
+    for variant in choice.decision["variants"]:
+        logits, labels = rep.logits(choice.module(variant), rep.test)
+        metrics = classification_metrics(rep.dataset.task, labels, calibrated(logits, rep.dataset.task, 1.0))
+        out[variant] = {"auc": metrics["auc"], "acc": metrics["acc"]}
+    return out
+
+
+def choose_for_search(client, parent, space: dict, k: int, tta: bool, data_root: str | None = None, seed: int = 0,
+                      winner_state: dict | None = None, n_resamples: int = N_RESAMPLES) -> Choice:
+    """The search's winner (its checkpoint, or `winner_state`) and the next best compatible trials up to `k`,
+    and the variant to ship, chosen on validation: what analysis.export and tune.py --ensemble both run."""
+    winner = runs.winner(client, parent)
+    key, mode = runs.selection(parent, space)
+    state = winner_state if winner_state is not None else runs.checkpoint_state(winner)
+    first = Member(runs.trial_label(winner), state, winner.info.run_id, winner.data.metrics.get(key))
+    members, skipped = search_members(client, parent, space, k, first)
+    return decide(members, tta, key, mode, data_root, n_resamples, seed, skipped)
+
+
+def figures_line(tests: dict, chosen: str) -> str:
+    """Every variant's test AUC and accuracy on one line, the shipped one starred."""
+    return "test after the choice (reported, never used to choose): " + "  ".join(
+        f"{n}{' *' if n == chosen else ''} AUC {t['auc']:.4f} acc {t['acc']:.4f}" for n, t in tests.items())
+
+
+def summarise_search(client, parent_id: str, k: int, tta: bool, data_root: str | None = None) -> list[str]:
+    """tune.py --ensemble K [--tta]: the export's choice for this search, then every variant's test figures."""
+    parent = client.get_run(parent_id)
+    choice = choose_for_search(client, parent, runs.search_space(client, parent), k, tta, data_root)
+    return [*choice.lines(), figures_line(figures_after_choice(choice), choice.chosen)]

@@ -1,0 +1,93 @@
+"""An exported ensemble as ONE network: its members' calibrated probabilities averaged, optionally over a
+horizontal flip of the image (test-time augmentation). analysis.predict builds it from `ensemble.json` and
+`members/<label>/` (each member a model.json + model.safetensors pair, as a single export); model.ts traces it.
+
+Its output sits where a single model's logits sit, at temperature 1: the log of the mean probability for
+softmax tasks, its logit for multi-label. So whatever turns logits into probabilities (trainables.metrics,
+analysis.predict with decision.json's temperature 1) gets the averaged calibrated probabilities back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from trainables.errors import UserError
+from trainables.normalization import Normalization
+
+ENSEMBLE, MEMBERS = "ensemble.json", "members"
+
+
+def flip_shift(normalization: Normalization) -> torch.Tensor:
+    """What flipping a normalised input gets wrong: with a per-pixel mean (`mean_image`) the mean is flipped
+    too, so `flip(x) - shift` is the flipped image normalised with the unflipped mean. Zero for per-channel means."""
+    return (normalization.mean - torch.flip(normalization.mean, dims=(2,))) / normalization.std
+
+
+class Flipped(torch.nn.Module):
+    """`model` applied to the horizontally flipped image (normalised (N, C, H, W) in, logits out)."""
+
+    def __init__(self, model: torch.nn.Module, shift: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("shift", shift.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.flip(x, dims=(3,)) - self.shift)
+
+
+class Ensemble(torch.nn.Module):
+    """Mean of `members`' probabilities at their own temperatures (and over the flipped image with `tta`)."""
+
+    def __init__(self, members: list[torch.nn.Module], temperatures: list[float], task: str, tta: bool,
+                 shift: torch.Tensor):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+        self.register_buffer("shift", shift.float())
+        self.multilabel, self.tta = task == "multilabel", tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x, torch.flip(x, dims=(3,)) - self.shift] if self.tta else [x]
+        probs = []
+        for index, member in enumerate(self.members):
+            for view in views:
+                logits = member(view).float() / self.temperatures[index]
+                probs.append(torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1))
+        mean = torch.stack(probs).mean(dim=0)
+        return torch.logit(mean) if self.multilabel else torch.log(mean)
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """ensemble.json when the folder ships an ensemble network (None: a single model.json + model.safetensors)."""
+    path = Path(folder) / ENSEMBLE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path} is not valid JSON ({error}); export the model again") from error
+    return manifest if manifest.get("network") == "ensemble" else None
+
+
+def load_ensemble(folder: str | Path, manifest: dict, load_member) -> Ensemble:
+    """The ensemble of `manifest`, each member loaded by `load_member(member folder)` (analysis.predict.load_model),
+    the flip correction rebuilt from the folder's own preprocessing (preprocessing.json, mean_image.safetensors)."""
+    folder = Path(folder)
+    try:
+        members = manifest["members"]
+        models = [load_member(folder / m["path"]) for m in members]
+        prep = json.loads((folder / "preprocessing.json").read_text())
+        mean = torch.tensor(prep["mean"]).view(-1, 1, 1)
+        if prep.get("mean_image"):
+            mean = load_file(folder / prep["mean_image"], device="cpu")["mean_image"]
+        normalization = Normalization(prep["normalize"], mean, torch.tensor(prep["std"]).view(-1, 1, 1))
+        return Ensemble(models, [float(m["temperature"]) for m in members], prep["task"], bool(manifest["tta"]),
+                        flip_shift(normalization)).eval()
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as error:
+        raise UserError(f"{folder / ENSEMBLE} does not describe a loadable ensemble ({type(error).__name__}: "
+                        f"{str(error)[:120]}); export the model again") from error

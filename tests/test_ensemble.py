@@ -1,0 +1,179 @@
+"""Ensembles and flip TTA at export (analysis.ensemble, analysis.ensemble_model): members that may join, the
+validation-only choice, and the exported ensemble reproducing its members' replayed, calibrated probabilities.
+
+Four toy trials (real `iterate_epochs` checkpoints, a few seconds) logged as tune.py logs a search; replay's
+dataset loader answers with the toy data.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import toy_dataset
+from sklearn.metrics import roc_auc_score
+from test_analysis import TOY, log_search, run_main, write_pngs
+
+import analysis.ensemble
+import analysis.replay
+from analysis import export, predict
+from analysis.calibration import calibrated, fit_temperature
+from analysis.ensemble import Member, choose, decide, mismatch
+from analysis.ensemble_model import flip_shift
+from analysis.replay import replay
+from trainables.checkpoint import save_checkpoint
+from trainables.config import resolve_config
+from trainables.datasets import ImageSet
+from trainables.train import iterate_epochs
+
+# mean_image normalisation: flipping a normalised image must not flip the mean (the Ensemble's `shift`)
+CONFIG = TOY | {"normalize": "mean_image", "epochs": 2}
+# (trial id, its own settings, the validation score it is ranked by): trial_b trained on another split
+TRIALS = [("trial_a", {"lr": 3e-3}, 0.99), ("trial_b", {"lr": 3e-3, "split_ratio": 0.6}, 0.98),
+          ("trial_c", {"lr": 1e-2}, 0.97), ("trial_d", {"lr": 1e-3}, 0.96)]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    data = toy_dataset("binary", n_dev=200, n_test=80)
+    tmp = tmp_path_factory.mktemp("ensemble")
+    logged, states = [], {}
+    for trial_id, changes, score in TRIALS:
+        *_, last = iterate_epochs(resolve_config(CONFIG | changes), data)
+        save_checkpoint(last.state, tmp / trial_id)
+        states[trial_id] = last.state
+        logged.append({"trial_id": trial_id, "metrics": {**last.metrics, "best_val_auc": score},
+                       "params": {"lr": changes["lr"]}, "checkpoint": tmp / trial_id})
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    log_search(uri, "ens", logged, {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [1e-3, 3e-3, 1e-2]}}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)
+        yield SimpleNamespace(tmp=tmp, uri=uri, data=data, states=states)
+
+
+def members(search, *labels) -> list[Member]:
+    return [Member(label, search.states[label], None, None) for label in labels]
+
+
+def replayed_probabilities(state: dict, images: ImageSet, temperature: float, tta: bool) -> np.ndarray:
+    """A member's calibrated probabilities, computed apart from analysis.ensemble: the flip is of the raw image."""
+    rep = replay(state)
+    probs = calibrated(rep.logits(rep.model, images)[0], "binary", temperature)
+    if not tta:
+        return probs
+    mirrored = ImageSet(np.ascontiguousarray(images.images[:, :, ::-1]), images.labels)
+    return (probs + calibrated(rep.logits(rep.model, mirrored)[0], "binary", temperature)) / 2
+
+
+def test_an_ensemble_of_one_reproduces_the_single_trial(search):
+    rep = replay(search.states["trial_a"])
+    logits, labels = rep.logits(rep.model, rep.val)
+    temperature = fit_temperature(logits, labels, "binary")
+    choice = decide(members(search, "trial_a"), tta=False, metric="best_val_auc", mode="max")
+    assert list(choice.decision["variants"]) == ["single"] and choice.network == "single"
+    assert choice.temperatures == [temperature]
+    with torch.no_grad():
+        shipped = choice.module()(rep.normalization(torch.from_numpy(rep.test.images).permute(0, 3, 1, 2)))
+    single = calibrated(rep.logits(rep.model, rep.test)[0], "binary", temperature)
+    assert np.allclose(calibrated(shipped.numpy(), "binary", 1.0), single, atol=1e-6)
+
+
+def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_probabilities(search, monkeypatch):
+    """Forced to ship ensemble+tta (whatever validation says) so the whole network is exercised: predict's
+    probabilities, model.ts and the manifest all agree with the members replayed one by one."""
+    def forced(*args, **kwargs):
+        choice = decide(*args, **kwargs)
+        choice.decision["chosen"] = "ensemble+tta"
+        return choice
+
+    monkeypatch.setattr(analysis.ensemble, "decide", forced)
+    out = search.tmp / "export"
+    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
+                                    "--n-resamples", 20, "--ensemble", 3, "--tta")
+    assert code == 0, stdout + stderr
+    # trial_b trained on another split: skipped with the reason, and trial_d fills its place
+    assert "skipped trial trial_b: split_ratio 0.6, not 0.75" in stdout
+    manifest = json.loads((out / "ensemble.json").read_text())
+    assert [m["label"] for m in manifest["members"]] == ["trial_a", "trial_c", "trial_d"]
+    assert manifest["network"] == "ensemble" and manifest["tta"] and not (out / "model.safetensors").exists()
+    assert set(manifest["choice"]["variants"]) == {"single", "single+tta", "ensemble", "ensemble+tta"}
+    decision = json.loads((out / "decision.json").read_text())
+    assert decision["temperature"] == 1.0  # members carry their own
+
+    test = search.data.test
+    expected = np.mean([replayed_probabilities(search.states[m["label"]], test, m["temperature"], tta=True)
+                        for m in manifest["members"]], axis=0)
+    for member in manifest["members"]:  # each temperature is the member's own, fitted on validation
+        rep = replay(search.states[member["label"]])
+        assert member["temperature"] == fit_temperature(*rep.logits(rep.model, rep.val), "binary")
+    # analysis.predict on PNG files: the ensemble is loaded transparently (its own preprocessing, mean image)
+    code, stdout, stderr = run_main(predict, "--model", out, "--json", *write_pngs(test.images[:8], search.tmp / "png"))
+    assert code == 0, stderr
+    predicted = [[json.loads(line)["probabilities"][n] for n in search.data.class_names] for line in stdout.splitlines()]
+    assert np.allclose(predicted, expected[:8], atol=1e-6)
+    inputs = replay(search.states["trial_a"]).normalization(torch.from_numpy(test.images).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        traced = calibrated(torch.jit.load(str(out / "model.ts"))(inputs).numpy().astype(np.float64), "binary", 1.0)
+    assert np.allclose(traced, expected, atol=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["argmax"]["auc"]["value"] == pytest.approx(roc_auc_score(test.labels, expected[:, 1]), abs=1e-6)
+    assert metrics["reproduced"]["ok"]  # the winner alone still reproduces its logged test metrics
+    assert "ensemble+tta" in (out / "model_card.md").read_text()
+
+
+def test_the_choice_never_reads_the_test_split(search, monkeypatch):
+    def spy(self):
+        raise AssertionError("the test split was read while choosing")
+
+    monkeypatch.setattr(analysis.replay.Replay, "test", property(spy))
+    choice = decide(members(search, "trial_a", "trial_c"), tta=True, metric="best_val_auc", mode="max", n_resamples=100)
+    monkeypatch.undo()
+    assert choice.chosen in choice.decision["variants"]
+    assert choice.decision["n_val"] == len(replay(search.states["trial_a"]).val_index)
+
+
+def test_mismatched_members_are_refused_with_the_reason(search):
+    a = search.states["trial_a"]
+    assert mismatch(a, search.states["trial_c"]) is None
+    assert mismatch(a, {**a, "config": {**a["config"], "image_size": 32}}) == "image_size 32, not 16"
+    half = {**a["dataset"], "normalize": "half", "mean_image": None}
+    assert mismatch(a, {**a, "dataset": half}).startswith("normalize 'half', not 'mean_image'")
+    shifted = {**a["dataset"], "mean_image": a["dataset"]["mean_image"] + 0.01}
+    assert mismatch(a, {**a, "dataset": shifted}) == "a different mean image"
+    code, _, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", search.tmp / "bad",
+                               "--ensemble", 0)
+    assert code == 2 and "--ensemble 0" in stderr and stderr.count("\n") == 1
+
+
+def test_one_se_rule_keeps_the_cheaper_variant_unless_the_richer_is_clearly_better():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 400)
+    noisy = np.clip(labels * 0.2 + rng.random(400) * 0.8, 0, 1)  # AUC ~0.76
+    binary = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
+    nudge = np.clip(noisy + 0.003 * labels + rng.normal(0, 0.05, 400), 0, 1)  # a hair better, within the noise
+    sharp = np.clip(labels * 0.6 + rng.random(400) * 0.4, 0, 1)  # AUC ~1
+    same = choose(labels, {"single": (binary(noisy), 1), "ensemble": (binary(nudge), 3)}, "val_auc", "max", "binary",
+                  n_resamples=200)
+    assert same["best"] == "ensemble" and same["chosen"] == "single"
+    assert 0 < same["variants"]["single"]["gap_to_best"] <= same["variants"]["single"]["se_of_gap"]
+    better = choose(labels, {"single": (binary(noisy), 1), "ensemble": (binary(sharp), 3)}, "val_auc", "max", "binary",
+                    n_resamples=200)
+    assert better["chosen"] == "ensemble" and better["variants"]["single"]["gap_to_best"] > \
+        better["variants"]["single"]["se_of_gap"] > 0
+    lossy = choose(labels, {"single": (binary(noisy), 1), "ensemble": (binary(sharp), 3)}, "val_loss", "min", "binary",
+                   n_resamples=200)
+    assert lossy["chosen"] == "ensemble" and lossy["metric"] == "NLL"
+
+
+def test_flip_shift_makes_flipping_a_normalised_image_equal_normalising_the_flipped_image():
+    from trainables.normalization import Normalization
+
+    mean = torch.rand(1, 4, 4)
+    norm = Normalization("mean_image", mean, torch.full((1, 1, 1), 0.3))
+    image = torch.randint(0, 255, (2, 1, 4, 4), dtype=torch.uint8)
+    flipped_then_normalised = norm(torch.flip(image, dims=(3,)))
+    assert torch.allclose(torch.flip(norm(image), dims=(3,)) - flip_shift(norm), flipped_then_normalised, atol=1e-6)
+    assert not torch.allclose(torch.flip(norm(image), dims=(3,)), flipped_then_normalised, atol=1e-3)  # needed
