@@ -140,7 +140,7 @@ def test_export_writes_weights_architecture_preprocessing_decision_and_card(sear
                    "mean": [0.5], "std": [0.5], "architecture": "model.json", "weights": "model.safetensors"} == prep
     assert json.loads((out / "model.json").read_text()) == {
         "format": predict.FORMAT, "name": "simple_cnn", "num_classes": 2, "in_chans": 1, "img_size": 28, "drop_rate": None,
-        "drop_path_rate": None, "attn_drop_rate": None}
+        "drop_path_rate": None, "attn_drop_rate": None, "stem": "fixed"}
     # the temperature and the threshold are the ones the winner's validation split gives, recomputed here
     config = json.loads((out / "config.json").read_text())
     data = load_dataset("pneumoniamnist", image_size=28, data_root=str(search.data_root))
