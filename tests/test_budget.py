@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from test_cli import run_tune
 
 import tune
 from analysis.description import epochs_cell, leaderboard_order, outcomes_section
@@ -33,14 +34,6 @@ def test_a_budget_is_seconds_minutes_hours_or_a_plain_number_of_seconds(text, se
 def test_a_budget_that_is_not_a_positive_duration_is_refused(text):
     with pytest.raises(ValueError, match="time budget"):
         parse_duration(text)
-
-
-def run_tune(capsys, *argv) -> tuple[int, str]:
-    try:
-        code = tune.main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def test_a_bad_budget_is_one_line_exit_2_before_anything_runs(capsys, tmp_path, monkeypatch):
