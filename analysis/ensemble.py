@@ -319,6 +319,7 @@ def decide_folds(members: list[Member], tta: bool, ensemble: bool, metric: str, 
     decision = choose(labels, {name: (probs, 1 if name == "single" else 2) for name, probs in oof.items()},
                       metric, mode, task, n_resamples, seed)
     decision["rule"] = decision["rule"].replace("on the validation split", "on out-of-fold predictions")
+    decision["reason"] = decision["reason"].replace("validation", "out-of-fold")
     skipped = list(skipped or [])
     unlike = [f"{m.label}: {why}" for m in members[1:] if (why := mismatch(members[0].state, m.state))]
     if ensemble and unlike:

@@ -24,6 +24,7 @@ from analysis.calibration import calibrated, fit_temperature
 from analysis.ensemble import decide_folds, fold_members
 from trainables.checkpoint import fold_weights, save_checkpoint
 from trainables.config import resolve_config
+from trainables.datasets import Dataset, ImageSet
 from trainables.normalization import Normalization
 from trainables.splits import cv_fold_indices
 from trainables.train import build_model, eval_loader, iterate_epochs, predict_logits
@@ -36,7 +37,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def cv_search(tmp_path_factory):
     torch.set_num_threads(1)
-    data = toy_dataset("binary", n_dev=180, n_test=80)
+    data = noisy(toy_dataset("binary", n_dev=180, n_test=80))
     tmp = tmp_path_factory.mktemp("fold_ensemble")
     *_, last = iterate_epochs(resolve_config(CONFIG), data)
     save_checkpoint(last.state, tmp / "trial_cv")
@@ -49,6 +50,17 @@ def cv_search(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)
         yield SimpleNamespace(tmp=tmp, uri=uri, data=data, state=last.state)
+
+
+def noisy(data: Dataset, share: float = 0.2) -> Dataset:
+    """`data` with a `share` of its labels redrawn at random: folds that disagree, probabilities not saturated."""
+    rng = np.random.default_rng(1)
+
+    def redraw(images: ImageSet) -> ImageSet:
+        labels = np.where(rng.random(len(images.labels)) < share, rng.integers(0, 2, len(images.labels)), images.labels)
+        return ImageSet(images.images, labels, images.groups)
+
+    return Dataset(data.name, data.task, data.class_names, redraw(data.dev), redraw(data.test), data.official_val)
 
 
 def fold_logits(cv_search, fold: int, images) -> np.ndarray:
