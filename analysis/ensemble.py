@@ -3,13 +3,27 @@
     python -m analysis.export --search NAME --out DIR --ensemble 3 --tta
     python tune.py --space smoke --ensemble 3 --tta          # the end-of-search summary prints the same choice
 
-A member is a medtune checkpoint state (its config, dataset entry and best weights), today one of the top
-trials of a search by validation score; cross-validated fold models plug in as more `Member`s. Members must
+A member is a medtune checkpoint state (its config, dataset entry and best weights): one of the top trials of
+a search by validation score, or, when the winner is cross-validated, one of its K fold models. Members must
 share the dataset, image size, channels, normalisation and train/validation split: others are skipped, with
 the reason. Each member gets its own temperature (fitted on validation), and a variant averages calibrated
 probabilities: `single` (the winner), `single+tta`, `ensemble` (K members), `ensemble+tta`. Which one ships
 follows the one-standard-error rule on the validation split: the cheapest variant (fewest forward passes)
 whose validation score is within one paired-bootstrap SE of the best variant's. Test is read only afterwards.
+
+A cross-validated winner (`decide_folds`): the members are its K fold models, the best fold first (`single`),
+each with its own fold's split and a temperature fitted on its own held-out fold. No validation split is shared
+(each fold model trained on the others' validation images), so the choice is made on OUT-OF-FOLD predictions:
+every development image scored only by the fold model that held it out. That is honest for `single` and
+`single+tta` (pooled over the fold models: it estimates one fold model on unseen images), and TTA is decided
+there by the one-SE rule. Averaging K fold models has no honest out-of-fold figure (every other fold model
+trained on each image), so its rule is fixed before any score is seen, as nnU-Net ensembles its folds: with
+K >= 2 fold models (and `--ensemble` > 1) the fold ensemble ships, with TTA when the out-of-fold rule chose it.
+Why this is defensible: the best fold model alone was picked by its own held-out score (optimistic), the
+ensemble picks nothing; and the NLL of averaged probabilities is at most the members' mean NLL on every image
+(convexity), whose out-of-fold estimate is `single`'s figure, shown in the ensemble's row as its stand-in (for
+AUC / accuracy the usual case, not a guarantee). Fold models normalised with their own training folds'
+statistics (`normalize: dataset / mean_image`) see different inputs: they are not averaged (said in the lines).
 """
 
 from __future__ import annotations
@@ -60,6 +74,21 @@ def mismatch(reference: dict, state: dict) -> str | None:
             meta.get("mean_image") is not None and not torch.equal(meta["mean_image"], ref["mean_image"])):
         return "a different mean image"
     return None
+
+
+def fold_state(state: dict, fold: int) -> dict:
+    """A cross-validated trial's state as if `fold` were its best: replay() then rebuilds that fold's split,
+    weights, normalisation and stem."""
+    saved = state["folds"][fold]
+    return {**state, "best_fold": fold, "dataset": saved["dataset"], "stem": saved.get("stem") or state.get("stem")}
+
+
+def fold_members(state: dict, label: str, run_id: str | None = None) -> list[Member]:
+    """A cross-validated trial's K fold models as members, the best fold (the model that scored test) first."""
+    best = int(state["best_fold"])
+    order = [best, *(fold for fold in range(len(state["folds"])) if fold != best)]
+    return [Member(f"{label}/fold{fold}", fold_state(state, fold), run_id, state["folds"][fold].get("best_score"))
+            for fold in order]
 
 
 def search_members(client, parent, space: dict, k: int, first: Member) -> tuple[list[Member], list[str]]:
@@ -180,6 +209,7 @@ class Choice:
     tta_offered: bool
     decision: dict
     skipped: list[str] = field(default_factory=list)
+    oof: dict | None = None  # a cross-validated winner: {"labels", "probs": {variant: out-of-fold probabilities}}
 
     @property
     def chosen(self) -> str:
@@ -208,17 +238,35 @@ class Choice:
 
     def lines(self) -> list[str]:
         d = self.decision
-        out = [*self.skipped, "ensemble members (best validation first): " + ", ".join(
+        who = "ensemble members (best validation first): " if self.oof is None else \
+            "fold models (best fold first, each T fitted on its own held-out fold): "
+        out = [*self.skipped, who + ", ".join(
             f"{m.label} (T {t:.3f})" for m, t in zip(self.members, self.temperatures))]
-        out += [f"  {name:13s} val {d['metric']} {v['value']:.4f}  gap to best {v['gap_to_best']:+.4f} "
-                f"(SE {v['se_of_gap']:.4f})  {v['passes']} pass(es)/image" for name, v in d["variants"].items()]
-        out.append(f"chosen: {self.chosen} -- {d['reason']} ({d['rule']}, {d['n_val']} validation images)")
+        split = "val" if self.oof is None else "out-of-fold"
+        out += [f"  {name:13s} {split} {d['metric']} {v['value']:.4f}  " + (
+                f"gap to best {v['gap_to_best']:+.4f} (SE {v['se_of_gap']:.4f})" if v.get("gap_to_best") is not None
+                else "(stand-in: that of the single fold model)") + f"  {v['passes']} pass(es)/image"
+                for name, v in d["variants"].items()]
+        images = "validation images" if self.oof is None else "out-of-fold development images"
+        out.append(f"chosen: {self.chosen} -- {d['reason']} ({d['rule']}, {d['n_val']} {images})")
         return out
+
+    def threshold_data(self) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """A cross-validated winner's shipped network has no honest validation split: (logits at temperature 1,
+        labels, what they are) of the out-of-fold probabilities of the chosen variant's single counterpart (each
+        image by the fold model that held it out, at that model's temperature). None: use the validation split."""
+        if self.oof is None:
+            return None
+        probs = np.clip(self.oof["probs"][self.chosen.replace("ensemble", "single")], 1e-12, 1 - 1e-12)
+        logits = np.log(probs / (1 - probs)) if self.reps[0].dataset.task == "multilabel" else np.log(probs)
+        return logits, self.oof["labels"], (f"out-of-fold predictions of the {len(self.members)} fold models "
+                                            f"({len(self.oof['labels'])} development images, each model at its own "
+                                            "temperature): the shipped network's honest stand-in")
 
     def record(self) -> dict:
         """What ensemble.json and metrics.json keep of the choice (the validation figures, never test)."""
         return {"variant": self.chosen, "network": self.network, "tta": self.tta, "tta_offered": self.tta_offered,
-                "choice": self.decision, "skipped": self.skipped,
+                "members_are": "trials" if self.oof is None else "folds", "choice": self.decision, "skipped": self.skipped,
                 "candidates": [{"label": m.label, "run_id": m.run_id, "validation_score": m.score,
                                 "temperature": t} for m, t in zip(self.members, self.temperatures)]}
 
@@ -245,6 +293,55 @@ def decide(members: list[Member], tta: bool, metric: str, mode: str, data_root: 
     return Choice(members, reps, temperatures, tta, decision, list(skipped or []))
 
 
+def decide_folds(members: list[Member], tta: bool, ensemble: bool, metric: str, mode: str,
+                 data_root: str | None = None, n_resamples: int = N_RESAMPLES, seed: int = 0,
+                 skipped: list[str] | None = None) -> Choice:
+    """A cross-validated winner's fold models (`fold_members`): TTA chosen on out-of-fold predictions by the
+    one-SE rule; the fold ensemble shipped when `ensemble` and every fold model sees the same inputs (the rule
+    of the module docstring: averaging has no honest out-of-fold figure). Test is never read."""
+    reps = [replay(m.state, data_root) for m in members]
+    task = reps[0].dataset.task
+    temperatures, index, labels, plain, with_tta = [], [], [], [], []
+    for rep in reps:  # each fold model on its own held-out fold: together, the development pool once
+        logits, fold_labels = rep.logits(rep.model, rep.val)
+        temperature = fit_temperature(logits, fold_labels, task)
+        flipped = rep.logits(Flipped(rep.model, flip_shift(rep.normalization)), rep.val)[0] if tta else None
+        temperatures.append(temperature)
+        index.append(rep.val_index)
+        labels.append(fold_labels)
+        plain.append(member_probabilities(logits, None, task, temperature))
+        with_tta.append(member_probabilities(logits, flipped, task, temperature) if tta else None)
+    order = np.argsort(np.concatenate(index), kind="stable")
+    labels = np.concatenate(labels)[order]
+    oof = {"single": np.concatenate(plain)[order]}
+    if tta:
+        oof["single+tta"] = np.concatenate(with_tta)[order]
+    decision = choose(labels, {name: (probs, 1 if name == "single" else 2) for name, probs in oof.items()},
+                      metric, mode, task, n_resamples, seed)
+    decision["rule"] = decision["rule"].replace("on the validation split", "on out-of-fold predictions")
+    decision["reason"] = decision["reason"].replace("validation", "out-of-fold")
+    skipped = list(skipped or [])
+    unlike = [f"{m.label}: {why}" for m in members[1:] if (why := mismatch(members[0].state, m.state))]
+    if ensemble and unlike:
+        skipped.append("fold models not averaged, they see different inputs (" + "; ".join(unlike) + "); a fold "
+                       "ensemble needs a shared normalisation (normalize half, imagenet or auto)")
+    if ensemble and len(members) > 1 and not unlike:
+        k, single = len(members), decision["chosen"]
+        for name in oof:
+            decision["variants"][name.replace("single", "ensemble")] = {
+                "value": decision["variants"][name]["value"], "passes": k * decision["variants"][name]["passes"],
+                "gap_to_best": None, "se_of_gap": None, "stand_in": f"the out-of-fold figure of {name}"}
+        decision["chosen"] = single.replace("single", "ensemble")
+        decision["reason"] = (f"the winner is cross-validated: its {k} fold models ship averaged, a rule fixed before "
+                              "any score is seen (no honest out-of-fold figure exists for averaging them: every other "
+                              "fold model trained on each image; the best fold alone was picked on its own held-out "
+                              "score, the ensemble picks nothing; averaged probabilities' NLL is at most the "
+                              f"members' mean, which {single}'s out-of-fold figure estimates); TTA "
+                              f"{'on' if single.endswith('+tta') else 'off'}, by the out-of-fold rule: "
+                              + decision["reason"])
+    return Choice(members, reps, temperatures, tta, decision, skipped, {"labels": labels, "probs": oof})
+
+
 def figures_after_choice(choice: Choice) -> dict:
     """Every variant's test AUC and accuracy, computed AFTER the choice (reported, never used to choose)."""
     rep = choice.reps[0]
@@ -258,11 +355,16 @@ def figures_after_choice(choice: Choice) -> dict:
 
 def choose_for_search(client, parent, space: dict, k: int, tta: bool, data_root: str | None = None, seed: int = 0,
                       winner_state: dict | None = None, n_resamples: int = N_RESAMPLES) -> Choice:
-    """The search's winner (its checkpoint, or `winner_state`) and the next best compatible trials up to `k`,
-    and the variant to ship, chosen on validation: what analysis.export and tune.py --ensemble both run."""
+    """The search's winner (its checkpoint, or `winner_state`) and the next best compatible trials up to `k`
+    (a cross-validated winner: its fold models, `decide_folds`), and the variant to ship, chosen on validation
+    (out-of-fold) predictions: what analysis.export and tune.py --ensemble both run."""
     winner = runs.winner(client, parent)
     key, mode = runs.selection(parent, space)
     state = winner_state if winner_state is not None else runs.checkpoint_state(winner)
+    if state.get("folds"):  # a cross-validated winner: its own fold models, chosen on out-of-fold predictions
+        folds = fold_members(state, runs.trial_label(winner), winner.info.run_id)
+        note = [f"the winner is cross-validated: --ensemble {k} uses its {len(folds)} fold models, not other trials"]
+        return decide_folds(folds, tta, k > 1, key, mode, data_root, n_resamples, seed, note if k > 1 else [])
     first = Member(runs.trial_label(winner), state, winner.info.run_id, winner.data.metrics.get(key))
     members, skipped = search_members(client, parent, space, k, first)
     return decide(members, tta, key, mode, data_root, n_resamples, seed, skipped)

@@ -15,7 +15,8 @@ many test predictions flip between the two and how far each metric moves is in m
 
 `--ensemble K` / `--tta` (analysis.ensemble): the winner, flip TTA and the top-K ensemble are compared on
 validation and the cheapest variant within one SE of the best ships, as one network (ensemble.json + members/);
-test is scored only after that choice.
+test is scored only after that choice. A cross-validated winner's ensemble is its K fold models, TTA chosen on
+out-of-fold predictions, its threshold fitted on them (analysis.ensemble.decide_folds says why).
 """
 
 from __future__ import annotations
@@ -325,14 +326,17 @@ def _ensemble_text(metrics: dict) -> str:
     if ensemble is None:
         return ""
     choice = ensemble["choice"]
-    rows = [[name, f"{v['value']:.4f}", f"{v['gap_to_best']:+.4f}", f"{v['se_of_gap']:.4f}", v["passes"],
+    rows = [[name, f"{v['value']:.4f}" + (" (stand-in)" if v.get("stand_in") else ""),
+             "n/a" if v.get("gap_to_best") is None else f"{v['gap_to_best']:+.4f}",
+             "n/a" if v.get("se_of_gap") is None else f"{v['se_of_gap']:.4f}", v["passes"],
              f"{ensemble['test_after_choice'][name]['auc']:.4f}", f"{ensemble['test_after_choice'][name]['acc']:.4f}"]
             for name, v in choice["variants"].items()]
     members = ", ".join(f"`{m['label']}`" for m in ensemble["members"])
     return (f"Shipped variant: **{ensemble['variant']}** (members {members}{', horizontal-flip TTA' if ensemble['tta'] else ''}), "
             f"chosen by the {choice['rule']}: {choice['reason']}. Each member's probabilities are calibrated at its own "
             "temperature (ensemble.json) before averaging. Test columns were computed after the choice, never used for it.\n\n"
-            + _table(["variant", f"validation {choice['metric']}", "gap to best", "SE of gap", "passes/image",
+            + _table(["variant", f"{'out-of-fold' if ensemble.get('members_are') == 'folds' else 'validation'} "
+                      f"{choice['metric']}", "gap to best", "SE of gap", "passes/image",
                       "test AUC", "test acc"], rows) + "\n\n" + "".join(f"- {line}\n" for line in ensemble["skipped"])
             + ("\n" if ensemble["skipped"] else ""))
 
@@ -473,9 +477,11 @@ def export(args) -> int:
     (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))  # load_model reads it for an ensemble
     if choice is not None and choice.network == "ensemble":
         module = save_ensemble(choice, out)
-        val_logits, val_labels = rep.logits(choice.module(), rep.val)  # the ensemble's log-probabilities
+        oof = choice.threshold_data()  # a cross-validated winner's fold models: out-of-fold, not a shared split
+        val_logits, val_labels = oof[:2] if oof else rep.logits(choice.module(), rep.val)  # log-probabilities
         decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity, temperature=1.0)
-        decision["fitted_on"] = f"the validation split ({len(val_labels)} images), the ensemble's probabilities"
+        decision["fitted_on"] = oof[2] if oof else \
+            f"the validation split ({len(val_labels)} images), the ensemble's probabilities"
     else:
         shutil.rmtree(out / MEMBERS, ignore_errors=True)
         val_logits, val_labels = decision_data(state, rep)  # validation (or out-of-fold) only: threshold, temperature
