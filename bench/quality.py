@@ -72,8 +72,9 @@ def search_and_score(space: dict, dataset: str, seed: int, args) -> dict:
 
 
 def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.3f} +- {sd:.3f}"
+    if len(values) < 2:
+        return f"{values[0]:.3f} (one seed, no sd)"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
 
 
 def report(dataset: str, results: list[dict]) -> dict[str, str]:
@@ -95,8 +96,8 @@ def report(dataset: str, results: list[dict]) -> dict[str, str]:
         for metric, value in zip(("auc", "acc"), figures):
             inside = sum(ci["low"] <= value <= ci["high"] for ci in shipped[metric])
             ours = statistics.mean(ci["value"] for ci in shipped[metric])
-            marks.append(f"{metric.upper()} {value:.3f} ({'below' if ours > value else 'above'} our mean, inside our "
-                         f"CI in {inside}/{len(results)} seeds)")
+            place = "level with" if round(ours, 3) == value else "below" if ours > value else "above"
+            marks.append(f"{metric.upper()} {value:.3f} ({place} our mean, inside our CI in {inside}/{len(results)} seeds)")
         print(f"  {row:22s} " + "; ".join(marks))
     return {m: mean_sd([ci["value"] for ci in shipped[m]]) for m in ("auc", "acc")}
 
