@@ -119,14 +119,19 @@ def minority_copies(labels: np.ndarray, pct: float, seed: int) -> np.ndarray:
     if pct <= 0:
         return np.empty(0, dtype=np.int64)
     classes = balance_groups(labels)
-    values, counts = np.unique(classes, return_counts=True)
     rng = np.random.default_rng(seed)
-    extra = []
-    for value, count in zip(values, counts):
-        if count < counts.max():
-            members = np.flatnonzero(classes == value)
-            extra.append(rng.choice(members, size=int(round(count * pct / 100)), replace=True))
+    extra = [rng.choice(np.flatnonzero(classes == value), size=count, replace=True)
+             for value, count in minority_counts(classes, pct).items()]
     return np.concatenate(extra).astype(np.int64) if extra else np.empty(0, dtype=np.int64)
+
+
+def minority_counts(classes: np.ndarray, pct: float) -> dict[int, int]:
+    """{class: extra samples}: each class smaller than the largest gets round(pct % of its size); the one rule of
+    `minority_aug_pct` (copies) and `synthetic_pct` (generated images)."""
+    if pct <= 0:
+        return {}
+    values, counts = np.unique(classes, return_counts=True)
+    return {int(v): int(round(c * pct / 100)) for v, c in zip(values, counts) if c < counts.max()}
 
 
 def balance_groups(labels: np.ndarray) -> np.ndarray:

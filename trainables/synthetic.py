@@ -40,6 +40,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from .augment import minority_counts
 from .dataset_registry import Dataset, ImageSet
 from .dcgan import GanSettings, Generator, auto_epochs, generate, to_gan_scale, to_uint8, train_dcgan
 from .errors import UserError
@@ -64,14 +65,6 @@ def check_synthetic_task(task: str, dataset: str) -> None:
     if task == "multilabel":
         raise UserError(f"synthetic_pct needs single-label classes, but {dataset} is multi-label; "
                         "set synthetic_pct to 0 (minority_aug_pct or sampling balance multi-label data)")
-
-
-def synthetic_counts(labels: np.ndarray, pct: float) -> dict[int, int]:
-    """{class: images to generate}: each class smaller than the largest gets round(pct % of its size)."""
-    if pct <= 0:
-        return {}
-    values, counts = np.unique(labels, return_counts=True)
-    return {int(v): int(round(c * pct / 100)) for v, c in zip(values, counts) if c < counts.max()}
 
 
 def gan_settings(config: dict, train_count: int, image_size: int) -> GanSettings:
@@ -187,7 +180,7 @@ def synthetic_training_images(train_set: ImageSet, config: dict, dataset: Datase
     check_synthetic_task(dataset.task, dataset.name)
     if len(train_set) < 2:
         raise UserError(f"synthetic_pct: the training split has {len(train_set)} image; the GAN needs at least 2")
-    counts = synthetic_counts(train_set.labels, pct)
+    counts = minority_counts(train_set.labels, pct)
     generator, record, built = load_or_train_generator(train_set, config, dataset.num_classes, device)
     size = int(train_set.images.shape[1])
     labels = np.repeat(np.array(list(counts), np.int64), list(counts.values())) if counts else np.empty(0, np.int64)
