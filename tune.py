@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
-from search_spaces.budget import budget_line, budget_spent, parse_duration
+from search_spaces.budget import budget_line, parse_duration, record_budget_spent
 from search_spaces.overrides import (
     apply_overrides,
     check_resume_flags,
@@ -167,11 +167,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         started = time.time()
         results = tuner.fit()
         used = time.time() - started
-        spent = budget_spent(space.time_budget, used)  # then the trials still running were cut by it
-        state = read_state(args.storage, name) or {}
-        if spent and not state.get("budget_spent"):  # kept, so a resume ranks the cut trials as this run did
-            write_state(args.storage, name, {**state, "budget_spent": True})
-        spent = spent or bool(state.get("budget_spent"))
+        spent = record_budget_spent(args.storage, name, space.time_budget, used)  # the running trials were cut
         ranked = rank_results(results, space.metric, space.mode, space.max_t, spent)
         best = ranked[0] if ranked else None
         live = {r.metrics.get("trial_id") for r in results if r.metrics}

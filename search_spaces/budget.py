@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from search_spaces.state import read_state, write_state
+
 UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
 
@@ -43,3 +45,13 @@ def budget_line(budget_s: float, used_s: float) -> str:
 def budget_spent(budget_s: float | None, used_s: float) -> bool:
     """Whether a search that ran `used_s` seconds had spent its budget (so Ray stopped its running trials)."""
     return budget_s is not None and used_s >= budget_s
+
+
+def record_budget_spent(storage: str, name: str, budget_s: float | None, used_s: float) -> bool:
+    """Whether the budget ended this search or an earlier run of it; kept in the search's state file, so a resume
+    ranks the trials the budget cut as the first run did."""
+    state = read_state(storage, name) or {}
+    spent = budget_spent(budget_s, used_s)
+    if spent and not state.get("budget_spent"):
+        write_state(storage, name, {**state, "budget_spent": True})
+    return spent or bool(state.get("budget_spent"))
