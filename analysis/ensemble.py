@@ -141,11 +141,10 @@ def scorer(metric: str, task: str):
     negative log-likelihood of the calibrated probabilities (the trial's own loss may carry class weights)."""
     name = metric.removeprefix("best_").removeprefix("val_")
     if name == "loss":
-        def nll(labels, probs):
-            p = np.clip(probs, 1e-12, 1 - 1e-12)
+        def nll(labels, probs):  # multi-label: the mean over every (image, label) entry
             if task == "multilabel":
-                return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
-            return float(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+                return float(skm.log_loss(labels.ravel(), probs.ravel(), labels=[0, 1]))
+            return float(skm.log_loss(labels, probs, labels=np.arange(probs.shape[1])))
         return nll, "NLL"
     if name == "auc" and task == "binary":
         return (lambda labels, probs: float(skm.roc_auc_score(labels, probs[:, 1]))), "AUC"
