@@ -21,6 +21,7 @@ inside our CI (in how many seeds). Whole run: 2 datasets x 3 seeds x (30 min + r
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -51,13 +52,28 @@ ENSEMBLE_SIZE = 3
 SCORED = (*VARIANTS, "shipped")
 
 
-def search_and_score(space: dict, dataset: str, seed: int, args) -> dict:
-    """One search, then every declared variant's test metrics with CIs (after the validation choice)."""
+def search(space: dict, dataset: str, seed: int, args) -> tuple[float, Path]:
+    """One 30-minute search of the fixed space; returns (wall seconds, its folder)."""
     space = {**space, "dataset": dataset, "time_budget": args.budget or space["time_budget"]}
     space["fixed"] = {**space["fixed"], "device": args.device}
     if args.device == "cuda":  # Ray hides GPUs from trials that do not ask for one
         space["resources"] = {**space["resources"], "gpu": 0.5}
-    seconds, workdir = run_tune(space, "--data-root", args.data_root, "--seed", str(seed), "--no-report")
+    return run_tune(space, "--data-root", args.data_root, "--seed", str(seed), "--no-report")
+
+
+def trial_curves(client, parent) -> list[dict]:
+    """Each trial's searched keys, outcome and validation loss per epoch: the raw material of the ablation, which is
+    judged on validation only."""
+    out = []
+    for run in runs.trials(client, parent):
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        out.append({"params": dict(run.data.params), "outcome": run.data.tags.get(runs.TAG_OUTCOME),
+                    "val_loss": [m.value for m in sorted(history, key=lambda m: m.step)]})
+    return out
+
+
+def score(workdir: Path, seed: int, args) -> dict:
+    """Choose the shipped variant on validation, then score every declared variant on test (once each)."""
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     parent = runs.get_search(client, "bench")
     choice = choose_for_search(client, parent, runs.search_space(client, parent), ENSEMBLE_SIZE, True, args.data_root,
@@ -67,8 +83,8 @@ def search_and_score(space: dict, dataset: str, seed: int, args) -> dict:
     for variant in SCORED:  # test is read here, after the choice, once per variant
         logits, labels = rep.logits(choice.module(choice.chosen if variant == "shipped" else variant), rep.test)
         scores[variant] = metrics_with_ci(rep.dataset.task, labels, calibrated(logits, rep.dataset.task, 1.0))
-    return {"seconds": seconds, "trials": len(runs.trials(client, parent)), "chosen": choice.chosen,
-            "members": len(choice.members), "scores": scores}
+    return {"trials": len(runs.trials(client, parent)), "chosen": choice.chosen, "members": len(choice.members),
+            "validation": choice.decision, "curves": trial_curves(client, parent), "scores": scores}
 
 
 def mean_sd(values: list[float]) -> str:
@@ -102,26 +118,54 @@ def report(dataset: str, results: list[dict]) -> dict[str, str]:
     return {m: mean_sd([ci["value"] for ci in shipped[m]]) for m in ("auc", "acc")}
 
 
+def run_one(space: dict, dataset: str, seed: int, args) -> dict:
+    """One search (or, with --score-folder, an existing one) and its scores, saved to --save as it finishes."""
+    if args.score_folder:
+        seconds, workdir = None, args.score_folder
+    else:
+        seconds, workdir = search(space, dataset, seed, args)
+    result = {"dataset": dataset, "seed": seed, "seconds": seconds, "machine": machine_line(),
+              **score(workdir, seed, args)}
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        (args.save / f"{dataset}_seed{seed}.json").write_text(json.dumps(result, indent=1))
+    took = "time not recorded (scored an existing search)" if seconds is None else f"{seconds / 60:.1f} min"
+    print(f"{dataset} seed {seed}: {result['trials']} trials in {took}, shipped {result['chosen']}, test AUC "
+          f"{format_ci(result['scores']['shipped']['auc'])}, ACC {format_ci(result['scores']['shipped']['acc'])}",
+          flush=True)
+    return result
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, default=Path(__file__).with_name("quality_space.yaml"))
     parser.add_argument("--datasets", nargs="+", default=list(PUBLISHED), choices=list(PUBLISHED))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", help="override the space's time budget (e.g. 5m for a quick check; not a figure)")
+    parser.add_argument("--save", type=Path, help="write each search's result to DIR/<dataset>_seed<k>.json")
+    parser.add_argument("--score-folder", type=Path,
+                        help="score the search already in this bench folder (one dataset, one seed) instead of searching")
+    parser.add_argument("--results", type=Path, nargs="+",
+                        help="report these saved results instead of searching (a benchmark run in parts)")
     args = parser.parse_args()
+    if args.score_folder and (len(args.datasets) != 1 or len(args.seeds) != 1):
+        parser.error("--score-folder scores one search: pass one --datasets and one --seeds")
     print(machine_line(), f"| {args.space.name}, seeds {args.seeds}, budget {args.budget or 'as the space'}")
-    space = yaml.safe_load(args.space.read_text())
     started = time.time()
-    results: dict[str, list[dict]] = {d: [] for d in args.datasets}
-    for seed in args.seeds:  # seeds outermost: a drift in the machine's speed hits both datasets alike
-        for dataset in args.datasets:
-            result = search_and_score(space, dataset, seed, args)
-            results[dataset].append(result)
-            print(f"{dataset} seed {seed}: {result['trials']} trials in {result['seconds'] / 60:.1f} min, shipped "
-                  f"{result['chosen']}, test AUC {format_ci(result['scores']['shipped']['auc'])}, "
-                  f"ACC {format_ci(result['scores']['shipped']['acc'])}", flush=True)
-    summary = {dataset: report(dataset, rows) for dataset, rows in results.items()}
-    print(f"\nwhole benchmark: {(time.time() - started) / 3600:.2f} h")
+    results: dict[str, list[dict]] = {}
+    if args.results:
+        for path in args.results:
+            saved = json.loads(path.read_text())
+            results.setdefault(saved["dataset"], []).append(saved)
+            print(f"{path.name}: {saved['machine']}")
+    else:
+        space = yaml.safe_load(args.space.read_text())
+        for seed in args.seeds:  # seeds outermost: a drift in the machine's speed hits both datasets alike
+            for dataset in args.datasets:
+                results.setdefault(dataset, []).append(run_one(space, dataset, seed, args))
+    summary = {dataset: report(dataset, sorted(rows, key=lambda r: r["seed"])) for dataset, rows in results.items()}
+    searched = [r["seconds"] for rows in results.values() for r in rows if r["seconds"] is not None]
+    print(f"\nsearch time: {sum(searched) / 3600:.2f} h in {len(searched)} searches; this run {(time.time() - started) / 3600:.2f} h")
     print("shipped model, mean +- sd over seeds: " + "; ".join(
         f"{d} AUC {s['auc']}, ACC {s['acc']}" for d, s in summary.items()))
 
