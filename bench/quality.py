@@ -118,6 +118,37 @@ def report(dataset: str, results: list[dict]) -> dict[str, str]:
     return {m: mean_sd([ci["value"] for ci in shipped[m]]) for m in ("auc", "acc")}
 
 
+def best_by(curve: list[float], epoch: int) -> float | None:
+    """The best validation loss a trial had reached by `epoch` (its checkpoint keeps the best weights)."""
+    return min(curve[:epoch]) if len(curve) >= epoch else None
+
+
+def ablation(dataset: str, results: list[dict]) -> None:
+    """What each piece adds, judged on validation only (test is never read here), from the searches themselves:
+    stem (trials of each stem at equal epochs), longer training (the same trials at rungs 3, 9 and 15), ensemble and
+    TTA (the validation log loss of each variant, against the single winner, with the paired SE)."""
+    print(f"\n{dataset} ablation, validation log loss (lower is better), mean over {len(results)} seeds:")
+    for stem in ("small", "imagenet"):
+        curves = [[t["val_loss"] for t in r["curves"] if t["params"].get("stem") == stem] for r in results]
+        counts = [len(c) for c in curves]
+        at3 = [statistics.median(v) for c in curves if (v := [x for x in (best_by(t, 3) for t in c) if x is not None])]
+        best = [min(min(t) for t in c if t) for c in curves if any(c)]
+        print(f"  stem {stem:8s}: trials per search {counts}; median at epoch 3 {statistics.mean(at3):.4f}; "
+              f"best in search {statistics.mean(best):.4f}" if at3 and best else f"  stem {stem:8s}: no trial finished an epoch")
+    full = [t["val_loss"] for r in results for t in r["curves"] if len(t["val_loss"]) >= 15]
+    if full:
+        rungs = {e: statistics.median(best_by(t, e) for t in full) for e in (3, 9, 15)}
+        gain = statistics.median(best_by(t, 3) - best_by(t, 15) for t in full)
+        print(f"  longer training, the {len(full)} trials that reached epoch 15: median {rungs[3]:.4f} at epoch 3, "
+              f"{rungs[9]:.4f} at 9, {rungs[15]:.4f} at 15 (median gain 3 -> 15: {gain:.4f})")
+    for r in results:  # the variants' validation scores, as analysis.ensemble's one-SE rule saw them
+        table = r["validation"]["variants"]
+        cells = ", ".join(f"{name} {row['value']:.4f} (gap {row['gap_to_best']:.4f}, SE {row['se_of_gap']:.4f})"
+                          for name, row in table.items())
+        print(f"  seed {r['seed']} variants: {cells}; best {r['validation']['best']}, shipped {r['chosen']}")
+    print("  cross-validation: not in this space (a K-fold trial trains K models per epoch)")
+
+
 def run_one(space: dict, dataset: str, seed: int, args) -> dict:
     """One search (or, with --score-folder, an existing one) and its scores, saved to --save as it finishes."""
     if args.score_folder:
@@ -164,6 +195,8 @@ def main() -> None:
             for dataset in args.datasets:
                 results.setdefault(dataset, []).append(run_one(space, dataset, seed, args))
     summary = {dataset: report(dataset, sorted(rows, key=lambda r: r["seed"])) for dataset, rows in results.items()}
+    for dataset, rows in results.items():
+        ablation(dataset, rows)
     searched = [r["seconds"] for rows in results.values() for r in rows if r["seconds"] is not None]
     print(f"\nsearch time: {sum(searched) / 3600:.2f} h in {len(searched)} searches; this run {(time.time() - started) / 3600:.2f} h")
     print("shipped model, mean +- sd over seeds: " + "; ".join(
