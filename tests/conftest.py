@@ -141,7 +141,8 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_search(tmp_path_factory, medmnist_root, mlflow_server):
-    """`python tune.py` on SHARED_SPACE against the HTTP server named only by MLFLOW_TRACKING_URI (no flag)."""
+    """`python tune.py --ensemble 3 --tta` on SHARED_SPACE against the HTTP server named only by
+    MLFLOW_TRACKING_URI (no flag)."""
     import subprocess
     import sys
     from types import SimpleNamespace
@@ -151,7 +152,8 @@ def shared_search(tmp_path_factory, medmnist_root, mlflow_server):
     tmp = tmp_path_factory.mktemp("shared-search")
     (tmp / "shared.yaml").write_text(SHARED_SPACE)
     command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "shared.yaml"), "--name", "shared",
-               "--seed", "1", "--storage", str(tmp / "results"), "--data-root", str(medmnist_root)]
+               "--seed", "1", "--storage", str(tmp / "results"), "--data-root", str(medmnist_root),
+               "--ensemble", "3", "--tta"]
     result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

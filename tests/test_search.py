@@ -1,6 +1,7 @@
 """End to end: real searches on PneumoniaMNIST through tune.py, Ray Tune and an MLflow server over HTTP."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,19 @@ def completed(search):
 def test_search_prints_the_best_config_and_its_test_metrics(shared_search):
     assert "best config:" in shared_search.stdout
     assert '"test_auc"' in shared_search.stdout.split("best test metrics:")[1]
+
+
+def test_ensemble_flag_prints_the_validation_choice_and_names_the_trials_that_cannot_join(shared_search):
+    """tune.py --ensemble 3 --tta ends with the choice analysis.export would make. The shared space mixes two
+    split ratios, so of its four finished trials only the winner's split-mates may join, and the others are named."""
+    assert "ensemble choice: not written" not in shared_search.stdout
+    section = shared_search.stdout.split("ensemble choice (as `python -m analysis.export --ensemble 3 --tta` makes it):")[1]
+    winner_split = float(shared_search.winner.data.params["split_ratio"])
+    other_split = 0.9 if winner_split == 0.8 else 0.8
+    assert section.count(f"split_ratio {other_split!r}, not {winner_split!r}") == 2
+    members = section.split("ensemble members (best validation first): ")[1].splitlines()[0]
+    assert members.count("(T ") == 2
+    assert re.search(r"^chosen: (single|single\+tta|ensemble|ensemble\+tta) -- ", section, re.MULTILINE)
 
 
 def test_mlflow_tracking_uri_from_the_environment_is_honoured(shared_search):
