@@ -242,7 +242,8 @@ def precision_change(trial_logits: np.ndarray, exported_logits: np.ndarray, labe
     return change
 
 
-def split_summary(rep: Replay) -> dict:
+def split_summary(rep: Replay, fold: int = 0) -> dict:
+    """Image counts per split; `fold`: which fold model of a cross-validated trial was exported."""
     def counts(labels):
         if labels.ndim == 2:
             return {n: int(c) for n, c in zip(rep.dataset.class_names, labels.sum(axis=0))}
@@ -253,6 +254,7 @@ def split_summary(rep: Replay) -> dict:
             "val": {"n": int(len(rep.val_index)), "per_class": counts(dev.labels[rep.val_index])},
             "test": {"n": int(len(rep.test)), "per_class": counts(rep.test.labels)},
             "split_ratio": rep.config["split_ratio"], "seed": rep.config["seed"],
+            "cv_folds": int(rep.config.get("cv_folds", 1)), "fold": fold,
             "patient_grouped": dev.groups is not None}
 
 
@@ -354,6 +356,21 @@ def _table(headers: list, rows: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
+def split_text(splits: dict) -> str:
+    """How the train/validation rows of the card were drawn: the official split, a re-partition, or one fold of a
+    cross-validated trial (whose validation row is the fold it held out)."""
+    how = f"stratified by label{', grouped by patient' if splits['patient_grouped'] else ''}, seed {splits['seed']}"
+    folds = splits.get("cv_folds", 1)
+    if folds > 1:
+        return (f"fold {splits['fold'] + 1} of {folds} cross-validation folds of the development pool (the official "
+                f"train and validation splits together; {how}): this model trained on the other {folds - 1} folds, "
+                "and its validation row is the fold it held out")
+    ratio = splits["split_ratio"]
+    if ratio is None:
+        return "the dataset's official train/validation split"
+    return f"a re-partition of the development pool, {ratio:.0%} train / {1 - ratio:.0%} validation ({how})"
+
+
 def model_card(metrics: dict, prep: dict, decision: dict, config: dict) -> str:
     test, splits, cal = metrics["test"], metrics["splits"], metrics["calibration"]
     names = prep["class_names"]
@@ -364,10 +381,7 @@ def model_card(metrics: dict, prep: dict, decision: dict, config: dict) -> str:
             for name in test["argmax"]]
     split_rows = [[split, splits[split]["n"], ", ".join(f"{k} {v}" for k, v in splits[split]["per_class"].items())]
                   for split in ("train", "val", "test")]
-    ratio = splits["split_ratio"]
-    how_split = ("the dataset's official train/validation split" if ratio is None else
-                 f"a re-partition of the development pool, {ratio:.0%} train / {1 - ratio:.0%} validation "
-                 f"(stratified by label{', grouped by patient' if splits['patient_grouped'] else ''}, seed {splits['seed']})")
+    how_split = split_text(splits)
     confusions = []
     if prep["task"] != "multilabel":
         for key, title in (("confusion_argmax", "argmax rule"), ("confusion_threshold", "chosen threshold")):
@@ -513,7 +527,8 @@ def export(args) -> int:
         "format": FORMAT, "search": parent.data.tags.get(TAG_SEARCH), "search_run_id": parent.info.run_id,
         "trial_id": runs.trial_label(trial), "trial_run_id": trial.info.run_id, "dataset": rep.config["dataset"],
         "selection": {"metric": key, "value": logged.get(key, float("nan"))},
-        "best_epoch": state.get("best_epoch"), "searched": runs.searched_keys(space), "splits": split_summary(rep),
+        "best_epoch": state.get("best_epoch"), "searched": runs.searched_keys(space),
+        "splits": split_summary(rep, int(state.get("best_fold", 0))),
         "test": {k: v for k, v in scored.items() if k not in ("logits", "labels")},
         "reproduced": reproduction(replayed, logged, rep, scored["n"]),
         "precision_change": precision_change(trial_logits, winner_logits, scored["labels"], rep, logged),

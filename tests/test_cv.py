@@ -196,3 +196,15 @@ def test_the_ray_trainable_writes_fold_files_and_out_of_fold_predictions(monkeyp
     files, index = written
     assert {FILENAME, "fold0.pt", "fold1.pt", OOF_PREDICTIONS} <= set(files)
     assert np.array_equal(index, np.arange(len(data.dev)))
+
+
+def test_the_model_card_names_the_fold_a_cross_validated_winner_held_out_not_the_official_split():
+    from analysis.export import split_text
+
+    cv = split_text({"cv_folds": 5, "fold": 2, "split_ratio": None, "seed": 0, "patient_grouped": True})
+    assert cv.startswith("fold 3 of 5 cross-validation folds of the development pool")
+    assert "grouped by patient" in cv and "trained on the other 4 folds" in cv
+    assert "official train/validation split" not in cv
+    single = {"cv_folds": 1, "fold": 0, "split_ratio": None, "seed": 0, "patient_grouped": False}
+    assert split_text(single) == "the dataset's official train/validation split"
+    assert split_text({**single, "split_ratio": 0.8}).startswith("a re-partition of the development pool, 80% train")
