@@ -62,13 +62,13 @@ def search(space: dict, dataset: str, seed: int, args) -> tuple[float, Path]:
 
 
 def trial_curves(client, parent) -> list[dict]:
-    """Each trial's searched keys, outcome and validation loss per epoch: the raw material of the ablation, which is
-    judged on validation only."""
+    """Each trial's searched keys, outcome, validation loss and seconds per epoch: the raw material of the ablation,
+    which is judged on validation only (and shows what each stem's epochs cost)."""
     out = []
     for run in runs.trials(client, parent):
-        history = client.get_metric_history(run.info.run_id, "val_loss")
-        out.append({"params": dict(run.data.params), "outcome": run.data.tags.get(runs.TAG_OUTCOME),
-                    "val_loss": [m.value for m in sorted(history, key=lambda m: m.step)]})
+        curve = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+                 for key in ("val_loss", "epoch_seconds")}
+        out.append({"params": dict(run.data.params), "outcome": run.data.tags.get(runs.TAG_OUTCOME), **curve})
     return out
 
 
@@ -133,8 +133,12 @@ def ablation(dataset: str, results: list[dict]) -> None:
         counts = [len(c) for c in curves]
         at3 = [statistics.median(v) for c in curves if (v := [x for x in (best_by(t, 3) for t in c) if x is not None])]
         best = [min(min(t) for t in c if t) for c in curves if any(c)]
+        seconds = [s for r in results for t in r["curves"] if t["params"].get("stem") == stem
+                   for s in t.get("epoch_seconds", [])]  # results saved before epoch_seconds was kept: none
+        cost = f"; median {statistics.median(seconds):.1f} s per epoch" if seconds else ""
         print(f"  stem {stem:8s}: trials per search {counts}; median at epoch 3 {statistics.mean(at3):.4f}; "
-              f"best in search {statistics.mean(best):.4f}" if at3 and best else f"  stem {stem:8s}: no trial finished an epoch")
+              f"best in search {statistics.mean(best):.4f}{cost}" if at3 and best else
+              f"  stem {stem:8s}: no trial finished an epoch")
     full = [t["val_loss"] for r in results for t in r["curves"] if len(t["val_loss"]) >= 15]
     if full:
         rungs = {e: statistics.median(best_by(t, e) for t in full) for e in (3, 9, 15)}
