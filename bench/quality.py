@@ -80,9 +80,10 @@ def score(workdir: Path, seed: int, args) -> dict:
                                seed=seed)
     rep = choice.reps[0]
     scores = {}
-    for variant in SCORED:  # test is read here, after the choice, once per variant
-        logits, labels = rep.logits(choice.module(choice.chosen if variant == "shipped" else variant), rep.test)
+    for variant in VARIANTS:  # test is read here, after the choice, once per variant
+        logits, labels = rep.logits(choice.module(variant), rep.test)
         scores[variant] = metrics_with_ci(rep.dataset.task, labels, calibrated(logits, rep.dataset.task, 1.0))
+    scores["shipped"] = scores[choice.chosen]  # one of the four: not replayed a second time
     return {"trials": len(runs.trials(client, parent)), "chosen": choice.chosen, "members": len(choice.members),
             "validation": choice.decision, "curves": trial_curves(client, parent), "scores": scores}
 
