@@ -27,8 +27,8 @@ from search_spaces.overrides import (
     pin_older_stem,
     resume_tracking_uri,
 )
-from search_spaces.state import check_storage, read_state, storage_root, write_state
 from trainables.errors import UserError
+from trainables.tracking.state import check_storage, read_state, storage_root, write_state
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -110,15 +110,6 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     import ray
 
     from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results
-    from analysis.tracking import (
-        MLflowTrialCallback,
-        close_search,
-        flat_params,
-        get_experiment_id,
-        numeric_metrics,
-        search_tags,
-        start_search_run,
-    )
     from search_spaces.preflight import (
         check_folds,
         check_leaks,
@@ -129,6 +120,15 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         load_datasets,
     )
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
+    from trainables.tracking.mlflow_runs import (
+        MLflowTrialCallback,
+        close_search,
+        flat_params,
+        get_experiment_id,
+        numeric_metrics,
+        search_tags,
+        start_search_run,
+    )
 
     quiet_libraries(args.debug)
     storage = storage_root(args.storage)
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
             check_resume_selection(args, space)
             tracking_uri = resume_tracking_uri(args, state)
             return run_search(space, args, args.resume, state["seed"], tracking_uri, resuming=True)
-        from analysis.tracking import tracking_uri_from
+        from trainables.tracking.mlflow_runs import tracking_uri_from
 
         space = apply_overrides(load_space(args.space), args)
         name = args.name or f"{space.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"

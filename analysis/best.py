@@ -19,11 +19,11 @@ import pandas as pd
 from analysis import runs
 from analysis.bootstrap import format_ci, metrics_with_ci
 from analysis.description import kept_predictions
-from analysis.ranking import RANKED
 from analysis.replay import replay
-from analysis.tracking import TAG_SEARCH
 from trainables.errors import UserError
-from trainables.metrics import probabilities
+from trainables.tracking.names import TAG_SEARCH
+from trainables.tracking.ranking import RANKED
+from trainables.training.metrics import probabilities
 
 SHOWN = {"binary": ("acc", "auc", "sensitivity", "specificity"), "multiclass": ("acc", "balanced_acc", "auc"),
          "multilabel": ("acc", "exact_match", "auc")}

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from trainables.metrics import predictions
+from trainables.training.metrics import predictions
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -50,7 +50,7 @@ def metric_names(task: str) -> list[str]:
 
 
 def core_metrics(task: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """`metric_names(task)` as a vector; the same definitions as trainables.metrics (acc matches exactly)."""
+    """`metric_names(task)` as a vector; the same definitions as trainables.training.metrics (acc matches exactly)."""
     y_pred = predictions(task, probs, threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one class in a resample: recall undefined -> NaN / 0

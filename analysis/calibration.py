@@ -10,7 +10,7 @@ import numpy as np
 from scipy import optimize, special
 from sklearn import metrics as skm
 
-from trainables.metrics import probabilities
+from trainables.training.metrics import probabilities
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 (On Calibration of Modern Neural Networks)
 

@@ -5,7 +5,7 @@
 The UI shows it under the run's name: the leaderboard by validation (test metrics with 95 % CIs beside it,
 reported, never used to choose), the winner's config, how the trials ended, the leak report and the commands
 that export the winner. The CIs are bootstraps over the test predictions each finished trial keeps
-(trainables.figures.PREDICTIONS), so writing the page needs neither the checkpoints nor the data.
+(trainables.training.figures.PREDICTIONS), so writing the page needs neither the checkpoints nor the data.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from analysis import runs
 from analysis.bootstrap import format_ci, metric_names, metrics_with_ci
-from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, RANKED, STOPPED_EARLY, rank
-from analysis.tracking import TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
-from trainables.figures import PREDICTIONS, read_test_predictions
-from trainables.leaks import format_leak_report
+from trainables.data.leaks import format_leak_report
+from trainables.tracking.names import PREDICTIONS, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, RANKED, STOPPED_EARLY, rank
+from trainables.training.figures import read_test_predictions
 
 UNFINISHED = "unfinished"  # no outcome tag: killed mid-trial and not resumed
 TAG_TEST_CI = "medtune.test_ci95"  # on a finished trial's run: its bootstrap CIs (JSON), computed once
@@ -74,7 +74,7 @@ def outcome_of(run) -> str:
 
 def leaderboard_order(trials: list, objective: str, mode: str) -> list:
     """Completed trials and those the time budget cut first (they can win), then those ASHA stopped; each group by
-    the validation score with analysis.ranking.rank, the rule tune.py chose the winner by. Failed trials have no score."""
+    the validation score with trainables.tracking.ranking.rank, the rule tune.py chose the winner by. Failed trials have no score."""
     def group(*outcomes: str) -> list:
         return rank([t for t in trials if outcome_of(t) in outcomes], lambda r: r.data.metrics.get(objective, math.nan),
                     mode, tie=runs.trial_label)

@@ -41,7 +41,7 @@ from analysis.calibration import calibrated, fit_temperature
 from analysis.ensemble_model import Ensemble, Flipped, flip_shift
 from analysis.replay import Replay, replay
 from trainables.errors import UserError
-from trainables.metrics import classification_metrics
+from trainables.training.metrics import classification_metrics
 
 N_RESAMPLES = 1000  # paired bootstrap resamples of the validation split for the SE of a score difference
 SPLIT_KEYS = ("dataset", "image_size", "split_ratio", "split_version", "seed", "skip_bad_images")

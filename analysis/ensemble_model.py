@@ -3,7 +3,7 @@ horizontal flip of the image (test-time augmentation). analysis.predict builds i
 `members/<label>/` (each member a model.json + model.safetensors pair, as a single export); model.ts traces it.
 
 Its output sits where a single model's logits sit, at temperature 1: the log of the mean probability for
-softmax tasks, its logit for multi-label. So whatever turns logits into probabilities (trainables.metrics,
+softmax tasks, its logit for multi-label. So whatever turns logits into probabilities (trainables.training.metrics,
 analysis.predict with decision.json's temperature 1) gets the averaged calibrated probabilities back.
 """
 
@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from trainables.data.normalization import Normalization
 from trainables.errors import UserError
-from trainables.normalization import Normalization
 
 ENSEMBLE, MEMBERS = "ensemble.json", "members"
 

@@ -43,9 +43,9 @@ from analysis.ensemble import Choice, choose_for_search, figures_after_choice, f
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
 from analysis.replay import Replay, replay
-from analysis.tracking import TAG_SEARCH, TAG_TRIAL_RUN
 from trainables.errors import UserError
-from trainables.metrics import classification_metrics, confusion, predictions, probabilities
+from trainables.tracking.names import TAG_SEARCH, TAG_TRIAL_RUN
+from trainables.training.metrics import classification_metrics, confusion, predictions, probabilities
 
 FILES = (WEIGHTS, ARCHITECTURE, TORCHSCRIPT, "preprocessing.json", "decision.json", "config.json", "metrics.json",
          "model_card.md")
@@ -174,7 +174,7 @@ def preprocessing(state: dict, rep: Replay, out: Path) -> dict:
     std = norm.std.flatten().expand(channels) if norm.std.numel() == 1 else norm.std.flatten()
     prep = {"format": FORMAT, "task": rep.dataset.task, "class_names": list(rep.dataset.class_names),
             "image_size": int(meta["image_size"]), "channels": channels, "mode": "L" if channels == 1 else "RGB",
-            "resize": "bilinear, to image_size x image_size, aspect ratio not kept (trainables.image_cache)",
+            "resize": "bilinear, to image_size x image_size, aspect ratio not kept (trainables.data.image_cache)",
             "scale": 255.0, "normalize": norm.name, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "input": "float32 (N, C, H, W): (pixel / scale - mean) / std", "output": "logits (N, num_classes)",
             "architecture": ARCHITECTURE, "weights": WEIGHTS, "torchscript": TORCHSCRIPT}

@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 
 from analysis import runs
 from analysis.ensemble_model import load_ensemble, read_manifest
+from trainables.data.image_cache import READ_ERRORS, decode_image
 from trainables.errors import UserError
-from trainables.image_cache import READ_ERRORS, decode_image
-from trainables.metrics import probabilities
 from trainables.models import create_model
+from trainables.training.metrics import probabilities
 
 FORMAT = "medtune-export-v2"  # v2: the model is model.json + model.safetensors (v1 shipped TorchScript only)
 ARCHITECTURE, WEIGHTS, TORCHSCRIPT = "model.json", "model.safetensors", "model.ts"

@@ -2,7 +2,7 @@
 
 Everything comes from the checkpoint's own config (dataset, image size, split ratio and version, seed,
 skip_bad_images), so the validation split is the trial's, and the test split is the dataset's fixed one.
-Scoring goes through `trainables.train` (same loader, batch size and normalisation as the trial's own: the
+Scoring goes through `trainables.training.split_run` (same loader, batch size and normalisation as the trial's own: the
 statistics recorded in the checkpoint's "dataset" entry).
 
 Two ways to score a split:
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trainables.checkpoint import best_weights
-from trainables.datasets import Dataset, ImageSet, load_dataset
+from trainables.data.datasets import Dataset, ImageSet, load_dataset
+from trainables.data.normalization import Normalization
+from trainables.data.splits import development_splits
 from trainables.errors import UserError
 from trainables.models import resolve_stem
-from trainables.normalization import Normalization
-from trainables.splits import development_splits
-from trainables.train import build_model, eval_loader, predict_logits
+from trainables.training.checkpoint import best_weights
+from trainables.training.split_run import build_model, eval_loader, predict_logits
 
 CPU = torch.device("cpu")
 EVAL_BATCH = 512  # the trial's evaluation batch size: same batches, same arithmetic

@@ -48,9 +48,9 @@ from analysis.description import (  # noqa: E402
     short,
     winner_tests,
 )
-from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, rank  # noqa: E402
-from analysis.tracking import TAG_SEARCH  # noqa: E402
 from trainables.errors import UserError  # noqa: E402
+from trainables.tracking.mlflow_runs import TAG_SEARCH  # noqa: E402
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, rank  # noqa: E402
 
 PAGE = "report.html"
 
@@ -86,7 +86,7 @@ def trials_frame(client, parent, space: dict, keys: list[str], objective: str, m
 
 def in_leaderboard_order(frame: pd.DataFrame, objective: str, mode: str) -> pd.DataFrame:
     """Completed trials and those cut by the time budget by validation score, then the ASHA-stopped ones, then the
-    rest: analysis.ranking.rank, the rule the winner was chosen by (ties by trial id), as on the run's description."""
+    rest: trainables.tracking.ranking.rank, the rule the winner was chosen by (ties by trial id), as on the run's description."""
     def score(index) -> float:
         value = frame.at[index, objective]
         return math.nan if value is None else float(value)

@@ -1,7 +1,7 @@
 """Read a finished search back from MLflow: its parent run, its trials, its winner, their checkpoints.
 
 Every `analysis` CLI starts here; what cannot be found is a UserError that names the fix. The tags
-are the contract written by `analysis.tracking` (not repeated here).
+are the contract written by `trainables.tracking.mlflow_runs` (not repeated here).
 """
 
 from __future__ import annotations
@@ -17,22 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from analysis.ranking import RANKED, rank, selection_key
-from analysis.tracking import (
-    PARENT,
-    TAG_BEST_RUN,
-    TAG_CHECKPOINT,
-    TAG_OUTCOME,
-    TAG_ROLE,
-    TAG_SEARCH,
-    TAG_TRIAL,
-    check_tracking_uri,
-    default_tracking_uri,
-    find_search_run,
-    trial_runs,
-)
-from trainables.checkpoint import FILENAME, load_checkpoint
 from trainables.errors import UserError
+from trainables.tracking.mlflow_runs import check_tracking_uri, default_tracking_uri, find_search_run, trial_runs
+from trainables.tracking.names import PARENT, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_OUTCOME, TAG_ROLE, TAG_SEARCH, TAG_TRIAL
+from trainables.tracking.ranking import RANKED, rank, selection_key
+from trainables.training.checkpoint import FILENAME, load_checkpoint
 
 
 def add_common_args(parser: argparse.ArgumentParser, search: bool = True) -> argparse.ArgumentParser:
@@ -145,7 +134,7 @@ def trials(client, parent, outcome: str | None = None) -> list:
 
 def ranked_trials(client, parent, space: dict) -> list:
     """Trials that trained to the end (they have test metrics) or were cut by the time budget, best validation score
-    first: `best_<metric>` descending for mode max, ascending for mode min; ties by trial id (analysis.ranking,
+    first: `best_<metric>` descending for mode max, ascending for mode min; ties by trial id (trainables.tracking.ranking,
     tune.py's own rule)."""
     key, mode = selection(parent, space)
     done = [r for r in trials(client, parent) if r.data.tags.get(TAG_OUTCOME) in RANKED

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, outcome, rank, selection_key
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, outcome, rank, selection_key
+from trainables.tracking.text import fmt
 
 
 def result_outcome(result, max_t: int, budget_spent: bool = False) -> str:
@@ -26,8 +27,6 @@ def rank_results(results, metric: str, mode: str, max_t: int, budget_spent: bool
 def print_summary(ranked: list, results, searched: list[str], metric: str, max_t: int, top: int = 5,
                   budget: str | None = None, budget_spent: bool = False) -> None:
     """The outcomes line, the top trials, the winner; `budget` is the `time budget: ...` line of a budgeted search."""
-    from search_spaces.tuner import fmt
-
     ended = [result_outcome(r, max_t, budget_spent) for r in results]
     cut = f", {ended.count(CUT_BY_BUDGET)} cut by budget" if budget else ""
     print(f"\n{len(results)} trials: {ended.count(COMPLETED)} completed, {ended.count(STOPPED_EARLY)} stopped early "
@@ -104,7 +103,7 @@ def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 
 def print_where(tracking_uri: str, experiment_id: str, parent_id: str) -> None:
     """How to open the results: a server is opened in a browser; a local store needs `mlflow ui` first."""
-    from analysis.tracking import runs_table_url
+    from trainables.tracking.mlflow_runs import runs_table_url
 
     page, table = run_page_url(tracking_uri, experiment_id, parent_id), runs_table_url(tracking_uri, experiment_id)
     if tracking_uri.startswith(("http://", "https://")):

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-from analysis.ranking import COMPLETED, FAILED, STOPPED_EARLY  # noqa: E402
+from trainables.tracking.ranking import COMPLETED, FAILED, STOPPED_EARLY  # noqa: E402
 
 COSTS = {"params_total": "parameters", "flops_per_image": "FLOPs per image"}  # logged by every trial
 COLOURS = {COMPLETED: "#1f77b4", STOPPED_EARLY: "#8c8c8c", FAILED: "#d62728"}

@@ -1,6 +1,6 @@
 """Augmentation throughput: images/s delivered to the model, augmentation and normalisation included, by the
 per-sample CPU path (torchvision v2 in ArrayDataset + DataLoader, 0 workers) vs the batched path (Kornia on whole
-batches, trainables/batch_augment.py), both on 1 thread. Target at 28 px on one CPU core: batched >= 10x the
+batches, trainables/augment/batched.py), both on 1 thread. Target at 28 px on one CPU core: batched >= 10x the
 per-sample path and >= 20k images/s.
 
     python bench/augment.py [--data-root $MEDTUNE_DATA_ROOT] [--device cuda] [--repeats 5]
@@ -24,12 +24,12 @@ import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler  # noqa: E402
 
 from bench.common import base_parser, interleaved, machine_line, spread  # noqa: E402
-from trainables.augment import build_minority_transform, build_train_transform  # noqa: E402
-from trainables.batch_augment import DeviceInputs, build_batch_augment  # noqa: E402
+from trainables.augment.batched import DeviceInputs, build_batch_augment  # noqa: E402
+from trainables.augment.per_sample import build_minority_transform, build_train_transform  # noqa: E402
 from trainables.config import DEFAULTS  # noqa: E402
-from trainables.dataset_registry import ImageSet  # noqa: E402
-from trainables.normalization import HALF  # noqa: E402
-from trainables.train import ArrayDataset, BatchView, model_inputs  # noqa: E402
+from trainables.data.normalization import HALF  # noqa: E402
+from trainables.data.registry import ImageSet  # noqa: E402
+from trainables.training.split_run import ArrayDataset, BatchView, model_inputs  # noqa: E402
 
 BATCH = 128
 WORKLOADS = {"flip+rotation+jitter": dict(DEFAULTS, augment="hflip+rotation+jitter"),

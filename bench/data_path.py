@@ -26,9 +26,9 @@ from torchvision import datasets as tv_datasets  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from bench.common import base_parser, interleaved, machine_line, spread  # noqa: E402
-from trainables.datasets import load_dataset  # noqa: E402
+from trainables.data.datasets import load_dataset  # noqa: E402
 from trainables.models import create_model  # noqa: E402
-from trainables.train import MEAN, STD, ArrayDataset  # noqa: E402
+from trainables.training.split_run import MEAN, STD, ArrayDataset  # noqa: E402
 
 
 def draft_grey(size: int):

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.common import base_parser, interleaved, machine_line, run_tune, spread  # noqa: E402
-from trainables.datasets import load_dataset  # noqa: E402
+from trainables.data.datasets import load_dataset  # noqa: E402
+from trainables.data.splits import train_val_indices  # noqa: E402
 from trainables.models import create_model  # noqa: E402
-from trainables.splits import train_val_indices  # noqa: E402
-from trainables.train import ArrayDataset, eval_loader, pick_device, use_bf16  # noqa: E402
+from trainables.training.split_run import ArrayDataset, eval_loader, pick_device, use_bf16  # noqa: E402
 
 
 def bare_loop(args) -> dict:

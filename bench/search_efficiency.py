@@ -38,9 +38,9 @@ from ray.tune.search import BasicVariantGenerator  # noqa: E402
 from bench.common import base_parser, machine_line  # noqa: E402
 from search_spaces import SearchSpace  # noqa: E402
 from search_spaces.tuner import make_scheduler, make_searcher  # noqa: E402
-from trainables.datasets import load_dataset  # noqa: E402
-from trainables.splits import train_val_indices  # noqa: E402
-from trainables.train import iterate_epochs  # noqa: E402
+from trainables.data.datasets import load_dataset  # noqa: E402
+from trainables.data.splits import train_val_indices  # noqa: E402
+from trainables.training.epochs import iterate_epochs  # noqa: E402
 
 GRID = {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "batch_size": [64, 256], "loss_weighting": ["none", "inverse"],
         "warmup_frac": [0.0, 0.2]}

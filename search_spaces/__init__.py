@@ -11,7 +11,7 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     time_budget: 30m                   # optional: keep proposing trials until spent (90s, 30m, 1.5h, seconds)
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
     max_failures: 1                    # retries per trial (FailureConfig); 0 = none
-    cv_folds: 1                        # K > 1: every trial trains K fold models (trainables/cv.py); 1..20
+    cv_folds: 1                        # K > 1: every trial trains K fold models (trainables/training/cv.py); 1..20
     scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = epochs
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
     fixed: {model: resnet18, ...}      # trainables/config.py keys

@@ -1,14 +1,14 @@
 """A search's time budget: `90s`, `30m`, `1.5h` or a plain number of seconds, as the user writes it.
 
 The budget goes to Ray Tune as `TuneConfig(time_budget_s=...)`: Ray proposes trials until it is spent, then stops
-every running trial where it is (mid-epoch). Those trials are "cut by budget" (analysis.ranking), not stopped by ASHA.
+every running trial where it is (mid-epoch). Those trials are "cut by budget" (trainables.tracking.ranking), not stopped by ASHA.
 """
 
 from __future__ import annotations
 
 import re
 
-from search_spaces.state import read_state, write_state
+from trainables.tracking.state import read_state, write_state
 
 UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")

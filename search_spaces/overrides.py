@@ -10,9 +10,10 @@ from pathlib import Path
 
 from search_spaces import SearchSpace, validate_space
 from trainables.config import DEFAULTS, check_value, parse_overrides
-from trainables.dataset_registry import TASKS
+from trainables.data.registry import TASKS
 from trainables.errors import UserError
-from trainables.metrics import metric_direction, metric_names
+from trainables.tracking.ranking import metric_direction
+from trainables.training.metrics import metric_names
 
 # Flags that shape a search: a resumed search keeps the ones it started with, so giving one is an error.
 SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_root": "--data-root",
@@ -26,7 +27,7 @@ SHAPING_FLAGS = {"dataset": "--dataset", "image_size": "--image-size", "data_roo
 def apply_overrides(space: SearchSpace, args) -> SearchSpace:
     """The space with the command line's overrides, each flag checked alone, then the whole space again."""
     if args.dataset:
-        from trainables.datasets import check_dataset_name
+        from trainables.data.datasets import check_dataset_name
 
         check_dataset_name(args.dataset)
         space.dataset = args.dataset
@@ -118,7 +119,7 @@ def check_resume_selection(args, saved: SearchSpace) -> None:
 
 def resume_tracking_uri(args, state: dict) -> str:
     """The MLflow server the search started with; a different --tracking-uri or $MLFLOW_TRACKING_URI is refused."""
-    from analysis.tracking import normalise_tracking_uri, without_credentials
+    from trainables.tracking.mlflow_runs import normalise_tracking_uri, without_credentials
 
     stored = state["tracking_uri"]
     asked = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

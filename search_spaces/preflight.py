@@ -6,13 +6,13 @@ Each failure is a UserError (one line, exit 2) raised before Ray starts.
 from __future__ import annotations
 
 from search_spaces import SearchSpace
-from trainables.datasets import load_dataset
+from trainables.augment.synthetic import check_synthetic_task
+from trainables.data.datasets import load_dataset
+from trainables.data.leaks import format_leak_report, leak_metrics, leak_report
+from trainables.data.splits import cv_fold_indices, train_val_indices
 from trainables.errors import UserError
-from trainables.leaks import format_leak_report, leak_metrics, leak_report
-from trainables.metrics import metric_names
 from trainables.models import create_model
-from trainables.splits import cv_fold_indices, train_val_indices
-from trainables.synthetic import check_synthetic_task
+from trainables.training.metrics import metric_names
 
 
 def load_datasets(space: SearchSpace) -> dict:
@@ -73,7 +73,7 @@ def check_synthetic(space: SearchSpace, datasets: dict) -> None:
 
 def check_tracking(uri: str):
     """A client for the tracking server that has answered; a login or network problem is one line."""
-    from analysis.tracking import check_tracking_uri, without_credentials
+    from trainables.tracking.mlflow_runs import check_tracking_uri, without_credentials
 
     try:
         return check_tracking_uri(uri)

@@ -10,11 +10,12 @@ import os
 
 from ray.tune import Callback
 
-from analysis.ranking import outcome, selection_key
 from search_spaces import SearchSpace
 from trainables.errors import UserError
+from trainables.tracking.ranking import outcome, selection_key
+from trainables.tracking.text import fmt
 
-CHECKPOINTS_KEPT = 1  # the latest only: it holds the best weights (trainables/train.py checkpoint_weights)
+CHECKPOINTS_KEPT = 1  # the latest only: it holds the best weights (trainables/training/split_run.py checkpoint_weights)
 
 
 def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
@@ -127,10 +128,6 @@ class ProgressLines(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[{trial.trial_id}] FAILED (see {trial.error_file})", flush=True)
-
-
-def fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def quiet_libraries(debug: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainables.datasets import Dataset, ImageSet
+from trainables.data.datasets import Dataset, ImageSet
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("MEDTUNE_TEST_DATA", REPO.parent / "shared" / "data"))

@@ -29,27 +29,18 @@ from analysis.bootstrap import bootstrap_ci, metrics_with_ci
 from analysis.calibration import calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
 from analysis.predict import load_model
 from analysis.replay import replay
-from analysis.tracking import (
-    PARENT,
-    TAG_BEST_RUN,
-    TAG_CHECKPOINT,
-    TAG_OUTCOME,
-    TAG_ROLE,
-    TAG_SEARCH,
-    TAG_TRIAL,
-    flat_params,
-    get_experiment_id,
-    numeric_metrics,
-)
-from trainables.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from trainables.checkpoint import save_checkpoint
 from trainables.config import resolve_config
-from trainables.datasets import ImageSet, load_dataset
+from trainables.data.datasets import ImageSet, load_dataset
+from trainables.data.normalization import Normalization
+from trainables.data.splits import train_val_indices
 from trainables.errors import UserError
-from trainables.metrics import classification_metrics, predictions, probabilities
-from trainables.normalization import Normalization
-from trainables.splits import train_val_indices
-from trainables.train import build_model, eval_loader, iterate_epochs, predict_logits
+from trainables.tracking.mlflow_runs import flat_params, get_experiment_id, numeric_metrics
+from trainables.tracking.names import PARENT, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_OUTCOME, TAG_ROLE, TAG_SEARCH, TAG_TRIAL
+from trainables.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from trainables.training.checkpoint import save_checkpoint
+from trainables.training.epochs import iterate_epochs
+from trainables.training.metrics import classification_metrics, predictions, probabilities
+from trainables.training.split_run import build_model, eval_loader, predict_logits
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

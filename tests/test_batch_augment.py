@@ -1,4 +1,4 @@
-"""Batched augmentation on the device (trainables/batch_augment.py): per-image draws, seeding, the same
+"""Batched augmentation on the device (trainables/augment/batched.py): per-image draws, seeding, the same
 distributions as the per-sample path, and a trial that trains with it."""
 
 import math
@@ -9,11 +9,11 @@ import torch
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 
-from trainables.augment import centre_crop_side
-from trainables.batch_augment import build_batch_augment, rotate_and_centre_crop, split_names, use_batched
+from trainables.augment.batched import build_batch_augment, rotate_and_centre_crop, split_names, use_batched
+from trainables.augment.per_sample import centre_crop_side
 from trainables.config import DEFAULTS, resolve_config
 from trainables.errors import UserError
-from trainables.train import iterate_epochs
+from trainables.training.epochs import iterate_epochs
 
 EVERYTHING = "hflip+rotation+jitter+blur+noise+invert+shift+crop"
 

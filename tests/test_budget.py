@@ -10,13 +10,14 @@ from test_cli import run_tune
 
 import tune
 from analysis.description import epochs_cell, leaderboard_order, outcomes_section
-from analysis.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY, outcome
 from analysis.summary import print_summary, rank_results, result_outcome
-from analysis.tracking import TAG_OUTCOME, TAG_TRIAL, MLflowTrialCallback
 from search_spaces import load_space, parse_space
 from search_spaces.budget import budget_line, parse_duration
 from search_spaces.overrides import apply_overrides, check_resume_flags
 from trainables.errors import UserError
+from trainables.tracking.mlflow_runs import MLflowTrialCallback
+from trainables.tracking.names import TAG_OUTCOME, TAG_TRIAL
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY, outcome
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"description": "x", "dataset": "pneumoniamnist", "fixed": {"model": "simple_cnn"}}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import tune
-from analysis.tracking import adopt_credentials, without_credentials
-from search_spaces.state import read_state, write_state
+from trainables.tracking.mlflow_runs import adopt_credentials, without_credentials
+from trainables.tracking.state import read_state, write_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,14 @@ import pytest
 import torch
 from conftest import toy_dataset
 
-import trainables.train as loop
-from trainables.checkpoint import FILENAME, best_weights, fold_weights, load_checkpoint, save_checkpoint
-from trainables.cv import FOLD_CURVES
-from trainables.datasets import Dataset, ImageSet
+import trainables.training.split_run as loop
+from trainables.config import resolve_config
+from trainables.data.datasets import Dataset, ImageSet
+from trainables.data.splits import cv_fold_indices, train_val_indices
 from trainables.errors import UserError
-from trainables.splits import cv_fold_indices, train_val_indices
+from trainables.training.checkpoint import FILENAME, best_weights, fold_weights, load_checkpoint, save_checkpoint
+from trainables.training.cv import FOLD_CURVES
+from trainables.training.epochs import iterate_epochs
 
 K = 3
 CV = {"model": "simple_cnn", "epochs": 2, "batch_size": 32, "lr": 3e-3, "image_size": 16, "cv_folds": K}
@@ -48,7 +50,7 @@ def cv_trial():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "train_one_epoch", spy)
         epochs, first = [], None
-        for epoch in loop.iterate_epochs(CV, data):
+        for epoch in iterate_epochs(CV, data):
             events.append(f"report {epoch.epoch}")
             epochs.append(epoch)
             first = first or copy.deepcopy(epoch.state)  # as checkpointed then (the live weights train on)
@@ -75,7 +77,7 @@ def test_too_many_folds_for_the_patients_is_one_line_before_training():
     with pytest.raises(UserError, match="cv_folds 4 needs at least 4 patients in the development pool, which has 3"):
         cv_fold_indices(data, 4, seed=0)
     with pytest.raises(UserError, match="drop split_ratio"):
-        loop.resolve_config({**CV, "split_ratio": 0.8})
+        resolve_config({**CV, "split_ratio": 0.8})
 
 
 def test_a_cv_trial_trains_folds_in_lockstep_and_reads_test_only_at_the_end(cv_trial):
@@ -100,7 +102,7 @@ def test_reported_validation_metrics_are_the_fold_means(cv_trial):
 
 def test_test_metrics_come_from_the_best_fold_model(cv_trial):
     final, data = cv_trial.final, cv_trial.data
-    model = loop.build_model(loop.resolve_config(CV), data)
+    model = loop.build_model(resolve_config(CV), data)
     model.load_state_dict(best_weights(final.state))
     meta = final.state["dataset"]
     assert meta == final.state["folds"][final.state["best_fold"]]["dataset"]  # its normalisation travels with it
@@ -120,7 +122,7 @@ def test_out_of_fold_predictions_cover_every_development_image_once(cv_trial):
         assert (oof["fold"].numpy()[val] == number).all()
     # the logits are the held-out fold model's best weights on those images
     fold = 1
-    model = loop.build_model(loop.resolve_config(CV), data)
+    model = loop.build_model(resolve_config(CV), data)
     model.load_state_dict(fold_weights(cv_trial.final.state)[fold])
     images = data.dev.subset(folds[fold][1])
     norm = loop.Normalization.from_meta(cv_trial.final.state["folds"][fold]["dataset"])
@@ -149,7 +151,7 @@ def test_the_checkpoint_keeps_one_best_weights_file_per_fold(cv_trial, tmp_path)
 def test_a_resumed_cv_trial_matches_an_uninterrupted_one(cv_trial, tmp_path):
     data = toy_dataset(groups=True)
     save_checkpoint(cv_trial.first, tmp_path)  # as written after epoch 1
-    resumed = list(loop.iterate_epochs(CV, data, resume=load_checkpoint(tmp_path)))[-1]
+    resumed = list(iterate_epochs(CV, data, resume=load_checkpoint(tmp_path)))[-1]
     assert resumed.metrics["val_auc"] == pytest.approx(cv_trial.final.metrics["val_auc"], rel=1e-6)
     assert resumed.metrics["test_auc"] == pytest.approx(cv_trial.final.metrics["test_auc"], rel=1e-6)
 
@@ -164,8 +166,8 @@ def test_one_fold_is_todays_single_split(toy, monkeypatch):
 
     monkeypatch.setattr(loop.SplitRun, "__init__", record)
     config = {**CV, "cv_folds": 1, "epochs": 1}
-    (final,) = loop.iterate_epochs(config, data)
-    (default,) = loop.iterate_epochs({k: v for k, v in config.items() if k != "cv_folds"}, data)
+    (final,) = iterate_epochs(config, data)
+    (default,) = iterate_epochs({k: v for k, v in config.items() if k != "cv_folds"}, data)
     official = train_val_indices(data, None, 0)
     assert len(splits) == 2 and all(np.array_equal(a, b) for split in splits for a, b in zip(split, official))
     assert "folds" not in final.state and "oof" not in final.state and "model" in final.state
@@ -178,7 +180,7 @@ def test_the_ray_trainable_writes_fold_files_and_out_of_fold_predictions(monkeyp
     from ray import tune
 
     from trainables import ray_trainable
-    from trainables.figures import OOF_PREDICTIONS
+    from trainables.tracking.names import OOF_PREDICTIONS
 
     written = []
 
@@ -192,7 +194,7 @@ def test_the_ray_trainable_writes_fold_files_and_out_of_fold_predictions(monkeyp
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(tune, "report", report)
     data, config = toy_dataset(groups=True), {**CV, "cv_folds": 2, "epochs": 1}
-    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(loop.resolve_config(config)): data})
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): data})
     files, index = written
     assert {FILENAME, "fold0.pt", "fold1.pt", OOF_PREDICTIONS} <= set(files)
     assert np.array_equal(index, np.arange(len(data.dev)))

@@ -24,10 +24,10 @@ from analysis.calibration import calibrated, fit_temperature
 from analysis.ensemble import Member, choose, decide, mismatch
 from analysis.ensemble_model import flip_shift
 from analysis.replay import replay
-from trainables.checkpoint import save_checkpoint
 from trainables.config import resolve_config
-from trainables.datasets import ImageSet
-from trainables.train import iterate_epochs
+from trainables.data.datasets import ImageSet
+from trainables.training.checkpoint import save_checkpoint
+from trainables.training.epochs import iterate_epochs
 
 # mean_image normalisation: flipping a normalised image must not flip the mean (the Ensemble's `shift`)
 CONFIG = TOY | {"normalize": "mean_image", "epochs": 2}
@@ -169,7 +169,7 @@ def test_one_se_rule_keeps_the_cheaper_variant_unless_the_richer_is_clearly_bett
 
 
 def test_flip_shift_makes_flipping_a_normalised_image_equal_normalising_the_flipped_image():
-    from trainables.normalization import Normalization
+    from trainables.data.normalization import Normalization
 
     mean = torch.rand(1, 4, 4)
     norm = Normalization("mean_image", mean, torch.full((1, 1, 1), 0.3))

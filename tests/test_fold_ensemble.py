@@ -22,12 +22,13 @@ import analysis.replay
 from analysis import export, predict
 from analysis.calibration import calibrated, fit_temperature
 from analysis.ensemble import decide_folds, fold_members
-from trainables.checkpoint import fold_weights, save_checkpoint
 from trainables.config import resolve_config
-from trainables.datasets import Dataset, ImageSet
-from trainables.normalization import Normalization
-from trainables.splits import cv_fold_indices
-from trainables.train import build_model, eval_loader, iterate_epochs, predict_logits
+from trainables.data.datasets import Dataset, ImageSet
+from trainables.data.normalization import Normalization
+from trainables.data.splits import cv_fold_indices
+from trainables.training.checkpoint import fold_weights, save_checkpoint
+from trainables.training.epochs import iterate_epochs
+from trainables.training.split_run import build_model, eval_loader, predict_logits
 
 K = 3
 CONFIG = {k: v for k, v in TOY.items() if k != "split_ratio"} | {"cv_folds": K, "epochs": 2}

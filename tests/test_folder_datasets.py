@@ -16,12 +16,12 @@ from conftest import REPO, real_data
 from PIL import Image
 from sklearn.model_selection import GroupShuffleSplit
 
-import trainables.image_cache as image_cache
-from trainables.datasets import load_dataset
+import trainables.data.image_cache as image_cache
+from trainables.data.datasets import load_dataset
+from trainables.data.folder_datasets import HOLDOUT_SEED, NIH_FINDINGS, FileDataset, read_nih
+from trainables.data.splits import MULTILABEL_GROUPED_TOLERANCE, share_gap, train_val_indices
 from trainables.errors import UserError
-from trainables.folder_datasets import HOLDOUT_SEED, NIH_FINDINGS, FileDataset, read_nih
-from trainables.splits import MULTILABEL_GROUPED_TOLERANCE, share_gap, train_val_indices
-from trainables.train import train
+from trainables.training.epochs import train
 
 load = load_dataset.__wrapped__  # bypass the per-process memo: every test reads the files as they are now
 
@@ -180,7 +180,7 @@ def test_the_cache_says_when_it_is_built_and_when_it_is_reused(tmp_path, capsys)
 BUILD_IN_A_CHILD = """
 import hashlib, json, os, sys, time
 import numpy as np
-import trainables.image_cache as image_cache
+import trainables.data.image_cache as image_cache
 
 files, ready, go, cache_dir = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 decode = image_cache.decode_image

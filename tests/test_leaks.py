@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from trainables.datasets import Dataset, ImageSet, load_dataset
-from trainables.leaks import format_leak_report, leak_metrics, leak_report
-from trainables.splits import train_val_indices
+from trainables.data.datasets import Dataset, ImageSet, load_dataset
+from trainables.data.leaks import format_leak_report, leak_metrics, leak_report
+from trainables.data.splits import train_val_indices
 
 
 def planted(groups: bool) -> tuple[Dataset, np.ndarray, np.ndarray]:

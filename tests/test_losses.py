@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.losses import build_loss, class_weights, positive_weights
+from trainables.training.losses import build_loss, class_weights, positive_weights
 
 
 def test_inverse_frequency_weights_balance_classes():
@@ -31,7 +31,7 @@ def test_weighted_bce_counts_positives_more():
 
 
 def test_wcel_betas_follow_the_batch_counts():
-    from trainables.losses import wcel_betas
+    from trainables.training.losses import wcel_betas
 
     batch = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.float32)  # |P| = 3, |N| = 9
     beta_p, beta_n = wcel_betas(batch)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainables.metrics import classification_metrics, confusion, probabilities
+from trainables.training.metrics import classification_metrics, confusion, probabilities
 
 
 def test_binary_metrics_match_hand_counts():

@@ -18,19 +18,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from analysis import description, report, summary, views
 from analysis.bootstrap import format_ci, metrics_with_ci
-from analysis.tracking import (
-    PARENT,
-    TAG_BEST_RUN,
-    TAG_ERROR,
-    TAG_OUTCOME,
-    TAG_ROLE,
-    TAG_SEARCH,
-    TAG_TRIAL,
-    flat_params,
-    get_experiment_id,
-    numeric_metrics,
-)
-from trainables.figures import PREDICTIONS, write_test_predictions
+from trainables.tracking.mlflow_runs import flat_params, get_experiment_id, numeric_metrics
+from trainables.tracking.names import PARENT, PREDICTIONS, TAG_BEST_RUN, TAG_ERROR, TAG_OUTCOME, TAG_ROLE, TAG_SEARCH, TAG_TRIAL
+from trainables.training.figures import write_test_predictions
 
 RESAMPLES = 200  # the page's default is 1000; the tests check the plumbing, not the interval's precision
 SPACE = {"metric": "val_loss", "mode": "min", "scheduler": {"max_t": 3, "grace_period": 1, "reduction_factor": 2},

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from search_spaces import load_space
-from search_spaces.state import read_state
-from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
-from trainables.figures import GAN_ARTIFACTS
-from trainables.train import train
+from trainables.tracking.names import ARTIFACTS as TRIAL_ARTIFACTS
+from trainables.tracking.names import GAN_ARTIFACTS
+from trainables.tracking.state import read_state
+from trainables.training.epochs import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
@@ -201,8 +201,9 @@ def test_the_search_page_in_mlflow_names_the_winner_and_its_test_ci(shared_searc
 
 
 def test_finished_trials_keep_their_test_predictions(shared_search):
-    from trainables.figures import PREDICTIONS, read_test_predictions
-    from trainables.metrics import classification_metrics
+    from trainables.tracking.names import PREDICTIONS
+    from trainables.training.figures import read_test_predictions
+    from trainables.training.metrics import classification_metrics
 
     run = shared_search.winner
     local = shared_search.client.download_artifacts(run.info.run_id, PREDICTIONS, str(shared_search.tmp))

@@ -7,10 +7,9 @@ import pytest
 from conftest import real_data, toy_dataset
 from sklearn.model_selection import GroupShuffleSplit
 
-from trainables.config import SPLIT_VERSION
+from trainables.data.folder_datasets import HOLDOUT_SEED, NIH_FINDINGS, read_nih
+from trainables.data.splits import MULTILABEL_GROUPED_TOLERANCE, SPLIT_VERSION, holdout, share_gap, train_val_indices
 from trainables.errors import UserError
-from trainables.folder_datasets import HOLDOUT_SEED, NIH_FINDINGS, read_nih
-from trainables.splits import MULTILABEL_GROUPED_TOLERANCE, holdout, share_gap, train_val_indices
 
 
 def heavy_patients(n_patients: int = 120, classes: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

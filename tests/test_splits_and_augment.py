@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.augment import build_minority_transform, build_train_transform, minority_copies, parse_augment
+from trainables.augment.per_sample import build_minority_transform, build_train_transform, minority_copies, parse_augment
 from trainables.config import DEFAULTS
+from trainables.data.splits import holdout, train_val_indices
 from trainables.errors import UserError
-from trainables.splits import holdout, train_val_indices
 
 
 def test_split_ratio_is_stratified_and_seeded(toy):
@@ -121,7 +121,7 @@ def draws(sampler, groups):
 
 
 def test_oversampling_balances_a_known_label_set():
-    from trainables.sampling import build_sampler
+    from trainables.data.sampling import build_sampler
 
     labels = np.array([0] * 900 + [1] * 100)
     sampler = build_sampler("oversample", labels, torch.Generator().manual_seed(0))
@@ -131,7 +131,7 @@ def test_oversampling_balances_a_known_label_set():
 
 
 def test_undersampling_draws_the_smallest_class_size_from_each():
-    from trainables.sampling import build_sampler
+    from trainables.data.sampling import build_sampler
 
     labels = np.array([0] * 50 + [1] * 10 + [2] * 30)
     generator = torch.Generator().manual_seed(0)
@@ -142,8 +142,7 @@ def test_undersampling_draws_the_smallest_class_size_from_each():
 
 
 def test_multilabel_sampling_balances_by_the_rarest_positive_label():
-    from trainables.augment import balance_groups
-    from trainables.sampling import build_sampler
+    from trainables.data.sampling import balance_groups, build_sampler
 
     labels = np.array([[1, 0]] * 80 + [[1, 1]] * 10 + [[0, 0]] * 10, dtype=np.uint8)  # label 1 is the rare one
     assert balance_groups(labels).tolist() == [0] * 80 + [1] * 10 + [-1] * 10

@@ -16,11 +16,11 @@ from analysis.predict import load_model
 from analysis.replay import replay
 from search_spaces import parse_space
 from trainables.config import resolve_config
-from trainables.datasets import Dataset, ImageSet
+from trainables.data.datasets import Dataset, ImageSet
 from trainables.errors import UserError
-from trainables.metrics import probabilities
 from trainables.models import create_model, resolve_stem
-from trainables.train import iterate_epochs
+from trainables.training.epochs import iterate_epochs
+from trainables.training.metrics import probabilities
 
 FIRST_STAGE = {"resnet18": "layer1", "resnet18d": "layer1", "densenet121": "features.denseblock1",
                "efficientnet_b0": "blocks"}

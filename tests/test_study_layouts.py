@@ -14,10 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import trainables.image_cache as image_cache
-from trainables.datasets import load_dataset
-from trainables.errors import UserError
-from trainables.folder_datasets import (
+import trainables.data.image_cache as image_cache
+from trainables.data.datasets import load_dataset
+from trainables.data.folder_datasets import (
     NIH_FINDINGS,
     NIH_NO_FINDING,
     SMALL_VAL_IMAGES,
@@ -27,8 +26,9 @@ from trainables.folder_datasets import (
     merge_small_val,
     read_nih,
 )
-from trainables.leaks import format_leak_report, leak_report
-from trainables.splits import train_val_indices
+from trainables.data.leaks import format_leak_report, leak_report
+from trainables.data.splits import train_val_indices
+from trainables.errors import UserError
 
 load = load_dataset.__wrapped__  # bypass the per-process memo
 COVID_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")

@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import toy_dataset, toy_images
 
-import trainables.synthetic as synthetic
-import trainables.train as loop
+import trainables.augment.synthetic as synthetic
 from search_spaces import load_space
 from search_spaces.preflight import check_synthetic
 from trainables.config import resolve_config
-from trainables.datasets import Dataset, ImageSet
+from trainables.data.datasets import Dataset, ImageSet
 from trainables.errors import UserError
+from trainables.training.epochs import iterate_epochs
 
 TINY_GAN = {"gan_epochs": 2, "gan_width": 4, "gan_latent_dim": 8, "gan_batch_size": 16}
 FAST = {"model": "simple_cnn", "epochs": 1, "batch_size": 32, "lr": 3e-3, "image_size": 16, **TINY_GAN}
@@ -104,8 +104,8 @@ def test_the_gan_sees_training_images_only_and_a_reused_gan_trains_the_same_tria
     data = toy_dataset("binary", n_dev=200)
     train = ~data.official_val
     config = {**FAST, "synthetic_pct": 50, "gan_epochs": 1}
-    first = list(loop.iterate_epochs(config, data))[-1]
-    again = list(loop.iterate_epochs(config, data))[-1]  # the generator now comes from the cache
+    first = list(iterate_epochs(config, data))[-1]
+    again = list(iterate_epochs(config, data))[-1]  # the generator now comes from the cache
     assert len(gan_runs) == 1
     images, labels = gan_runs[0]
     seen = {image.tobytes() for image in images}
@@ -128,7 +128,7 @@ def test_multi_label_data_is_refused_before_any_gan_is_trained(gan_runs):
         check_synthetic(space, {("toy", 16): multilabel})
     check_synthetic(space, {("toy", 16): toy_dataset("binary")})
     with pytest.raises(UserError, match="multi-label"):
-        next(loop.iterate_epochs({**FAST, "synthetic_pct": 20}, multilabel))
+        next(iterate_epochs({**FAST, "synthetic_pct": 20}, multilabel))
     assert gan_runs == []
 
 
@@ -136,7 +136,7 @@ def test_a_finished_trial_writes_the_gan_report_for_mlflow(monkeypatch):
     from ray import tune
 
     from trainables import ray_trainable
-    from trainables.figures import GAN_ARTIFACTS
+    from trainables.tracking.names import GAN_ARTIFACTS
 
     written, reported = [], []
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import trainables.train as loop
-from trainables.checkpoint import best_weights, save_checkpoint
-from trainables.datasets import Dataset, ImageSet, load_dataset
+import trainables.train as train_cli
+import trainables.training.split_run as loop
+from trainables.config import resolve_config
+from trainables.data.datasets import Dataset, ImageSet, load_dataset
 from trainables.errors import UserError
-from trainables.metrics import probabilities
-from trainables.train import iterate_epochs, train
+from trainables.training.checkpoint import best_weights, save_checkpoint
+from trainables.training.epochs import iterate_epochs, train
+from trainables.training.metrics import probabilities
 
 FAST = {"model": "simple_cnn", "epochs": 3, "batch_size": 32, "lr": 3e-3, "image_size": 16}
 
@@ -73,7 +75,7 @@ def test_test_metrics_come_from_the_best_validation_epoch(toy):
     epochs = list(iterate_epochs({**FAST, "epochs": 4}, data))
     final = epochs[-1]
     assert final.state["best_score"] == max(e.metrics["val_auc"] for e in epochs)
-    model = loop.build_model(loop.resolve_config({**FAST, "epochs": 4}), data)
+    model = loop.build_model(resolve_config({**FAST, "epochs": 4}), data)
     model.load_state_dict(best_weights(final.state))
     logits, labels = loop.predict_logits(model, loop.eval_loader(data.test, 512, torch.device("cpu")), torch.device("cpu"))
     assert final.metrics["test_auc"] == pytest.approx(roc_auc_score(labels, probabilities("binary", logits)[:, 1]))
@@ -139,7 +141,7 @@ def test_resumed_trial_matches_an_uninterrupted_one(toy):
 
 def lr_curve(overrides: dict, steps_per_epoch: int, steps: int) -> list[float]:
     """The learning rate each optimizer step uses, as the train loop drives the schedule."""
-    config = loop.resolve_config(overrides)
+    config = resolve_config(overrides)
     optimizer = loop.build_optimizer(config, torch.nn.Linear(2, 2))
     schedule = loop.build_schedule(config, optimizer, steps_per_epoch=steps_per_epoch)
     lrs = []
@@ -190,7 +192,7 @@ def test_resume_continues_from_the_checkpointed_epoch(toy):
     (["--set", "batch_size=0"], "Invalid batch_size 0: input should be greater than or equal to 1"),
 ])
 def test_cli_bad_value_is_one_line_and_exit_2(capsys, argv, expected):
-    assert loop.main(argv) == 2
+    assert train_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
 
@@ -215,7 +217,7 @@ def test_constant_schedule_with_warmup_ramps_then_stays_flat():
     assert lrs[0] == pytest.approx(0.1 * 1e-3) and lrs[10] == pytest.approx(0.1 * 1e-3 + 10 * (0.1 - 1e-4) / 20)
     assert all(b > a for a, b in zip(lrs[:21], lrs[1:21]))  # linear warm-up over 20 % of the steps
     assert lrs[20:] == pytest.approx([0.1] * 80)  # then the peak rate to the end
-    no_warmup = loop.resolve_config({"lr": 0.1, "schedule": "constant"})
+    no_warmup = resolve_config({"lr": 0.1, "schedule": "constant"})
     assert loop.build_schedule(no_warmup, loop.build_optimizer(no_warmup, torch.nn.Linear(2, 2)), steps_per_epoch=10) is None
 
 
@@ -255,7 +257,7 @@ def test_trial_reports_its_parameter_count_and_flops_from_the_first_epoch(one_ep
 
 
 def test_binary_trials_report_the_positive_class_precision_recall_f1(one_epoch):
-    from trainables.metrics import classification_metrics
+    from trainables.training.metrics import classification_metrics
 
     y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     p1 = np.array([0.1, 0.6, 0.7, 0.9, 0.8, 0.4, 0.3, 0.95])  # TP=3 FN=2 FP=2 TN=1
@@ -268,7 +270,7 @@ def test_binary_trials_report_the_positive_class_precision_recall_f1(one_epoch):
 
 
 def test_normalisation_statistics_come_from_the_training_split_and_travel_in_the_checkpoint(toy, one_epoch):
-    from trainables.normalization import Normalization
+    from trainables.data.normalization import Normalization
 
     data = toy()
     train_images = data.dev.images[~data.official_val] / 255.0
@@ -283,7 +285,7 @@ def test_normalisation_statistics_come_from_the_training_split_and_travel_in_the
 
 
 def test_mean_image_normalisation_subtracts_the_mean_training_image(toy):
-    from trainables.normalization import Normalization, resolve_normalization
+    from trainables.data.normalization import Normalization, resolve_normalization
 
     data = toy()
     norm = resolve_normalization("mean_image", model="simple_cnn", pretrained=False, train_images=data.dev.images)
@@ -295,7 +297,7 @@ def test_mean_image_normalisation_subtracts_the_mean_training_image(toy):
 
 
 def test_imagenet_and_pretrained_normalisation(toy):
-    from trainables.normalization import resolve_normalization
+    from trainables.data.normalization import resolve_normalization
 
     grey, rgb = np.zeros((2, 4, 4, 1), np.uint8), np.zeros((2, 4, 4, 3), np.uint8)
     imagenet = resolve_normalization("imagenet", model="resnet18", pretrained=False, train_images=grey).as_meta()
@@ -320,7 +322,7 @@ def test_finished_trial_writes_the_study_figures_into_its_checkpoint(toy, monkey
     from ray import tune
 
     from trainables import ray_trainable
-    from trainables.figures import ARTIFACTS, GAN_ARTIFACTS
+    from trainables.tracking.names import ARTIFACTS, GAN_ARTIFACTS
 
     written = []
 
@@ -332,7 +334,7 @@ def test_finished_trial_writes_the_study_figures_into_its_checkpoint(toy, monkey
     monkeypatch.setattr(tune, "report", report)
     data = toy("multilabel")
     config = {**FAST, "epochs": 2, "dataset": "pneumoniamnist", "minority_aug_pct": 50, "augment": "hflip"}
-    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(loop.resolve_config(config)): data})
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): data})
     always = set(ARTIFACTS) - set(GAN_ARTIFACTS)  # the GAN's files come with synthetic_pct only (test_synthetic.py)
     assert set(written[0]) == {"checkpoint.pt"} and always | {"checkpoint.pt"} == set(written[-1])
     counts = json.loads(written[-1]["class_distribution.json"])
@@ -346,9 +348,9 @@ def test_the_trial_builds_its_model_with_the_regularisation_keys(toy):
     from timm.layers import DropPath
 
     data = toy()
-    model = loop.build_model(loop.resolve_config({"model": "efficientnet_b0", "drop_path_rate": 0.06}), data)
+    model = loop.build_model(resolve_config({"model": "efficientnet_b0", "drop_path_rate": 0.06}), data)
     assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.06, abs=0.01)
-    vit = loop.build_model(loop.resolve_config({"model": "vit_small_patch8", "attn_drop_rate": 0.3, "image_size": 16}), data)
+    vit = loop.build_model(resolve_config({"model": "vit_small_patch8", "attn_drop_rate": 0.3, "image_size": 16}), data)
     assert vit.blocks[0].attn.attn_drop.p == 0.3
-    vgg = loop.build_model(loop.resolve_config({"model": "vgg_like", "drop_rate": 0.0}), data)
+    vgg = loop.build_model(resolve_config({"model": "vgg_like", "drop_rate": 0.0}), data)
     assert not any(isinstance(m, torch.nn.Dropout) for m in vgg.modules())

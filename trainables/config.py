@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from trainables.data.splits import SPLIT_VERSION
+from trainables.errors import UserError
 
-SPLIT_VERSION = 2  # 1: patient groups split by GroupShuffleSplit (not stratified); 2: stratified and grouped
 MAX_CV_FOLDS = 20
 
 
@@ -22,7 +22,7 @@ class TrialConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
     # --- data ---
-    dataset: str = "pneumoniamnist"  # registered name (trainables.datasets) or kind:PATH
+    dataset: str = "pneumoniamnist"  # registered name (trainables.data.datasets) or kind:PATH
     image_size: int = Field(28, ge=8, le=1024)  # MedMNIST 28/64/128/224; folder datasets are resized to it
     split_ratio: float | None = Field(None, gt=0.0, lt=1.0)  # train share of the development pool; None: official split
     split_version: int = Field(SPLIT_VERSION, ge=1, le=SPLIT_VERSION)  # how splits are made (replay of old searches)
@@ -42,7 +42,7 @@ class TrialConfig(BaseModel):
     drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # classifier dropout (0: none); None keeps the model's default
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)  # stochastic depth (timm ResNets, EfficientNet, ViT)
     attn_drop_rate: float | None = Field(None, ge=0.0, lt=1.0)  # attention dropout (ViT only); None: the model's default
-    # auto: half ([-1, 1]) from scratch, the weights' own mean/std when pretrained; see trainables/normalization.py
+    # auto: half ([-1, 1]) from scratch, the weights' own mean/std when pretrained; see trainables/data/normalization.py
     normalize: Literal["auto", "half", "dataset", "imagenet", "mean_image"] = "auto"
     # --- augmentation (training split only) ---
     augment: str = "none"  # "+"-joined names, e.g. "hflip+rotation+jitter", or "autoaugment_imagenet"
@@ -60,7 +60,7 @@ class TrialConfig(BaseModel):
     minority_aug_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra augmented copies
     augment_device: Literal["auto", "cpu", "batch"] = "auto"  # cpu: per image; batch: Kornia on the device; auto: batch on CUDA
     sampling: Literal["none", "oversample", "undersample"] = "none"  # class-balanced draws (multi-label: rarest positive label)
-    # generated minority images (trainables/synthetic.py): a class-conditional DCGAN trained on the training split
+    # generated minority images (trainables/augment/synthetic.py): a class-conditional DCGAN trained on the training split
     synthetic_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra generated images
     gan_image_size: Literal["auto", 28, 64] = "auto"  # GAN side; auto: 28 for images <= 28 px, else 64 (then up-sampled)
     gan_epochs: int | None = Field(None, ge=1, le=100_000)  # passes over the training split; None: about 2000 steps
@@ -95,7 +95,7 @@ class TrialConfig(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        from .datasets import check_dataset_name
+        from trainables.data.datasets import check_dataset_name
 
         check_dataset_name(value)
         return value
@@ -103,7 +103,7 @@ class TrialConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        from .models import check_model_name
+        from trainables.models import check_model_name
 
         check_model_name(value)
         return value
@@ -111,7 +111,7 @@ class TrialConfig(BaseModel):
     @field_validator("augment")
     @classmethod
     def _known_augmentations(cls, value: str) -> str:
-        from .augment import parse_augment
+        from trainables.augment.per_sample import parse_augment
 
         parse_augment(value)
         return value
@@ -139,7 +139,7 @@ class TrialConfig(BaseModel):
 
     @model_validator(mode="after")
     def _model_fits_images(self) -> TrialConfig:
-        from .models import check_model_name, check_model_options
+        from trainables.models import check_model_name, check_model_options
 
         check_model_name(self.model, self.image_size, self.stem)
         check_model_options(self.model, drop_path_rate=self.drop_path_rate, attn_drop_rate=self.attn_drop_rate)

@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from .errors import UserError, unknown_name
+from trainables.errors import UserError, unknown_name
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 

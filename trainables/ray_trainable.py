@@ -11,10 +11,16 @@ from pathlib import Path
 
 from ray import tune
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import resolve_config
-from .figures import write_gan_figures, write_oof_predictions, write_study_figures, write_test_predictions, write_trial_figures
-from .train import iterate_epochs
+from trainables.config import resolve_config
+from trainables.training.checkpoint import load_checkpoint, save_checkpoint
+from trainables.training.epochs import iterate_epochs
+from trainables.training.figures import (
+    write_gan_figures,
+    write_oof_predictions,
+    write_study_figures,
+    write_test_predictions,
+    write_trial_figures,
+)
 
 
 def dataset_key(config: dict) -> tuple[str, int]:

@@ -45,7 +45,7 @@ csv:FILE           one row per image. Options (column names):
                    e.g. `csv:/data/ham/meta.csv?image=file&label=dx&group=lesion_id`.
 
 Every hold-out is stratified by label and, where the data has groups (patient IDs), keeps each patient whole:
-the test hold-out here and the trainer's train/validation split both come from `trainables.splits.holdout`,
+the test hold-out here and the trainer's train/validation split both come from `trainables.data.splits.holdout`,
 made the way `split_version` says (a replay of an old search passes the version it recorded).
 Unreadable images are a UserError naming the file unless `skip_bad_images`; the returned FileDataset lists
 what was skipped.
@@ -60,11 +60,10 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pandas as pd
 
-from .config import SPLIT_VERSION
-from .dataset_registry import Dataset, ImageSet, register_dataset
-from .errors import UserError
-from .image_cache import cached_images
-from .splits import holdout
+from trainables.data.image_cache import cached_images
+from trainables.data.registry import Dataset, ImageSet, register_dataset
+from trainables.data.splits import SPLIT_VERSION, holdout
+from trainables.errors import UserError
 
 HOLDOUT_SEED = 0  # fixed: the test split must not change between trials or searches
 DEFAULT_TEST_FRACTION = 0.2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from trainables.errors import UserError
 
 FORMAT = "medtune-checkpoint-v2"  # v2: optimizer only in resumable checkpoints, best weights never duplicated
 READABLE = ("medtune-checkpoint-v1", FORMAT)

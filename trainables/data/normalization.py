@@ -71,7 +71,7 @@ def resolve_normalization(choice: str, *, model: str, pretrained: bool, train_im
     if choice == "auto":
         if not pretrained:
             return per_channel("half", [0.5] * channels, [0.5] * channels)
-        from .models import weights_statistics
+        from trainables.models import weights_statistics
 
         return per_channel("weights", *weights_statistics(model, channels))
     if choice == "half":

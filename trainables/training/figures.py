@@ -19,15 +19,9 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report  # noqa: E402
 
-from .metrics import confusion, predictions  # noqa: E402
+from trainables.tracking.names import GAN_ARTIFACTS, OOF_PREDICTIONS, PREDICTIONS, REPORT_ARTIFACTS, STUDY_ARTIFACTS  # noqa: E402
+from trainables.training.metrics import confusion, predictions  # noqa: E402
 
-REPORT_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
-STUDY_ARTIFACTS = ("misclassified_test.png", "augmented_train.png", "class_distribution.png", "class_distribution.json")
-PREDICTIONS = "test_predictions.npz"  # test labels and probabilities: a few kB for a MedMNIST test split
-GAN_ARTIFACTS = ("gan_samples.png", "gan_losses.png", "gan_training.json")  # only with synthetic_pct > 0
-# every file a finished trial's checkpoint folder holds besides the weights (the MLflow callback logs them all)
-ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,) + GAN_ARTIFACTS
-OOF_PREDICTIONS = "oof_predictions.npz"  # and a cross-validated trial's out-of-fold development-pool predictions
 GRID = 16  # images per grid
 
 

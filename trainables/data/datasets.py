@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 
-from . import folder_datasets  # noqa: F401  (registers imagefolder:, nih_chestxray14:, csv:)
-from .config import SPLIT_VERSION
-from .dataset_registry import (
+from trainables.data import folder_datasets  # noqa: F401  (registers imagefolder:, nih_chestxray14:, csv:)
+from trainables.data.medmnist_files import MEDMNIST_SIZES, load_medmnist, medmnist_file
+from trainables.data.registry import (
     TASKS,
     Dataset,
     ImageSet,
@@ -21,7 +21,7 @@ from .dataset_registry import (
     loader,
     register_dataset,
 )
-from .medmnist_datasets import MEDMNIST_SIZES, load_medmnist, medmnist_file
+from trainables.data.splits import SPLIT_VERSION
 
 __all__ = ["TASKS", "Dataset", "ImageSet", "MEDMNIST_SIZES", "check_dataset_name", "dataset_names",
            "default_data_root", "load_dataset", "load_medmnist", "medmnist_file", "register_dataset"]
@@ -33,7 +33,7 @@ def load_dataset(spec: str, *, image_size: int = 28, data_root: str | None = Non
     """The dataset named `spec` (`pneumoniamnist`, or `kind:PATH`) at `image_size`, cached per process.
 
     `skip_bad_images` leaves unreadable image files out instead of failing (file-based kinds only).
-    `split_version` is how a test split is held out when the data has none (trainables.splits): pass the
+    `split_version` is how a test split is held out when the data has none (trainables.data.splits): pass the
     trial's `config["split_version"]` so a replay of an old search gets the test split it was scored on."""
     load, path = loader(spec)
     return load(path=path, image_size=int(image_size), data_root=default_data_root(data_root),

@@ -1,4 +1,5 @@
-"""Cross-validated trials (`cv_folds` K > 1): K fold models of the development pool trained in lockstep.
+"""Cross-validated trials (`cv_folds` K > 1): how K fold models of the development pool, trained in lockstep by
+`training.epochs.iterate_epochs`, make one report.
 
 One yield = one epoch of every fold model, so ASHA stops a trial on its fold-mean validation metric:
 `val_*` is the mean over folds, `fold{i}_val_{loss,acc,auc}` (and the selection metric) each fold's curve.
@@ -12,59 +13,13 @@ the temperature and the decision threshold instead of one validation split.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
-from .datasets import Dataset
-from .errors import UserError
-from .splits import development_splits
-from .train import Epoch, SplitRun, _better, augmented_examples, pick_device, seed_everything, use_bf16
+from trainables.training.split_run import SplitRun, _better
 
 FOLD_CURVES = ("loss", "acc", "auc")  # per-fold validation curves (with the selection metric); MLflow caps a batch
 SUMMED = ("epoch_seconds", "train_images")  # a step's cost is every fold's
-
-
-def iterate_cv_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -> Iterator[Epoch]:
-    """`iterate_epochs` for a resolved config with cv_folds > 1."""
-    seed_everything(config["seed"])
-    device = pick_device(config["device"])
-    amp = use_bf16(config["precision"], device)
-    runs = [SplitRun(config, dataset, train_idx, val_idx, device, amp, fold)
-            for fold, (train_idx, val_idx) in enumerate(development_splits(dataset, config))]
-    start, history = 1, []
-    if resume is not None:
-        if len(resume.get("folds") or ()) != len(runs):
-            raise UserError(f"The checkpoint holds {len(resume.get('folds') or ())} fold models, the config asks for "
-                            f"cv_folds {len(runs)}; resume with the config the trial started with")
-        start, history = min(run.resume(saved) for run, saved in zip(runs, resume["folds"])), list(resume["history"])
-    for run in runs:
-        run.start_at(start)
-
-    for epoch in range(start, config["epochs"] + 1):
-        metrics = fold_mean([run.run_epoch(epoch) for run in runs], config["metric"])
-        best = best_fold(runs, config["mode"])
-        metrics["best_epoch"] = runs[best].best_epoch
-        metrics["stem_resolved"] = runs[best].stem  # a string: fold_mean keeps numbers only
-        history.append(metrics)
-        final = epoch == config["epochs"]
-        test_labels = test_probs = examples = split_labels = oof = None
-        if final:  # the only place the test split is read, by one model
-            for run in runs:
-                run.load_best()
-            oof = out_of_fold(runs)
-            test_metrics, test_labels, test_probs = runs[best].score(dataset.test)
-            metrics = {**metrics, **{f"test_{k}": v for k, v in test_metrics.items()}, "test_fold": best}
-            examples = augmented_examples(runs[best].train_data, config["seed"], augment=runs[best].batch_augment)
-            split_labels = runs[best].split_labels(test_labels)
-        state = {"config": config, "epoch": epoch, "final": final, "best_score": metrics[f"best_{config['metric']}"],
-                 "best_epoch": runs[best].best_epoch, "best_fold": best, "history": history,
-                 "precision": "bf16" if amp else "fp32", "device": device.type, "stem": runs[best].stem,
-                 "dataset": runs[best].dataset_meta(),
-                 "folds": [fold_state(run, epoch, final) for run in runs], **({"oof": oof} if final else {})}
-        yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
-                    runs[best].synthetic_report)  # each fold's GAN learns from its own training rows
 
 
 def fold_mean(fold_metrics: list[dict], metric: str) -> dict:

@@ -1,6 +1,6 @@
 """What every dataset kind shares: the `ImageSet` / `Dataset` types and the name -> loader registry.
 
-Loaders import this module, never `trainables.datasets` (the public entry that imports every loader), so
+Loaders import this module, never `trainables.data.datasets` (the public entry that imports every loader), so
 the kinds can register themselves without an import cycle.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import unknown_name
+from trainables.errors import unknown_name
 
 TASKS = ("binary", "multiclass", "multilabel")
 

@@ -3,7 +3,7 @@
     synthetic = synthetic_training_images(train_set, config, dataset, device)   # None when synthetic_pct is 0
 
 Each class smaller than the largest gets round(synthetic_pct % of its training images) generated images (the
-rule of `minority_aug_pct`). The class-conditional DCGAN (trainables/dcgan.py) learns from the trial's training
+rule of `minority_aug_pct`). The class-conditional DCGAN (trainables/augment/dcgan.py) learns from the trial's training
 split alone: validation and test images never reach it. It is trained once per node and reused: the cache
 ($MEDTUNE_CACHE_DIR/gan, default ~/.cache/medtune/gan) is keyed by the dataset, the split (a hash of the
 training images' bytes and labels, and the split_ratio / split_version / seed fields), the image size, the seed
@@ -40,11 +40,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .augment import minority_counts
-from .dataset_registry import Dataset, ImageSet
-from .dcgan import GanSettings, Generator, auto_epochs, generate, to_gan_scale, to_uint8, train_dcgan
-from .errors import UserError
-from .image_cache import default_cache_dir
+from trainables.augment.dcgan import GanSettings, Generator, auto_epochs, generate, to_gan_scale, to_uint8, train_dcgan
+from trainables.augment.per_sample import minority_counts
+from trainables.data.image_cache import default_cache_dir
+from trainables.data.registry import Dataset, ImageSet
+from trainables.errors import UserError
 
 GAN_FORMAT = 1  # part of the cache key: bump when the GAN, its training or the C2ST changes
 C2ST_IMAGES = 2000  # at most this many real (and as many generated) images in the two-sample test

@@ -21,22 +21,26 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from analysis.ranking import CUT_BY_BUDGET, FAILED, outcome
-from trainables.figures import ARTIFACTS as TRIAL_ARTIFACTS
-from trainables.figures import OOF_PREDICTIONS
+from trainables.tracking.names import ARTIFACTS as TRIAL_ARTIFACTS
+from trainables.tracking.names import (
+    EXPERIMENT,
+    OOF_PREDICTIONS,
+    PARENT,
+    TAG_BEST_RUN,
+    TAG_CHECKPOINT,
+    TAG_DATASET,
+    TAG_ERROR,
+    TAG_IS_BEST,
+    TAG_OUTCOME,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_SEED,
+    TAG_SPACE,
+    TAG_TRIAL,
+    TAG_VERSION,
+)
+from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome
 
-EXPERIMENT = "medtune"
-TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
-TAG_ROLE = "medtune.role"  # "search" (parent) or "trial"
-TAG_TRIAL = "medtune.trial_id"  # Ray's trial id: a resumed trial finds its run again
-TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | cut_by_budget | failed
-TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
-TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
-TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
-TAG_ERROR = "medtune.error"  # a failed trial's last error line
-TAG_SPACE, TAG_DATASET, TAG_SEED, TAG_VERSION = "medtune.space", "medtune.dataset", "medtune.seed", "medtune.version"
-TAG_TRIAL_RUN = "medtune.trial_run_id"  # on a registered model version: the trial it came from
-PARENT = "mlflow.parentRunId"
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
@@ -237,7 +241,7 @@ class MLflowTrialCallback(Callback):
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
             with checkpoint.as_directory() as directory:
-                for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS):  # written by trainables.figures (OOF: CV trials)
+                for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS):  # written by trainables.training.figures (OOF: CV trials)
                     if (Path(directory) / name).exists():
                         self.client.log_artifact(run_id, str(Path(directory) / name))
         self.client.log_batch(run_id, tags=tags)

@@ -4,7 +4,7 @@ Why: torchvision v2 draws ONE set of parameters per call, so per-image randomnes
 the DataLoader (~1.4-1.9k images/s per CPU core at 28 px), which starves a GPU. Kornia's augmentation module
 draws independently per image on a whole batch, on the batch's device.
 
-Same names, ranges and order as trainables/augment.py (`augment_device: cpu`), so both paths train on the same
+Same names, ranges and order as trainables/augment/per_sample.py (`augment_device: cpu`), so both paths train on the same
 distributions. Differences: images stay float in [0, 1] between ops (the per-sample path rounds to uint8 after
 each); rotation, centre crop and resize are one bilinear warp (a zoom by side/crop about the centre).
 Seeding: Kornia draws from torch's global RNG on the batch's device; the train loop reseeds it every epoch.
@@ -18,8 +18,8 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from .augment import centre_crop_side, jitter_strengths, minority_degrees, parse_augment
-from .normalization import Normalization
+from trainables.augment.per_sample import centre_crop_side, jitter_strengths, minority_degrees, parse_augment
+from trainables.data.normalization import Normalization
 
 PER_SAMPLE_ONLY = ("autoaugment_imagenet", "autoaugment_cifar10", "autoaugment_svhn")
 

@@ -37,7 +37,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import UserError
+from trainables.errors import UserError
 
 CACHE_FORMAT = 1  # part of the key: bump when the preprocessing below changes
 COLOUR_SPREAD = 4.0  # mean per-pixel max-min over R, G, B (0-255) above which an image counts as colour

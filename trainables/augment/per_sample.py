@@ -1,5 +1,5 @@
 """Training-split augmentation from config, with torchvision v2, applied per sample (the batched path on the
-trial's device, with the same names and ranges, is trainables/batch_augment.py; `augment_device` picks).
+trial's device, with the same names and ranges, is trainables/augment/batched.py; `augment_device` picks).
 
 Names (joined with "+"): hflip, rotation, jitter, blur, noise, invert, shift, crop, autoaugment_imagenet,
 autoaugment_cifar10, autoaugment_svhn; "none" for no augmentation. Their keys (trainables/config.py):
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from .errors import UserError
+from trainables.data.sampling import balance_groups
+from trainables.errors import UserError
 
 AUGMENTATIONS = ("hflip", "rotation", "jitter", "blur", "noise", "invert", "shift", "crop",
                  "autoaugment_imagenet", "autoaugment_cifar10", "autoaugment_svhn")
@@ -38,7 +39,7 @@ def parse_augment(spec: str) -> list[str]:
 
 def centre_crop_side(degrees: float, size: int, crop_frac: float | None = None) -> int:
     """The side kept after rotating: `crop_frac` of it (e.g. 210/224), or None: enough that no black corners
-    reach the model. Shared with the batched path (trainables/batch_augment.py) so both crop alike."""
+    reach the model. Shared with the batched path (trainables/augment/batched.py) so both crop alike."""
     if crop_frac is None:
         return max(1, int(round(size / (1 + np.sin(np.radians(min(degrees, 45))) * 0.75))))
     return max(1, int(round(size * crop_frac)))
@@ -132,14 +133,3 @@ def minority_counts(classes: np.ndarray, pct: float) -> dict[int, int]:
         return {}
     values, counts = np.unique(classes, return_counts=True)
     return {int(v): int(round(c * pct / 100)) for v, c in zip(values, counts) if c < counts.max()}
-
-
-def balance_groups(labels: np.ndarray) -> np.ndarray:
-    """One group per sample for class balancing: its class; multi-label: its rarest positive label (-1: none)."""
-    return _rarest_label(labels) if labels.ndim == 2 else labels
-
-
-def _rarest_label(labels: np.ndarray) -> np.ndarray:
-    frequency = labels.sum(axis=0)
-    ranked = np.where(labels.astype(bool), frequency[None, :], np.inf)
-    return np.where(labels.any(axis=1), ranked.argmin(axis=1), -1)

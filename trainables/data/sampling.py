@@ -1,7 +1,7 @@
 """Class-balanced sampling of the training split (`sampling: none | oversample | undersample`).
 
 Every training row belongs to one balancing group: its class, or for multi-label data its rarest positive
-label (images without a positive label form their own group), as in `augment.minority_copies`.
+label (images without a positive label form their own group), as `augment.per_sample.minority_copies` uses it.
 - `oversample`: torch's WeightedRandomSampler, weight 1 / group size, with replacement, as many draws per epoch
   as the split has rows, so an epoch has the same number of steps as without sampling (budgets compare).
 - `undersample`: each epoch draws, without replacement, as many rows of every group as the smallest group
@@ -14,8 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import Sampler, WeightedRandomSampler
-
-from .augment import balance_groups
 
 
 class UnderSampler(Sampler[int]):
@@ -48,3 +46,14 @@ def build_sampler(mode: str, labels: np.ndarray, generator: torch.Generator) -> 
     if mode == "undersample":
         return UnderSampler(groups, generator)
     raise ValueError(f"Unknown sampling {mode!r}; valid: none, oversample, undersample")
+
+
+def balance_groups(labels: np.ndarray) -> np.ndarray:
+    """One group per sample for class balancing: its class; multi-label: its rarest positive label (-1: none)."""
+    return _rarest_label(labels) if labels.ndim == 2 else labels
+
+
+def _rarest_label(labels: np.ndarray) -> np.ndarray:
+    frequency = labels.sum(axis=0)
+    ranked = np.where(labels.astype(bool), frequency[None, :], np.inf)
+    return np.where(labels.any(axis=1), ranked.argmin(axis=1), -1)

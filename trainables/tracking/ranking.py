@@ -15,6 +15,13 @@ CUT_BY_BUDGET = "cut_by_budget"  # running when the search's time budget was spe
 OUTCOMES = (COMPLETED, STOPPED_EARLY, CUT_BY_BUDGET, FAILED)
 RANKED = (COMPLETED, CUT_BY_BUDGET)  # can win: the budget, not their score, ended the cut ones (finished epochs count)
 T = TypeVar("T")
+LOWER_IS_BETTER = ("loss", "hamming_loss")  # every other metric a trial logs: higher is better
+
+
+def metric_direction(name: str) -> str:
+    """"min" or "max": the selection mode that favours better values of metric `name` (with or without val_ or
+    best_val_). The one rule for direction: space files, --metric, TrialConfig and the ranking all use it."""
+    return "min" if name.removeprefix("best_").removeprefix("val_") in LOWER_IS_BETTER else "max"
 
 
 def outcome(epochs_done: int, max_t: int, failed: bool = False, marked_done: bool = True,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset_registry import Dataset, ImageSet, register_dataset
-from .errors import UserError
+from trainables.data.registry import Dataset, ImageSet, register_dataset
+from trainables.errors import UserError
 
 MEDMNIST_SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")

@@ -77,13 +77,7 @@ def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, cla
     return {key: float(value) for key, value in out.items()}
 
 
-LOWER_IS_BETTER = ("loss", "hamming_loss")  # every other metric a trial logs: higher is better
 TASK_EXAMPLE_CLASSES = ("a", "b", "c")  # class names for listing a task's metrics before its data is read
-
-
-def metric_direction(name: str) -> str:
-    """"min" or "max": the selection mode that favours better values of metric `name` (with or without val_)."""
-    return "min" if name.removeprefix("val_") in LOWER_IS_BETTER else "max"
 
 
 def metric_names(task: str, class_names=TASK_EXAMPLE_CLASSES) -> list[str]:

@@ -38,8 +38,9 @@ import numpy as np
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-from .config import SPLIT_VERSION  # the version new trials record
-from .errors import UserError
+from trainables.errors import UserError
+
+SPLIT_VERSION = 2  # the version new trials record; 1: patient groups by GroupShuffleSplit (not stratified); 2: stratified and grouped
 
 MULTILABEL_GROUPED_TOLERANCE = 0.035  # share gap for a held-out part of 20 % or more, measured on the NIH sample
 MAX_FOLDS = 40  # iterstrat folds (at most) whose combinations are the candidate held-out parts
