@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 
 from ray.tune import Callback
 
 from search_spaces import SearchSpace
 from trainables.errors import UserError
+from trainables.tracking import mlflow_runs
 from trainables.tracking.ranking import outcome, selection_key
 from trainables.tracking.text import fmt
 
+# Ray pickles a search's callbacks by module path. A module that moved answers to its old path while a search
+# started before the move is restored; Ray then saves the callbacks under their new path.
+MOVED_MODULES = {"analysis.tracking": mlflow_runs}  # the MLflow callback, in trainables/tracking/ since 2026-12
 CHECKPOINTS_KEPT = 1  # the latest only: it holds the best weights (trainables/training/split_run.py checkpoint_weights)
 
 
@@ -100,8 +106,21 @@ def restore_tuner(space: SearchSpace, name: str, storage: str, trainable):
     """The interrupted search, with its sampler state and callbacks (they hold its MLflow parent run)."""
     from ray import tune
 
-    return tune.Tuner.restore(f"{storage}/{name}", trainable=trainable, resume_unfinished=True,
-                              resume_errored=False, param_space=space.param_space())
+    with moved_modules():
+        return tune.Tuner.restore(f"{storage}/{name}", trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, param_space=space.param_space())
+
+
+@contextmanager
+def moved_modules():
+    """`MOVED_MODULES` importable under their old paths, for as long as Ray unpickles a saved search."""
+    added = {old: module for old, module in MOVED_MODULES.items() if old not in sys.modules}
+    sys.modules.update(added)
+    try:
+        yield
+    finally:
+        for old in added:
+            sys.modules.pop(old, None)
 
 
 def trial_name(trial) -> str:

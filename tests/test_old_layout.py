@@ -1,0 +1,52 @@
+"""A search started before trainables/ was grouped by concern (commit 1ae823f) resumes and exports after it.
+
+Ray pickled that search's MLflow callback as `analysis.tracking.MLflowTrialCallback`; the fixture is such a search,
+made by that commit's tune.py (3 simple_cnn trials of 2 epochs on PneumoniaMNIST: one finished, one killed with
+SIGKILL after its first epoch, one not started). Its pickles hold the absolute paths it was made at
+(/tmp/medtune-old-layout), as every saved search does, so the test puts it back there.
+Cost: one resumed search (Ray start, 2 trials of 2 epochs) and one export, about 60-80 s on 2 cores.
+"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "search_before_the_layout_change"
+WHERE_IT_WAS_MADE = Path("/tmp/medtune-old-layout")
+pytestmark = pytest.mark.integration
+
+
+def test_a_search_from_the_previous_layout_resumes_and_exports(medmnist_root, tmp_path):
+    shutil.rmtree(WHERE_IT_WAS_MADE, ignore_errors=True)
+    shutil.copytree(FIXTURE, WHERE_IT_WAS_MADE)
+    state_file = WHERE_IT_WAS_MADE / "results" / "old-layout" / "medtune_search.yaml"
+    state = yaml.safe_load(state_file.read_text())
+    state["space"]["fixed"]["data_root"] = str(medmnist_root)  # where this machine keeps the data
+    state_file.write_text(yaml.safe_dump(state, sort_keys=False))
+    try:
+        resumed = subprocess.run([sys.executable, str(REPO / "tune.py"), "--storage", str(WHERE_IT_WAS_MADE / "results"),
+                                  "--resume", "old-layout", "--no-report"],
+                                 cwd=WHERE_IT_WAS_MADE, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "3 trials: 3 completed" in resumed.stdout
+        uri = f"sqlite:///{WHERE_IT_WAS_MADE / 'mlflow.db'}"
+        client = mlflow.MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        trials = [r for r in runs if r.data.tags.get("medtune.role") == "trial"]
+        assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+        assert len({r.data.tags["medtune.trial_id"] for r in trials}) == 3  # the killed trial kept its run
+
+        exported = subprocess.run([sys.executable, "-m", "analysis.export", "--search", "old-layout", "--out",
+                                   str(tmp_path / "model"), "--tracking-uri", uri, "--n-resamples", "200"],
+                                  cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
+        assert "reproduces the logged test metrics" in exported.stdout
+        assert (tmp_path / "model" / "model.safetensors").exists()
+    finally:
+        shutil.rmtree(WHERE_IT_WAS_MADE, ignore_errors=True)
