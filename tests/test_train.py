@@ -354,3 +354,27 @@ def test_the_trial_builds_its_model_with_the_regularisation_keys(toy):
     assert vit.blocks[0].attn.attn_drop.p == 0.3
     vgg = loop.build_model(resolve_config({"model": "vgg_like", "drop_rate": 0.0}), data)
     assert not any(isinstance(m, torch.nn.Dropout) for m in vgg.modules())
+
+
+def test_an_epoch_reads_the_device_back_every_few_steps_not_every_step(monkeypatch):
+    """On a GPU each host read (`.item()`, `.cpu()`, `bool()` of a device value) stalls the queue: an epoch of
+    120 steps reads the loss sum once, the logits once and the finiteness flag every FINITE_CHECK_STEPS steps."""
+    model, reads = torch.nn.Linear(4, 2), []
+    loader = [(torch.randn(2, 4), torch.randint(0, 2, (2,))) for _ in range(120)]
+    for name in ("item", "cpu", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k: (reads.append(_name),
+                                                                                                _real(self, *a, **k))[1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loop.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, None, loader, torch.device("cpu"), "binary",
+                         0, amp=False)
+    assert reads.count("item") == 1 and reads.count("cpu") == 1
+    assert reads.count("__bool__") == -(-120 // loop.FINITE_CHECK_STEPS)
+
+
+def test_a_non_finite_loss_names_the_steps_it_happened_between():
+    model = torch.nn.Linear(4, 2)
+    loader = [(torch.full((2, 4), math.inf), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(FloatingPointError, match="Non-finite loss between steps 1 and 1; lower lr"):
+        loop.train_one_epoch(model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), None,
+                             loader, torch.device("cpu"), "binary", 0, amp=False)

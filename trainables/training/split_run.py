@@ -33,6 +33,7 @@ from trainables.training.metrics import classification_metrics, probabilities
 
 MEAN, STD = 0.5, 0.5  # the `half` normalisation: [-1, 1], as in the MedMNIST baselines (others: normalization.py)
 EXAMPLES = 16  # augmented training images shown in the final checkpoint's figure
+FINITE_CHECK_STEPS = 50  # steps between host reads of the loss's finiteness (a GPU keeps queueing in between)
 
 
 class ArrayDataset(TorchDataset):
@@ -168,9 +169,15 @@ def model_inputs(inputs, device: torch.device, prepare: Callable | None = None) 
 def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task, step: int,
                     amp: bool, prepare: Callable | None = None) -> tuple[float, int, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss, global step, the pass's own logits and labels, for the
-    train-split metrics without a second pass). A non-finite loss fails the trial."""
+    train-split metrics without a second pass). A non-finite loss fails the trial.
+
+    Nothing is read back to the host per step (no `.item()`, `.cpu()` or `if` on a device value): the loss sum,
+    the logits and the finiteness flag stay on the device and are read every FINITE_CHECK_STEPS steps and at the
+    end, as timm's and torchvision's reference loops do, so a GPU's queue never stalls on a step."""
     model.train()
-    total, seen, all_logits, all_labels = 0.0, 0, [], []
+    total = torch.zeros((), device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    seen, checked, all_logits, all_labels = 0, step, [], []
     for inputs, batch_labels in loader:
         images = model_inputs(inputs, device, prepare)
         if device.type == "cuda":
@@ -179,19 +186,27 @@ def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
             loss = criterion(logits, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite loss ({loss.item()}) at step {step}; lower lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         if schedule is not None:
             schedule.step_update(step)
-        total += loss.item() * len(labels)
-        seen += len(labels)
-        all_logits.append(logits.detach().float().cpu())
+        finite &= torch.isfinite(loss.detach())
+        total += loss.detach().float() * len(batch_labels)
+        seen += len(batch_labels)
+        all_logits.append(logits.detach().float())
         all_labels.append(batch_labels)
-    return total / max(seen, 1), step, torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+        if step - checked >= FINITE_CHECK_STEPS:
+            _fail_if_not_finite(finite, checked, step)
+            checked = step
+    _fail_if_not_finite(finite, checked, step)
+    return total.item() / max(seen, 1), step, torch.cat(all_logits).cpu().numpy(), torch.cat(all_labels).numpy()
+
+
+def _fail_if_not_finite(finite: torch.Tensor, first: int, last: int) -> None:
+    if not bool(finite):  # the one host read of the flag
+        raise FloatingPointError(f"Non-finite loss between steps {first + 1} and {last}; lower lr or check the data")
 
 
 @torch.inference_mode()
