@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from trainables.training.metrics import predictions
+from trainables.training.metrics import binary_rates, predictions, safe_auc
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -55,24 +55,14 @@ def core_metrics(task: str, labels: np.ndarray, probs: np.ndarray, threshold: fl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one class in a resample: recall undefined -> NaN / 0
         if task == "multilabel":
-            aucs = [_auc(labels[:, j], probs[:, j]) for j in range(labels.shape[1])]
+            aucs = [safe_auc(labels[:, j], probs[:, j]) for j in range(labels.shape[1])]
             auc = np.nan if np.all(np.isnan(aucs)) else np.nanmean(aucs)
             return np.array([1.0 - skm.hamming_loss(labels, y_pred), skm.accuracy_score(labels, y_pred), auc])
         acc, balanced = skm.accuracy_score(labels, y_pred), skm.balanced_accuracy_score(labels, y_pred)
         if task == "multiclass":
-            auc = _auc(labels, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1]))
+            auc = safe_auc(labels, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1]))
             return np.array([acc, balanced, auc])
-        positive, negative = labels == 1, labels == 0
-        sensitivity = (y_pred[positive] == 1).mean() if positive.any() else np.nan
-        specificity = (y_pred[negative] == 0).mean() if negative.any() else np.nan
-        return np.array([acc, balanced, _auc(labels, probs[:, 1]), sensitivity, specificity])
-
-
-def _auc(y_true, score, **kwargs) -> float:
-    try:
-        return float(skm.roc_auc_score(y_true, score, **kwargs))
-    except ValueError:  # one class only
-        return float("nan")
+        return np.array([acc, balanced, safe_auc(labels, probs[:, 1]), *binary_rates(labels, y_pred)])
 
 
 def metrics_with_ci(task: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5,

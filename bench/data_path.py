@@ -27,8 +27,9 @@ from torchvision.transforms import v2  # noqa: E402
 
 from bench.common import base_parser, interleaved, machine_line, spread  # noqa: E402
 from trainables.data.datasets import load_dataset  # noqa: E402
+from trainables.data.normalization import HALF  # noqa: E402
 from trainables.models import create_model  # noqa: E402
-from trainables.training.split_run import MEAN, STD, ArrayDataset  # noqa: E402
+from trainables.training.split_run import ArrayDataset  # noqa: E402
 
 
 def draft_grey(size: int):
@@ -44,8 +45,9 @@ def draft_grey(size: int):
 
 def pil_loader(folder: Path, size: int, batch_size: int, workers: int) -> DataLoader:
     """What a careful notebook does: torchvision ImageFolder decoding and resizing every JPEG every epoch."""
+    half = v2.Normalize(HALF.mean.flatten().tolist(), HALF.std.flatten().tolist())  # the trials' `half`
     transform = v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True),
-                            v2.ToDtype(torch.float32, scale=True), v2.Normalize([MEAN], [STD])])
+                            v2.ToDtype(torch.float32, scale=True), half])
     return DataLoader(tv_datasets.ImageFolder(folder / "train", transform=transform, loader=draft_grey(size)),
                       batch_size=batch_size, shuffle=True, num_workers=workers)
 

@@ -5,16 +5,14 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy import special
 from sklearn import metrics as skm
 from sklearn.exceptions import UndefinedMetricWarning
 
 
 def probabilities(task: str, logits: np.ndarray) -> np.ndarray:
     """Softmax for single-label tasks, sigmoid per label for multi-label."""
-    if task == "multilabel":
-        return 1.0 / (1.0 + np.exp(-logits))
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    return special.expit(logits) if task == "multilabel" else special.softmax(logits, axis=1)
 
 
 def predictions(task: str, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -25,11 +23,19 @@ def predictions(task: str, probs: np.ndarray, threshold: float = 0.5) -> np.ndar
     return probs.argmax(axis=1)
 
 
-def _safe_auc(y_true, score, **kwargs) -> float:
+def safe_auc(y_true, score, **kwargs) -> float:
+    """`roc_auc_score`, NaN where AUC is undefined (one class only in `y_true`): the one guard for it."""
     try:
         return float(skm.roc_auc_score(y_true, score, **kwargs))
-    except ValueError:  # one class only in y_true: AUC is undefined
+    except ValueError:
         return float("nan")
+
+
+def binary_rates(y_true, y_pred) -> tuple[float, float]:
+    """(sensitivity, specificity) of a binary decision: the recall of class 1 and of class 0, NaN for a class
+    the cases lack (a small split or a bootstrap resample)."""
+    specificity, sensitivity = skm.recall_score(y_true, y_pred, labels=[0, 1], average=None, zero_division=np.nan)
+    return float(sensitivity), float(specificity)
 
 
 def _specificity(confusions: np.ndarray) -> float:
@@ -52,7 +58,7 @@ def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, cla
             p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
             out |= {f"precision_{average}": p, f"recall_{average}": r, f"f1_{average}": f}
         if task == "multilabel":
-            per_label = [_safe_auc(y_true[:, j], probs[:, j]) for j in range(y_true.shape[1])]
+            per_label = [safe_auc(y_true[:, j], probs[:, j]) for j in range(y_true.shape[1])]
             out["auc"] = float(np.nanmean(per_label)) if not np.all(np.isnan(per_label)) else float("nan")
             for j, value in enumerate(per_label):
                 out[f"auc_{_metric_safe(class_names[j] if class_names else str(j))}"] = value
@@ -63,17 +69,16 @@ def classification_metrics(task: str, y_true: np.ndarray, probs: np.ndarray, cla
         else:
             labels = np.arange(probs.shape[1])
             if task == "binary":
-                out["auc"] = _safe_auc(y_true, probs[:, 1])
+                out["auc"] = safe_auc(y_true, probs[:, 1])
                 # the positive class (index 1) alone; labels=[1] also scores a split that lacks one class
                 p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=[1], average=None, zero_division=0)
                 out |= {"precision_pos": p[0], "recall_pos": r[0], "f1_pos": f[0]}
             else:
-                out["auc"] = _safe_auc(y_true, probs, multi_class="ovr", average="macro", labels=labels)
+                out["auc"] = safe_auc(y_true, probs, multi_class="ovr", average="macro", labels=labels)
             out["acc"] = float(skm.accuracy_score(y_true, y_pred))
             out["balanced_acc"] = float(skm.balanced_accuracy_score(y_true, y_pred))
-            confusions = skm.multilabel_confusion_matrix(y_true, y_pred, labels=labels)
-            out["specificity"] = float(confusions[1, 0, 0] / max(confusions[1, 0, 0] + confusions[1, 0, 1], 1)) \
-                if task == "binary" else _specificity(confusions)
+            out["specificity"] = binary_rates(y_true, y_pred)[1] if task == "binary" else \
+                _specificity(skm.multilabel_confusion_matrix(y_true, y_pred, labels=labels))
     return {key: float(value) for key, value in out.items()}
 
 

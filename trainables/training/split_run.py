@@ -31,7 +31,6 @@ from trainables.training.checkpoint import best_weights
 from trainables.training.losses import build_loss
 from trainables.training.metrics import classification_metrics, probabilities
 
-MEAN, STD = 0.5, 0.5  # the `half` normalisation: [-1, 1], as in the MedMNIST baselines (others: normalization.py)
 EXAMPLES = 16  # augmented training images shown in the final checkpoint's figure
 FINITE_CHECK_STEPS = 50  # steps between host reads of the loss's finiteness (a GPU keeps queueing in between)
 
@@ -86,11 +85,6 @@ class BatchView(TorchDataset):
 
     def __getitem__(self, positions):
         return self.data.raw_batch(positions)
-
-
-def normalise(uint8_images: torch.Tensor) -> torch.Tensor:
-    """The `half` normalisation (the only one before `normalize` existed)."""
-    return (uint8_images.float() / 255.0 - MEAN) / STD
 
 
 @dataclass
