@@ -26,7 +26,7 @@ from trainables.data.normalization import Normalization
 from trainables.data.splits import development_splits
 from trainables.errors import UserError
 from trainables.models import resolve_stem
-from trainables.training.checkpoint import best_weights
+from trainables.training.checkpoint import best_weights, with_old_defaults
 from trainables.training.split_run import build_model, eval_loader, predict_logits
 
 CPU = torch.device("cpu")
@@ -118,11 +118,11 @@ def replay_setting(trial: Setting) -> Setting:
 
 def replay(state: dict, data_root: str | None = None) -> Replay:
     """Rebuild the trial of checkpoint `state`; `data_root` overrides where the data lives now."""
+    state = with_old_defaults(state)  # a state read from a file already is; one built in memory may not be
     config = dict(state["config"])
-    split_version = int(config.get("split_version", 1))  # checkpoints from before split versions: version 1
     dataset = load_dataset(config["dataset"], image_size=int(config["image_size"]),
                            data_root=data_root or config.get("data_root"),
-                           skip_bad_images=bool(config.get("skip_bad_images", False)), split_version=split_version)
+                           skip_bad_images=bool(config["skip_bad_images"]), split_version=int(config["split_version"]))
     meta = state.get("dataset") or {}
     if meta and (list(meta.get("class_names", [])) != list(dataset.class_names) or meta.get("task") != dataset.task):
         raise UserError(f"The data at {data_root or config.get('data_root')} is not the data the trial trained on "
@@ -142,7 +142,7 @@ def trial_stem(state: dict, image_size: int) -> str:
     """The stem the trial's network was built with: recorded in the checkpoint, else resolved from its config;
     a config from before `stem` existed had timm's ImageNet stem."""
     config = state["config"]
-    return state.get("stem") or resolve_stem(config["model"], config.get("stem", "imagenet"), image_size)
+    return state.get("stem") or resolve_stem(config["model"], config["stem"], image_size)
 
 
 def logits_of(model, images: ImageSet, normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:

@@ -122,10 +122,9 @@ def _check_class_sizes(labels: np.ndarray, groups: np.ndarray | None, folds: int
 
 def development_splits(dataset, config: dict) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (train, validation) pairs a trial trains on: `cv_folds` folds, or the one split of `train_val_indices`."""
-    split_version = int(config.get("split_version", 1))  # configs from before split versions: version 1
     if int(config.get("cv_folds", 1)) > 1:
         return cv_fold_indices(dataset, int(config["cv_folds"]), int(config["seed"]))
-    return [train_val_indices(dataset, config.get("split_ratio"), int(config["seed"]), split_version)]
+    return [train_val_indices(dataset, config.get("split_ratio"), int(config["seed"]), int(config["split_version"]))]
 
 
 def share_gap(labels: np.ndarray, held: np.ndarray) -> float:

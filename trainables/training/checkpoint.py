@@ -14,6 +14,10 @@ FORMAT = "medtune-checkpoint-v2"  # v2: optimizer only in resumable checkpoints,
 READABLE = ("medtune-checkpoint-v1", FORMAT)
 FILENAME = "checkpoint.pt"
 FOLD_FILENAME = "fold{}.pt"  # a cross-validated trial: one file per fold model beside FILENAME
+# What a trial saved before a config key existed ran with: filled in wherever a checkpoint is read, so that resume,
+# replay and export never guess. stem: timm's ImageNet stem; split_version 1: the unstratified patient split.
+BEFORE_KEYS_EXISTED = {"stem": "imagenet", "split_version": 1, "skip_bad_images": False, "drop_path_rate": None,
+                       "attn_drop_rate": None}
 
 
 def save_checkpoint(state: dict, directory: str | os.PathLike) -> Path:
@@ -42,7 +46,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         path = path / FILENAME
     if not path.is_file():
         raise UserError(f"No checkpoint at {path}; pass a trial checkpoint directory or its {FILENAME}")
-    state = _read(path)
+    state = with_old_defaults(_read(path))
     if state.get("fold_count"):
         state["folds"] = [_read(path.parent / FOLD_FILENAME.format(number)) for number in range(state["fold_count"])]
     return state
@@ -58,6 +62,13 @@ def _read(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") not in READABLE:
         raise UserError(f"{path} is not a medtune checkpoint (format {FORMAT} expected)")
     return state
+
+
+def with_old_defaults(state: dict) -> dict:
+    """`state` with its config completed by BEFORE_KEYS_EXISTED (a fold file has no config: its trial's has)."""
+    if "config" not in state:
+        return state
+    return {**state, "config": {**BEFORE_KEYS_EXISTED, **state["config"]}}
 
 
 def best_weights(state: dict) -> dict:

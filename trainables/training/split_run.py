@@ -27,7 +27,7 @@ from trainables.data.normalization import HALF, Normalization, resolve_normaliza
 from trainables.data.sampling import build_sampler
 from trainables.errors import UserError
 from trainables.models import create_model, model_costs, resolve_stem
-from trainables.training.checkpoint import best_weights
+from trainables.training.checkpoint import BEFORE_KEYS_EXISTED, best_weights
 from trainables.training.losses import build_loss
 from trainables.training.metrics import classification_metrics, probabilities
 
@@ -231,13 +231,12 @@ def eval_loader(images: ImageSet, batch_size: int, device: torch.device, normali
 
 
 def build_model(config: dict, dataset: Dataset) -> torch.nn.Module:
-    """The trial's network (also used by replay on older configs: keys added later are read with .get; a config
-    from before `stem` gets timm's ImageNet stem, which its weights were trained with)."""
+    """The trial's network; replay passes older configs completed by `checkpoint.with_old_defaults`."""
     return create_model(config["model"], num_classes=dataset.num_classes, in_chans=dataset.channels,
                         img_size=int(dataset.dev.images.shape[1]), pretrained=config["pretrained"],
                         pretrained_path=config["pretrained_path"], freeze_backbone=config["freeze_backbone"],
-                        drop_rate=config["drop_rate"], drop_path_rate=config.get("drop_path_rate"),
-                        attn_drop_rate=config.get("attn_drop_rate"), stem=config.get("stem", "imagenet"))
+                        drop_rate=config["drop_rate"], drop_path_rate=config["drop_path_rate"],
+                        attn_drop_rate=config["attn_drop_rate"], stem=config["stem"])
 
 
 def augmented_examples(data: ArrayDataset, seed: int, count: int = EXAMPLES, augment: BatchAugment | None = None) -> dict:
@@ -346,9 +345,10 @@ class SplitRun:
         """Load a checkpoint's (or a fold file's) model, optimizer and best weights; returns the next epoch."""
         if "optimizer" not in saved:
             raise UserError(f"Checkpoint of epoch {saved['epoch']} is a finished trial's; there is nothing to resume")
-        if saved.get("stem", "imagenet") != self.stem:  # same weight shapes either way: loading would not notice
-            raise UserError(f"The checkpoint was trained with the {saved.get('stem', 'imagenet')} stem, this config "
-                            f"builds the {self.stem} stem; resume with stem: {saved.get('stem', 'imagenet')}")
+        saved_stem = saved.get("stem", BEFORE_KEYS_EXISTED["stem"])
+        if saved_stem != self.stem:  # same weight shapes either way: loading would not notice
+            raise UserError(f"The checkpoint was trained with the {saved_stem} stem, this config builds the {self.stem} "
+                            f"stem; resume with stem: {saved_stem}")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.best_score, self.best_epoch, self.best_state = saved["best_score"], saved["best_epoch"], best_weights(saved)
