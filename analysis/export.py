@@ -45,6 +45,7 @@ from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIG
 from analysis.replay import Replay, replay
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH, TAG_TRIAL_RUN
+from trainables.tracking.searched import searched_keys
 from trainables.training.metrics import classification_metrics, confusion, predictions, probabilities
 
 FILES = (WEIGHTS, ARCHITECTURE, TORCHSCRIPT, "preprocessing.json", "decision.json", "config.json", "metrics.json",
@@ -242,6 +243,12 @@ def precision_change(trial_logits: np.ndarray, exported_logits: np.ndarray, labe
     return change
 
 
+def searched_values(keys: list[str], config: dict, trial) -> dict:
+    """The winner's value of each searched key: from its config, or as logged (`variant` is expanded into the
+    config keys it fixes, so only the trial's MLflow params name it)."""
+    return {k: config[k] if k in config else trial.data.params.get(k) for k in keys}
+
+
 def split_summary(rep: Replay, fold: int = 0) -> dict:
     """Image counts per split; `fold`: which fold model of a cross-validated trial was exported."""
     def counts(labels):
@@ -389,7 +396,7 @@ def model_card(metrics: dict, prep: dict, decision: dict, config: dict) -> str:
                 confusions.append(f"Test, {title} (rows: true class, columns: predicted class):\n\n"
                                   + _table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, test[key])]))
     repro = metrics["reproduced"]
-    searched = ", ".join(f"{k}={config.get(k)}" for k in metrics["searched"]) or "(nothing searched)"
+    searched = ", ".join(f"{k}={v}" for k, v in metrics["searched"].items()) or "(nothing searched)"
     return f"""# Model card: {prep['task']} classifier for {metrics['dataset']} ({config['model']})
 
 Exported from search `{metrics['search']}`, trial `{metrics['trial_id']}` (MLflow run `{metrics['trial_run_id']}`),
@@ -527,7 +534,7 @@ def export(args) -> int:
         "format": FORMAT, "search": parent.data.tags.get(TAG_SEARCH), "search_run_id": parent.info.run_id,
         "trial_id": runs.trial_label(trial), "trial_run_id": trial.info.run_id, "dataset": rep.config["dataset"],
         "selection": {"metric": key, "value": logged.get(key, float("nan"))},
-        "best_epoch": state.get("best_epoch"), "searched": runs.searched_keys(space),
+        "best_epoch": state.get("best_epoch"), "searched": searched_values(searched_keys(space), rep.config, trial),
         "splits": split_summary(rep, int(state.get("best_fold", 0))),
         "test": {k: v for k, v in scored.items() if k not in ("logits", "labels")},
         "reproduced": reproduction(replayed, logged, rep, scored["n"]),

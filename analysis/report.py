@@ -51,6 +51,7 @@ from analysis.description import (  # noqa: E402
 from trainables.errors import UserError  # noqa: E402
 from trainables.tracking.mlflow_runs import TAG_SEARCH  # noqa: E402
 from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, rank  # noqa: E402
+from trainables.tracking.searched import searched_keys  # noqa: E402
 
 PAGE = "report.html"
 
@@ -436,7 +437,7 @@ def build_report(client, parent, out: Path, metric: str = "test_acc", board: Lea
     a UserError; one without a finished trial gets its report, which says so."""
     name = parent.data.tags.get(TAG_SEARCH, parent.info.run_id)
     space = runs.search_space(client, parent)
-    keys = runs.searched_keys(space)
+    keys = searched_keys(space)
     objective, mode = runs.selection(parent, space)
     frame = trials_frame(client, parent, space, keys, objective, metric)
     if frame.empty:

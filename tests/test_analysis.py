@@ -355,9 +355,11 @@ def toy_winner(tmp_path, monkeypatch, task: str, uri: str | None = None, config:
     save_checkpoint(state, tmp_path / "checkpoint")
     name = f"toy-{tmp_path.name}"
     if uri is not None:
-        log_search(uri, name, [{"trial_id": "toy00001", "metrics": last.metrics, "params": {"lr": TOY["lr"]},
-                                "checkpoint": tmp_path / "checkpoint"}],
-                   {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [TOY["lr"]]}}})
+        # searched as a space with variants searches: the trial's config names its variant, expanded by the trainable
+        log_search(uri, name, [{"trial_id": "toy00001", "metrics": last.metrics,
+                                "params": {"lr": TOY["lr"], "variant": "small_cnn"}, "checkpoint": tmp_path / "checkpoint"}],
+                   {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [TOY["lr"]]}},
+                    "variants": {"small_cnn": {"model": TOY["model"]}}})
     asked = []
     monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: asked.append((spec, kwargs)) or data)
     return argparse.Namespace(uri=uri, name=name, data=data, metrics=last.metrics, state=state, asked=asked)
@@ -395,6 +397,9 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
     assert (out / "mean_image.safetensors").exists() == (normalize == "mean_image")
     decision = json.loads((out / "decision.json").read_text())
     assert decision["threshold"] is None and decision["temperature"] > 0
+    # the card names the winner's searched values, its variant (the architecture) included
+    assert metrics["searched"] == {"lr": TOY["lr"], "variant": "small_cnn"}
+    assert f"Searched values: lr={TOY['lr']}, variant=small_cnn." in (out / "model_card.md").read_text()
 
     # predict on PNG files of test images: the exported model's calibrated probabilities and labels
     images = toy.data.test.images[:6]
