@@ -82,11 +82,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 # --- fitted on validation only ---------------------------------------------------------------------
 
 def fit_decision(val_logits: np.ndarray, val_labels: np.ndarray, task: str, class_names,
-                 target_sensitivity: float | None = None, temperature: float | None = None) -> dict:
-    """Temperature (all tasks; `temperature` when given: an ensemble calibrates its members itself) and, for
-    binary tasks, the threshold on the calibrated positive probability."""
-    if temperature is None:
-        temperature = fit_temperature(val_logits, val_labels, task)
+                 target_sensitivity: float | None = None) -> dict:
+    """Temperature (all tasks) and, for binary tasks, the threshold on the calibrated positive probability. An
+    ensemble's `val_logits` are its output (log of the mean calibrated probability): its T rescales that."""
+    temperature = fit_temperature(val_logits, val_labels, task)
     decision = {"temperature": temperature, "threshold": None, "positive_class": None, "threshold_rule": None}
     if task == "binary":
         threshold, rule = choose_threshold(val_labels, calibrated(val_logits, task, temperature)[:, 1], target_sensitivity)
@@ -343,11 +342,19 @@ def _ensemble_text(metrics: dict) -> str:
     members = ", ".join(f"`{m['label']}`" for m in ensemble["members"])
     return (f"Shipped variant: **{ensemble['variant']}** (members {members}{', horizontal-flip TTA' if ensemble['tta'] else ''}), "
             f"chosen by the {choice['rule']}: {choice['reason']}. Each member's probabilities are calibrated at its own "
-            "temperature (ensemble.json) before averaging. Test columns were computed after the choice, never used for it.\n\n"
+            "temperature (ensemble.json) before averaging, then the average once more (see Calibration). "
+            "Test columns were computed after the choice, never used for it.\n\n"
             + _table(["variant", f"{'out-of-fold' if ensemble.get('members_are') == 'folds' else 'validation'} "
                       f"{choice['metric']}", "gap to best", "SE of gap", "passes/image",
                       "test AUC", "test acc"], rows) + "\n\n" + "".join(f"- {line}\n" for line in ensemble["skipped"])
             + ("\n" if ensemble["skipped"] else ""))
+
+
+def _scaled_text(decision: dict) -> str:
+    """What the temperature divides: the network's logits, or an ensemble's output (after its members' own)."""
+    if decision["temperature_divides"] == "logits":
+        return "logits are"
+    return f"{decision['temperature_divides']}, each member already at its own temperature (ensemble.json), is"
 
 
 def _mean_image_file(prep: dict) -> str:
@@ -434,7 +441,7 @@ Precision change: {_change_text(metrics['precision_change'])}.
 
 ## Calibration
 
-Temperature scaling: logits are divided by T = {decision['temperature']:.4f}, fitted on
+Temperature scaling: {_scaled_text(decision)} divided by T = {decision['temperature']:.4f}, fitted on
 {decision.get('fitted_on', 'the validation split')} by minimising the negative log-likelihood. Expected calibration
 error ({ECE_BINS} equal-width bins, top label):
 
@@ -500,13 +507,16 @@ def export(args) -> int:
         module = save_ensemble(choice, out)
         oof = choice.threshold_data()  # a cross-validated winner's fold models: out-of-fold, not a shared split
         val_logits, val_labels = oof[:2] if oof else rep.logits(choice.module(), rep.val)  # log-probabilities
-        decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity, temperature=1.0)
+        # one more temperature, on the ensemble's output (the members were calibrated one by one before averaging)
+        decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity)
         decision["fitted_on"] = oof[2] if oof else \
             f"the validation split ({len(val_labels)} images), the ensemble's probabilities"
+        decision["temperature_divides"] = "the ensemble's output (the log of its members' mean probability)"
     else:
         shutil.rmtree(out / MEMBERS, ignore_errors=True)
         val_logits, val_labels = decision_data(state, rep)  # validation (or out-of-fold) only: threshold, temperature
         decision = fit_decision(val_logits, val_labels, task, names, args.target_sensitivity)
+        decision["temperature_divides"] = "logits"
         decision["fitted_on"] = (f"out-of-fold predictions of the {len(state['folds'])} fold models ({len(val_labels)} "
                                  "development images)" if "oof" in state
                                  else f"the validation split ({len(val_labels)} images)")
