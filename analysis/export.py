@@ -43,6 +43,7 @@ from analysis.ensemble import Choice, choose_for_search, figures_after_choice, f
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture, load_model
 from analysis.replay import Replay, replay
+from trainables.data.datasets import from_image_files, medmnist_file
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH, TAG_TRIAL_RUN
 from trainables.tracking.searched import searched_keys
@@ -174,7 +175,7 @@ def preprocessing(state: dict, rep: Replay, out: Path) -> dict:
     std = norm.std.flatten().expand(channels) if norm.std.numel() == 1 else norm.std.flatten()
     prep = {"format": FORMAT, "task": rep.dataset.task, "class_names": list(rep.dataset.class_names),
             "image_size": int(meta["image_size"]), "channels": channels, "mode": "L" if channels == 1 else "RGB",
-            "resize": "bilinear, to image_size x image_size, aspect ratio not kept (trainables.data.image_cache)",
+            "resize": resize_text(rep.config["dataset"], int(meta["image_size"])),
             "scale": 255.0, "normalize": norm.name, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "input": "float32 (N, C, H, W): (pixel / scale - mean) / std", "output": "logits (N, num_classes)",
             "architecture": ARCHITECTURE, "weights": WEIGHTS, "torchscript": TORCHSCRIPT}
@@ -183,6 +184,16 @@ def preprocessing(state: dict, rep: Replay, out: Path) -> dict:
         prep |= {"mean_image": MEAN_IMAGE, "input": "float32 (N, C, H, W): (pixel / scale - mean_image) / std, "
                  f"mean_image the (C, H, W) tensor in {MEAN_IMAGE}"}
     return prep
+
+
+def resize_text(spec: str, size: int) -> str:
+    """How the training images of dataset `spec` came to `size` px, and what analysis.predict does to a new image."""
+    if from_image_files(spec):
+        return ("bilinear, to image_size x image_size, aspect ratio not kept (trainables.data.image_cache), as the "
+                "training images were; analysis.predict does the same")
+    return (f"none in training: the MedMNIST file {medmnist_file(spec, size, Path()).name} holds the images at {size} x "
+            f"{size} px as MedMNIST published them; analysis.predict resizes a new image to image_size x image_size "
+            "(bilinear, aspect ratio not kept), which need not match MedMNIST's own resizing")
 
 
 def score_test(model, rep: Replay, decision: dict, n_resamples: int, seed: int) -> dict:

@@ -445,6 +445,64 @@ def test_a_gpu_bf16_trial_exports_on_a_cpu_within_the_stated_tolerance(tmp_path,
     assert "match within" in stdout and "trial: cuda bf16" in stdout
 
 
+def hand_export(folder: Path, task: str = "multiclass") -> Path:
+    """An export folder written by the export's own file writers around a fresh toy network (no search, < 1 s)."""
+    from trainables.models import create_model
+
+    folder.mkdir()
+    spec = predict.Architecture(name="simple_cnn", num_classes=3, in_chans=1, img_size=16)
+    torch.manual_seed(0)
+    export.save_weights(create_model("simple_cnn", num_classes=3, in_chans=1, img_size=16), spec, folder)
+    rep = argparse.Namespace(dataset=argparse.Namespace(channels=1, task=task, class_names=("a", "b", "c")),
+                             normalization=Normalization("half", torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.5)),
+                             config={"dataset": "imagefolder:/toy"})
+    prep = export.preprocessing({"dataset": {"image_size": 16}}, rep, folder)
+    (folder / "preprocessing.json").write_text(json.dumps(prep))
+    (folder / "decision.json").write_text(json.dumps({"temperature": 1.5, "threshold": None}))
+    return folder
+
+
+def test_predict_reads_and_classifies_batch_size_images_at_a_time(tmp_path, monkeypatch):
+    """A folder of any size: no forward pass sees more than --batch-size images, and the answers are those of one
+    batch of everything; the CLI prints each batch before reading the next."""
+    folder = hand_export(tmp_path / "export")
+    paths = write_pngs(toy_dataset("multiclass").test.images[:7], tmp_path / "images")
+    whole = predict.ExportedModel(folder).predict(paths, batch_size=len(paths))
+    seen = []
+    real_load = predict.load_model
+
+    def spied(path):
+        model = real_load(path)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(predict, "load_model", spied)
+    batched = predict.ExportedModel(folder).predict(paths, batch_size=3)
+    assert seen == [3, 3, 1] and batched[1] == whole[1] and np.allclose(batched[0], whole[0], atol=1e-6)
+    read = []
+    monkeypatch.setattr(predict.ExportedModel, "tensor", lambda self, p, real=predict.ExportedModel.tensor:
+                        read.append((p, len(seen))) or real(self, p))
+    seen.clear()
+    code, stdout, _ = run_main(predict, "--model", folder, "--json", "--batch-size", 2, *paths)
+    assert code == 0 and seen == [2, 2, 2, 1] and [json.loads(line)["label"] for line in stdout.splitlines()] == whole[1]
+    assert [passes for _, passes in read] == [0, 0, 1, 1, 2, 2, 3]  # each file read only when its batch runs
+    code, _, stderr = run_main(predict, "--model", folder, "--batch-size", 0, *paths)
+    assert code == 2 and "--batch-size 0" in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    ("pneumoniamnist", "none in training: the MedMNIST file pneumoniamnist_64.npz holds the images at 64 x 64 px"),
+    ("imagefolder:/data/chest_xray", "bilinear, to image_size x image_size, aspect ratio not kept (trainables.data.image_cache)")])
+def test_preprocessing_says_how_the_training_images_were_sized(spec, said, tmp_path):
+    """MedMNIST images come at their size in the npz file (nothing resized them); folder images were resized by the
+    image cache. preprocessing.json says which."""
+    rep = argparse.Namespace(dataset=argparse.Namespace(channels=1, task="binary", class_names=("normal", "pneumonia")),
+                             normalization=Normalization("half", torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.5)),
+                             config={"dataset": spec})
+    prep = export.preprocessing({"dataset": {"image_size": 64}}, rep, tmp_path)
+    assert prep["resize"].startswith(said) and prep["image_size"] == 64
+
+
 def test_replay_refuses_a_checkpoint_without_the_best_weights(monkeypatch):
     data, config = toy_dataset("multiclass"), resolve_config(TOY)
     monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)
