@@ -22,9 +22,10 @@ from PIL import Image
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-import analysis.export
 import analysis.replay
-from analysis import best, export, predict, report, runs
+import analysis.reproduction
+import analysis.scoring
+from analysis import best, export, model_files, predict, report, runs
 from analysis.bootstrap import bootstrap_ci, metrics_with_ci
 from analysis.calibration import calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
 from analysis.predict import load_model
@@ -125,7 +126,7 @@ def log_search(uri: str, name: str, trials: list[dict], space: dict | None, para
 @integration
 def test_export_writes_weights_architecture_preprocessing_decision_and_card(search, exported):
     out, stdout = exported
-    assert all((out / name).exists() for name in export.FILES)
+    assert all((out / name).exists() for name in model_files.FILES)
     prep = json.loads((out / "preprocessing.json").read_text())
     assert prep | {"task": "binary", "class_names": ["normal", "pneumonia"], "image_size": 28, "channels": 1,
                    "mean": [0.5], "std": [0.5], "architecture": "model.json", "weights": "model.safetensors"} == prep
@@ -215,8 +216,8 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
         seen.append(val_labels.copy())
         return fit_decision(val_logits, val_labels, *args, **kwargs)
 
-    fit_decision = analysis.export.fit_decision
-    monkeypatch.setattr(analysis.export, "fit_decision", spy)
+    fit_decision = analysis.scoring.fit_decision
+    monkeypatch.setattr(analysis.scoring, "fit_decision", spy)
     code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
                                     "--n-resamples", 50)
     assert code == 1 and "does not reproduce" in stderr  # the test labels were scrambled, so test scores moved...
@@ -452,11 +453,11 @@ def hand_export(folder: Path, task: str = "multiclass") -> Path:
     folder.mkdir()
     spec = predict.Architecture(name="simple_cnn", num_classes=3, in_chans=1, img_size=16)
     torch.manual_seed(0)
-    export.save_weights(create_model("simple_cnn", num_classes=3, in_chans=1, img_size=16), spec, folder)
+    model_files.save_weights(create_model("simple_cnn", num_classes=3, in_chans=1, img_size=16), spec, folder)
     rep = argparse.Namespace(dataset=argparse.Namespace(channels=1, task=task, class_names=("a", "b", "c")),
                              normalization=Normalization("half", torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.5)),
                              config={"dataset": "imagefolder:/toy"})
-    prep = export.preprocessing({"dataset": {"image_size": 16}}, rep, folder)
+    prep = model_files.preprocessing({"dataset": {"image_size": 16}}, rep, folder)
     (folder / "preprocessing.json").write_text(json.dumps(prep))
     (folder / "decision.json").write_text(json.dumps({"temperature": 1.5, "threshold": None}))
     return folder
@@ -499,7 +500,7 @@ def test_preprocessing_says_how_the_training_images_were_sized(spec, said, tmp_p
     rep = argparse.Namespace(dataset=argparse.Namespace(channels=1, task="binary", class_names=("normal", "pneumonia")),
                              normalization=Normalization("half", torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.5)),
                              config={"dataset": spec})
-    prep = export.preprocessing({"dataset": {"image_size": 64}}, rep, tmp_path)
+    prep = model_files.preprocessing({"dataset": {"image_size": 64}}, rep, tmp_path)
     assert prep["resize"].startswith(said) and prep["image_size"] == 64
 
 
@@ -520,7 +521,7 @@ def test_precision_change_counts_flipped_predictions_and_metric_moves():
     labels = np.array([0, 1, 1, 0])
     trial = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     exported = np.array([[0.0, -1.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.0]])  # images 0 and 2 change class
-    change = analysis.export.precision_change(trial, exported, labels, binary, {"test_acc": 0.5})
+    change = analysis.reproduction.precision_change(trial, exported, labels, binary, {"test_acc": 0.5})
     assert (change["flips"], change["flipped_test_indices"], change["n"]) == (2, [0, 2], 4)
     assert change["metrics"]["acc"] == {"exported": 1.0, "replayed": 0.5, "logged": 0.5, "difference": 0.5}
     assert change["max_abs_logit_difference"] == 2.0 and change["from"] == "cuda bf16" and "label_flips" not in change
@@ -528,9 +529,9 @@ def test_precision_change_counts_flipped_predictions_and_metric_moves():
                                     replayed=setting, fp32_is_trial=False)
     trial = np.array([[1.0, 1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 1.0]])
     exported = np.array([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 1.0]])  # image 0: two labels flip
-    change = analysis.export.precision_change(trial, exported, np.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]]), multilabel, {})
+    change = analysis.reproduction.precision_change(trial, exported, np.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]]), multilabel, {})
     assert (change["flips"], change["label_flips"], change["flipped_test_indices"]) == (1, 2, [0])
-    assert "1 of 3 test predictions flip (2 label decisions) between cuda bf16" in analysis.export._change_text(change)
+    assert "1 of 3 test predictions flip (2 label decisions) between cuda bf16" in analysis.reproduction.change_text(change)
 
 
 def test_a_min_mode_search_ranks_the_lowest_score_first(monkeypatch, toy_store):
