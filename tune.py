@@ -173,7 +173,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         live = {r.metrics.get("trial_id") for r in results if r.metrics}
         best_run = close_search(client, parent_id, best.metrics.get("trial_id") if best else None,
                                 best.metrics if best else {}, live)
-        print_summary(ranked, results, list(space.params), space.metric, space.max_t, budget_spent=spent,
+        print_summary(ranked, results, space.searched_keys(), space.metric, space.max_t, budget_spent=spent,
                       budget=budget_line(space.time_budget, used) if space.time_budget else None)
         publish(client, parent_id, report=not args.no_report)  # the run's description; reports/<name>/report.html
         if best is not None and (args.ensemble > 1 or args.tta):

@@ -23,6 +23,7 @@ from analysis.replay import replay
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH
 from trainables.tracking.ranking import RANKED
+from trainables.tracking.searched import searched_keys
 from trainables.training.metrics import probabilities
 
 SHOWN = {"binary": ("acc", "auc", "sensitivity", "specificity"), "multiclass": ("acc", "balanced_acc", "auc"),
@@ -70,7 +71,7 @@ def best_table(client, parent, args) -> pd.DataFrame:
                         f"it (python tune.py --resume {name}) or run a longer search")
     key, _ = runs.selection(parent, space)
     shown = ranked[:args.top]
-    keys = runs.searched_keys(space) or sorted({k for r in shown for k in r.data.params})
+    keys = searched_keys(space) or sorted({k for r in shown for k in r.data.params})
     columns = differing(shown, keys)
     best_id = parent.data.tags.get(runs.TAG_BEST_RUN)
     rows = []

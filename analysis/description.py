@@ -25,6 +25,7 @@ from analysis.bootstrap import format_ci, metric_names, metrics_with_ci
 from trainables.data.leaks import format_leak_report
 from trainables.tracking.names import PREDICTIONS, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
 from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, RANKED, STOPPED_EARLY, rank
+from trainables.tracking.searched import searched_keys
 from trainables.training.figures import read_test_predictions
 
 UNFINISHED = "unfinished"  # no outcome tag: killed mid-trial and not resumed
@@ -137,7 +138,7 @@ def read_leaderboard(client, parent, ci_trials: int = CI_TRIALS, n_resamples: in
     trials = runs.trials(client, parent)
     best_id = parent.data.tags.get(TAG_BEST_RUN)
     board = Leaderboard(name=parent.data.tags.get(TAG_SEARCH, parent.info.run_id), parent_id=parent.info.run_id,
-                        tracking_uri=client.tracking_uri, objective=objective, mode=mode, keys=runs.searched_keys(space),
+                        tracking_uri=client.tracking_uri, objective=objective, mode=mode, keys=searched_keys(space),
                         max_t=(space.get("scheduler") or {}).get("max_t"),
                         trials=trials, rows=leaderboard_order(trials, objective, mode),
                         winner=next((t for t in trials if t.info.run_id == best_id), None), leak=leak_text(client, parent),

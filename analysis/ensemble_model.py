@@ -2,9 +2,10 @@
 horizontal flip of the image (test-time augmentation). analysis.predict builds it from `ensemble.json` and
 `members/<label>/` (each member a model.json + model.safetensors pair, as a single export); model.ts traces it.
 
-Its output sits where a single model's logits sit, at temperature 1: the log of the mean probability for
-softmax tasks, its logit for multi-label. So whatever turns logits into probabilities (trainables.training.metrics,
-analysis.predict with decision.json's temperature 1) gets the averaged calibrated probabilities back.
+Its output sits where a single model's logits sit: the log of the mean probability for softmax tasks, its logit
+for multi-label. So whatever turns logits into probabilities at temperature 1 (trainables.training.metrics) gets
+the averaged calibrated probabilities back; analysis.predict divides it by decision.json's temperature, which
+analysis.export fits on this output on validation (out-of-fold for a cross-validated winner), as for one network.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Classify image files with an exported model folder (written by analysis.export).
 
     python -m analysis.predict --model exported/ chest1.jpeg chest2.png
+    python -m analysis.predict --model exported/ --batch-size 256 scans/*.png
 
 One line per image: path, predicted label, then the calibrated probability of every class. The image
 goes through the preprocessing the model was trained with (preprocessing.json: mode, size, bilinear
-resize, mean/std), then the model, temperature scaling and the validation-chosen threshold.
+resize, mean/std), then the model, temperature scaling and the validation-chosen threshold. Files are read
+and classified `--batch-size` at a time and each batch is printed before the next is read, so a folder of
+any size needs the memory of one batch.
 
 Loading executes nothing from the folder: the model is built by medtune's own registry from its name and
 constructor arguments (model.json), and the weights are plain tensors (model.safetensors). The folder's
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -36,6 +40,7 @@ from trainables.training.metrics import probabilities
 FORMAT = "medtune-export-v2"  # v2: the model is model.json + model.safetensors (v1 shipped TorchScript only)
 ARCHITECTURE, WEIGHTS, TORCHSCRIPT = "model.json", "model.safetensors", "model.ts"
 MEAN_IMAGE = "mean_image.safetensors"  # only for `normalize: mean_image` (a per-pixel mean)
+BATCH_SIZE = 64  # images per forward pass: a few MB of input at 224 px, and fast on a CPU
 
 
 class Architecture(BaseModel):
@@ -64,6 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="folder written by `python -m analysis.export`")
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"images read and classified at a time (default {BATCH_SIZE})")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -126,10 +133,25 @@ class ExportedModel:
         image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / float(self.prep["scale"])
         return (image - self.mean) / self.std
 
+    def predict(self, paths: Sequence, batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, list]:
+        """(calibrated probabilities (N, K), predicted label per image), `batch_size` images per forward pass."""
+        done = list(self.batches(paths, batch_size))
+        probs = np.concatenate([p for _, p, _ in done]) if done else np.zeros((0, len(self.prep["class_names"])))
+        return probs, [label for _, _, labels in done for label in labels]
+
+    def batches(self, paths: Sequence, batch_size: int = BATCH_SIZE) -> Iterator[tuple[list, np.ndarray, list]]:
+        """(paths, calibrated probabilities, labels) of `batch_size` images at a time; a file is read only when its
+        batch is classified."""
+        if batch_size < 1:
+            raise UserError(f"--batch-size {batch_size} is not a number of images; give 1 or more (e.g. {BATCH_SIZE})")
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start:start + batch_size])
+            yield (chunk, *self.predict_batch(chunk))
+
     @torch.inference_mode()
-    def predict(self, paths: list) -> tuple[np.ndarray, list]:
-        """(calibrated probabilities (N, K), predicted label per image)."""
-        batch = torch.stack([self.tensor(p) for p in paths])  # every file is read before any output
+    def predict_batch(self, paths: Sequence) -> tuple[np.ndarray, list]:
+        """One forward pass over `paths`: (calibrated probabilities (N, K), predicted label per image)."""
+        batch = torch.stack([self.tensor(p) for p in paths])
         logits = self.model(batch).float().numpy().astype(np.float64)
         task, names = self.prep["task"], self.prep["class_names"]
         probs = probabilities(task, logits / float(self.decision["temperature"]))
@@ -144,13 +166,14 @@ class ExportedModel:
 
 def predict(args) -> int:
     model = ExportedModel(args.model)
-    probs, labels = model.predict(args.images)
     names = model.prep["class_names"]
-    for path, label, row in zip(args.images, labels, probs):
-        if args.json:
-            print(json.dumps({"image": path, "label": label, "probabilities": dict(zip(names, map(float, row)))}))
-        else:
-            print(f"{path}\t{label}\t" + "  ".join(f"{n}={p:.4f}" for n, p in zip(names, row)))
+    for paths, probs, labels in model.batches(args.images, args.batch_size):
+        for path, label, row in zip(paths, labels, probs):
+            if args.json:
+                print(json.dumps({"image": path, "label": label, "probabilities": dict(zip(names, map(float, row)))}))
+            else:
+                print(f"{path}\t{label}\t" + "  ".join(f"{n}={p:.4f}" for n, p in zip(names, row)))
+        sys.stdout.flush()  # a batch's lines out before the next batch is read
     return 0
 
 

@@ -110,11 +110,6 @@ def _space_from_params(parent, name: str) -> dict:
     return {"metric": params["metric"], "mode": params["mode"]}
 
 
-def searched_keys(space: dict) -> list[str]:
-    """The config keys the search varied (a space with variants varies `variant` too)."""
-    return list(space.get("params") or {}) + (["variant"] if space.get("variants") else [])
-
-
 def selection(parent, space: dict) -> tuple[str, str]:
     """(`best_<metric>`, mode): the validation score tune.py ranked trials by, and its direction."""
     metric = space.get("metric") or parent.data.params.get("metric")

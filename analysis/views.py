@@ -2,7 +2,7 @@
 
 Static images with matplotlib (optimisation history, score against cost), interactive ones with plotly
 (learning curves with ASHA's decisions, parallel coordinates) and Optuna's own importance plot. Every
-function takes the trials table `analysis.report.trials_frame` builds (one row per trial) and draws one view.
+function takes the trials table `analysis.report_data.trials_frame` builds (one row per trial) and draws one view.
 """
 
 from __future__ import annotations
@@ -332,3 +332,48 @@ def plot_cost(frame: pd.DataFrame, objective: str, mode: str, winner: str | None
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     save(fig, path)
     return True
+
+
+# --- the report's static plots of every searched value ----------------------------------------------------
+
+def plot_metric_vs_params(frame: pd.DataFrame, keys: list[str], choice_keys: set[str], log_keys: set[str], objective: str,
+                          metric: str, path) -> None:
+    """One column per searched param: validation score (top) and test metric (bottom) of every trial; `choice_keys`
+    are drawn as categories, `log_keys` on a log axis."""
+    keys = keys or ["trial"]
+    fig, axes = plt.subplots(2, len(keys), figsize=(3.6 * len(keys), 6.4), squeeze=False)
+    ok = frame[frame["outcome"].isin([COMPLETED, STOPPED_EARLY])]
+    for col, key in enumerate(keys):
+        categories = sorted(ok[key].dropna().unique(), key=_sort_key) if key in ok else []
+        categorical = key in choice_keys or key == "trial"
+        for row, value in enumerate((objective, metric)):
+            ax = axes[row][col]
+            for outcome, marker in ((COMPLETED, "o"), (STOPPED_EARLY, "x")):
+                part = ok[(ok["outcome"] == outcome) & ok[value].notna()]
+                if part.empty:
+                    continue
+                x = part[key].map({c: i for i, c in enumerate(categories)}) if categorical else part[key]
+                ax.scatter(x, part[value], marker=marker, label=outcome.replace("_", " "), alpha=0.8)
+            if categorical:
+                ax.set_xticks(range(len(categories)), [str(c) for c in categories], rotation=30, ha="right")
+            elif key in log_keys:
+                log_axis(ax, "x")
+            ax.set_xlabel(key)
+            ax.set_ylabel(value)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Trials: validation score (selection) and test metric (reporting)")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_importance(importance: pd.Series, objective: str, path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * max(len(importance), 1)))
+    importance.sort_values().plot.barh(ax=ax)
+    ax.set_xlabel(f"fANOVA importance for {objective}")
+    fig.tight_layout()
+    save(fig, path)
+
+
+def _sort_key(value):
+    return (0, float(value), "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0.0, str(value))

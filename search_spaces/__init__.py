@@ -12,18 +12,22 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
     max_failures: 1                    # retries per trial (FailureConfig); 0 = none
     cv_folds: 1                        # K > 1: every trial trains K fold models (trainables/training/cv.py); 1..20
-    scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = epochs
+    scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = every trial's epochs
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
-    fixed: {model: resnet18, ...}      # trainables/config.py keys
+    fixed: {optimizer: adamw, weight_decay: 0.05}   # trainables/config.py keys
     variants:                          # optional: one searched choice among whole groups of keys
       vgg_scratch: {model: vgg_like}
       resnet18_frozen: {model: resnet18, pretrained: true, freeze_backbone: true}
     params:                            # searched keys: one domain each
       lr: {loguniform: [1.0e-4, 1.0e-2]}
       warmup_frac: {uniform: [0.0, 0.2]}
-      depth: {quniform: [0, 0.3, 0.1]}
+      drop_rate: {quniform: [0, 0.3, 0.1]}
       batch_size: {choice: [32, 64]}
-      epochs: {int: [1, 5]}
+      rotation_degrees: {int: [0, 15]}   # inclusive bounds
+
+A key is fixed, searched or in the variants, never two of them. The top-level keys set dataset, epochs
+(scheduler.max_t), metric, mode and cv_folds for every trial: they are not `fixed` or `params` keys.
+tests/test_spaces.py parses the example above.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeI
 from search_spaces.budget import parse_duration
 from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
 from trainables.errors import UserError
+from trainables.tracking.searched import VARIANT, searched_keys
 
 SPACES_DIR = Path(__file__).resolve().parent
 SET_BY_SPACE = ("dataset", "epochs", "metric", "mode", "cv_folds")  # trial keys the space's top-level keys decide
@@ -171,11 +176,15 @@ class SearchSpace:
         return {**self.fixed, "dataset": self.dataset, "epochs": self.max_t, "metric": self.metric, "mode": self.mode,
                 "cv_folds": self.cv_folds}
 
+    def searched_keys(self) -> list[str]:
+        """The keys this space varies (trainables.tracking.searched: the rule analysis/ applies to the logged space)."""
+        return searched_keys(self.as_dict())
+
     def param_space(self) -> dict:
         """Fixed values plus Ray Tune domains, for `Tuner(param_space=...)` with OptunaSearch."""
         space = {**self.base_config(), **{key: to_tune_domain(spec) for key, spec in self.params.items()}}
         if self.variants:
-            space["variant"] = to_tune_domain({"choice": list(self.variants)})
+            space[VARIANT] = to_tune_domain({"choice": list(self.variants)})
         return space
 
     def as_dict(self) -> dict:
@@ -314,7 +323,7 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
 
 def _check_point(space: SearchSpace, typed: SpaceFile, point: dict, fail, where: str) -> None:
     """A point gives a value inside its domain for every searched key (and a variant when there are variants)."""
-    searched = [*space.params, *(["variant"] if space.variants else [])]
+    searched = space.searched_keys()
     missing, extra = sorted(set(searched) - set(point)), sorted(set(point) - set(searched))
     if missing or extra:
         raise fail(where, f"give exactly the searched keys ({', '.join(searched)}); "

@@ -131,7 +131,7 @@ class ProgressLines(Callback):
     """One short line per epoch and per trial end, instead of Ray's wide tables."""
 
     def __init__(self, space: SearchSpace):
-        self.metric, self.max_t, self.searched = space.metric, space.max_t, list(space.params)
+        self.metric, self.max_t, self.searched = space.metric, space.max_t, space.searched_keys()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"[{trial.trial_id}] start " + " ".join(f"{k}={fmt(trial.config.get(k))}" for k in self.searched),

@@ -22,9 +22,10 @@ from PIL import Image
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-import analysis.export
 import analysis.replay
-from analysis import best, export, predict, report, runs
+import analysis.reproduction
+import analysis.scoring
+from analysis import best, export, model_files, predict, report, runs
 from analysis.bootstrap import bootstrap_ci, metrics_with_ci
 from analysis.calibration import calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
 from analysis.predict import load_model
@@ -125,7 +126,7 @@ def log_search(uri: str, name: str, trials: list[dict], space: dict | None, para
 @integration
 def test_export_writes_weights_architecture_preprocessing_decision_and_card(search, exported):
     out, stdout = exported
-    assert all((out / name).exists() for name in export.FILES)
+    assert all((out / name).exists() for name in model_files.FILES)
     prep = json.loads((out / "preprocessing.json").read_text())
     assert prep | {"task": "binary", "class_names": ["normal", "pneumonia"], "image_size": 28, "channels": 1,
                    "mean": [0.5], "std": [0.5], "architecture": "model.json", "weights": "model.safetensors"} == prep
@@ -215,8 +216,8 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
         seen.append(val_labels.copy())
         return fit_decision(val_logits, val_labels, *args, **kwargs)
 
-    fit_decision = analysis.export.fit_decision
-    monkeypatch.setattr(analysis.export, "fit_decision", spy)
+    fit_decision = analysis.scoring.fit_decision
+    monkeypatch.setattr(analysis.scoring, "fit_decision", spy)
     code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
                                     "--n-resamples", 50)
     assert code == 1 and "does not reproduce" in stderr  # the test labels were scrambled, so test scores moved...
@@ -355,9 +356,11 @@ def toy_winner(tmp_path, monkeypatch, task: str, uri: str | None = None, config:
     save_checkpoint(state, tmp_path / "checkpoint")
     name = f"toy-{tmp_path.name}"
     if uri is not None:
-        log_search(uri, name, [{"trial_id": "toy00001", "metrics": last.metrics, "params": {"lr": TOY["lr"]},
-                                "checkpoint": tmp_path / "checkpoint"}],
-                   {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [TOY["lr"]]}}})
+        # searched as a space with variants searches: the trial's config names its variant, expanded by the trainable
+        log_search(uri, name, [{"trial_id": "toy00001", "metrics": last.metrics,
+                                "params": {"lr": TOY["lr"], "variant": "small_cnn"}, "checkpoint": tmp_path / "checkpoint"}],
+                   {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [TOY["lr"]]}},
+                    "variants": {"small_cnn": {"model": TOY["model"]}}})
     asked = []
     monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: asked.append((spec, kwargs)) or data)
     return argparse.Namespace(uri=uri, name=name, data=data, metrics=last.metrics, state=state, asked=asked)
@@ -395,6 +398,9 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
     assert (out / "mean_image.safetensors").exists() == (normalize == "mean_image")
     decision = json.loads((out / "decision.json").read_text())
     assert decision["threshold"] is None and decision["temperature"] > 0
+    # the card names the winner's searched values, its variant (the architecture) included
+    assert metrics["searched"] == {"lr": TOY["lr"], "variant": "small_cnn"}
+    assert f"Searched values: lr={TOY['lr']}, variant=small_cnn." in (out / "model_card.md").read_text()
 
     # predict on PNG files of test images: the exported model's calibrated probabilities and labels
     images = toy.data.test.images[:6]
@@ -440,6 +446,64 @@ def test_a_gpu_bf16_trial_exports_on_a_cpu_within_the_stated_tolerance(tmp_path,
     assert "match within" in stdout and "trial: cuda bf16" in stdout
 
 
+def hand_export(folder: Path, task: str = "multiclass") -> Path:
+    """An export folder written by the export's own file writers around a fresh toy network (no search, < 1 s)."""
+    from trainables.models import create_model
+
+    folder.mkdir()
+    spec = predict.Architecture(name="simple_cnn", num_classes=3, in_chans=1, img_size=16)
+    torch.manual_seed(0)
+    model_files.save_weights(create_model("simple_cnn", num_classes=3, in_chans=1, img_size=16), spec, folder)
+    rep = argparse.Namespace(dataset=argparse.Namespace(channels=1, task=task, class_names=("a", "b", "c")),
+                             normalization=Normalization("half", torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.5)),
+                             config={"dataset": "imagefolder:/toy"})
+    prep = model_files.preprocessing({"dataset": {"image_size": 16}}, rep, folder)
+    (folder / "preprocessing.json").write_text(json.dumps(prep))
+    (folder / "decision.json").write_text(json.dumps({"temperature": 1.5, "threshold": None}))
+    return folder
+
+
+def test_predict_reads_and_classifies_batch_size_images_at_a_time(tmp_path, monkeypatch):
+    """A folder of any size: no forward pass sees more than --batch-size images, and the answers are those of one
+    batch of everything; the CLI prints each batch before reading the next."""
+    folder = hand_export(tmp_path / "export")
+    paths = write_pngs(toy_dataset("multiclass").test.images[:7], tmp_path / "images")
+    whole = predict.ExportedModel(folder).predict(paths, batch_size=len(paths))
+    seen = []
+    real_load = predict.load_model
+
+    def spied(path):
+        model = real_load(path)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(predict, "load_model", spied)
+    batched = predict.ExportedModel(folder).predict(paths, batch_size=3)
+    assert seen == [3, 3, 1] and batched[1] == whole[1] and np.allclose(batched[0], whole[0], atol=1e-6)
+    read = []
+    monkeypatch.setattr(predict.ExportedModel, "tensor", lambda self, p, real=predict.ExportedModel.tensor:
+                        read.append((p, len(seen))) or real(self, p))
+    seen.clear()
+    code, stdout, _ = run_main(predict, "--model", folder, "--json", "--batch-size", 2, *paths)
+    assert code == 0 and seen == [2, 2, 2, 1] and [json.loads(line)["label"] for line in stdout.splitlines()] == whole[1]
+    assert [passes for _, passes in read] == [0, 0, 1, 1, 2, 2, 3]  # each file read only when its batch runs
+    code, _, stderr = run_main(predict, "--model", folder, "--batch-size", 0, *paths)
+    assert code == 2 and "--batch-size 0" in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    ("pneumoniamnist", "none in training: the MedMNIST file pneumoniamnist_64.npz holds the images at 64 x 64 px"),
+    ("imagefolder:/data/chest_xray", "bilinear, to image_size x image_size, aspect ratio not kept (trainables.data.image_cache)")])
+def test_preprocessing_says_how_the_training_images_were_sized(spec, said, tmp_path):
+    """MedMNIST images come at their size in the npz file (nothing resized them); folder images were resized by the
+    image cache. preprocessing.json says which."""
+    rep = argparse.Namespace(dataset=argparse.Namespace(channels=1, task="binary", class_names=("normal", "pneumonia")),
+                             normalization=Normalization("half", torch.full((1, 1, 1), 0.5), torch.full((1, 1, 1), 0.5)),
+                             config={"dataset": spec})
+    prep = model_files.preprocessing({"dataset": {"image_size": 64}}, rep, tmp_path)
+    assert prep["resize"].startswith(said) and prep["image_size"] == 64
+
+
 def test_replay_refuses_a_checkpoint_without_the_best_weights(monkeypatch):
     data, config = toy_dataset("multiclass"), resolve_config(TOY)
     monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)
@@ -457,7 +521,7 @@ def test_precision_change_counts_flipped_predictions_and_metric_moves():
     labels = np.array([0, 1, 1, 0])
     trial = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     exported = np.array([[0.0, -1.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.0]])  # images 0 and 2 change class
-    change = analysis.export.precision_change(trial, exported, labels, binary, {"test_acc": 0.5})
+    change = analysis.reproduction.precision_change(trial, exported, labels, binary, {"test_acc": 0.5})
     assert (change["flips"], change["flipped_test_indices"], change["n"]) == (2, [0, 2], 4)
     assert change["metrics"]["acc"] == {"exported": 1.0, "replayed": 0.5, "logged": 0.5, "difference": 0.5}
     assert change["max_abs_logit_difference"] == 2.0 and change["from"] == "cuda bf16" and "label_flips" not in change
@@ -465,9 +529,9 @@ def test_precision_change_counts_flipped_predictions_and_metric_moves():
                                     replayed=setting, fp32_is_trial=False)
     trial = np.array([[1.0, 1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 1.0]])
     exported = np.array([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [1.0, -1.0, 1.0]])  # image 0: two labels flip
-    change = analysis.export.precision_change(trial, exported, np.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]]), multilabel, {})
+    change = analysis.reproduction.precision_change(trial, exported, np.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]]), multilabel, {})
     assert (change["flips"], change["label_flips"], change["flipped_test_indices"]) == (1, 2, [0])
-    assert "1 of 3 test predictions flip (2 label decisions) between cuda bf16" in analysis.export._change_text(change)
+    assert "1 of 3 test predictions flip (2 label decisions) between cuda bf16" in analysis.reproduction.change_text(change)
 
 
 def test_a_min_mode_search_ranks_the_lowest_score_first(monkeypatch, toy_store):

@@ -201,7 +201,7 @@ def test_the_ray_trainable_writes_fold_files_and_out_of_fold_predictions(monkeyp
 
 
 def test_the_model_card_names_the_fold_a_cross_validated_winner_held_out_not_the_official_split():
-    from analysis.export import split_text
+    from analysis.model_card import split_text
 
     cv = split_text({"cv_folds": 5, "fold": 2, "split_ratio": None, "seed": 0, "patient_grouped": True})
     assert cv.startswith("fold 3 of 5 cross-validation folds of the development pool")

@@ -101,7 +101,6 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
     assert manifest["network"] == "ensemble" and manifest["tta"] and not (out / "model.safetensors").exists()
     assert set(manifest["choice"]["variants"]) == {"single", "single+tta", "ensemble", "ensemble+tta"}
     decision = json.loads((out / "decision.json").read_text())
-    assert decision["temperature"] == 1.0  # members carry their own
 
     test = search.data.test
     expected = np.mean([replayed_probabilities(search.states[m["label"]], test, m["temperature"], tta=True)
@@ -109,11 +108,21 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
     for member in manifest["members"]:  # each temperature is the member's own, fitted on validation
         rep = replay(search.states[member["label"]])
         assert member["temperature"] == fit_temperature(*rep.logits(rep.model, rep.val), "binary")
+    # and the average gets its own, fitted on the validation split as the card says: the calibration rows move
+    val = replay(search.states["trial_a"]).val
+    averaged = np.mean([replayed_probabilities(search.states[m["label"]], val, m["temperature"], tta=True)
+                        for m in manifest["members"]], axis=0)
+    assert decision["temperature"] == pytest.approx(fit_temperature(np.log(averaged), val.labels, "binary"), rel=1e-4)
+    calibration = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert calibration["val"]["nll_after"] < calibration["val"]["nll_before"]
+    assert calibration["test"]["ece_after"] != calibration["test"]["ece_before"]
+    card = (out / "model_card.md").read_text()
+    assert f"is divided by T = {decision['temperature']:.4f}, fitted on\nthe validation split" in card
     # analysis.predict on PNG files: the ensemble is loaded transparently (its own preprocessing, mean image)
     code, stdout, stderr = run_main(predict, "--model", out, "--json", *write_pngs(test.images[:8], search.tmp / "png"))
     assert code == 0, stderr
     predicted = [[json.loads(line)["probabilities"][n] for n in search.data.class_names] for line in stdout.splitlines()]
-    assert np.allclose(predicted, expected[:8], atol=1e-6)
+    assert np.allclose(predicted, calibrated(np.log(expected[:8]), "binary", decision["temperature"]), atol=1e-6)
     inputs = replay(search.states["trial_a"]).normalization(torch.from_numpy(test.images).permute(0, 3, 1, 2))
     with torch.no_grad():
         traced = calibrated(torch.jit.load(str(out / "model.ts"))(inputs).numpy().astype(np.float64), "binary", 1.0)

@@ -106,7 +106,10 @@ def test_a_cv_winners_ensemble_ships_its_fold_models_and_their_mean(cv_search):
         probs = calibrated(shipped(inputs).numpy().astype(np.float64), "binary", 1.0)
     assert np.allclose(probs, np.mean(expected, axis=0), atol=1e-6)
     decision = json.loads((out / "decision.json").read_text())
-    assert decision["temperature"] == 1.0 and decision["fitted_on"].startswith("out-of-fold predictions of the 3")
+    assert decision["fitted_on"].startswith("out-of-fold predictions of the 3")
+    # the average's own temperature: fitted on the out-of-fold probabilities, the card's claim
+    assert decision["temperature"] == pytest.approx(fit_temperature(np.log(oof), data.dev.labels, "binary"), rel=1e-4)
+    assert "divided by T = " + format(decision["temperature"], ".4f") in (out / "model_card.md").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reproduced"]["ok"]  # the best fold model alone still reproduces the logged test metrics
 

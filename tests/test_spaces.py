@@ -1,11 +1,17 @@
+import json
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 from ray.tune.schedulers import FIFOScheduler
 
+import search_spaces
 import tune
-from search_spaces import load_space, shipped_spaces
-from search_spaces.tuner import make_scheduler, make_searcher
+from analysis.summary import print_summary, rank_results
+from search_spaces import load_space, parse_space, shipped_spaces
+from search_spaces.tuner import ProgressLines, make_scheduler, make_searcher
 from trainables.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +87,33 @@ def test_bad_space_names_file_and_key(tmp_path, case):
         load_space(str(path))
     assert str(path) in str(error.value) and expected in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_variants_space_prints_the_winning_variant_in_progress_lines_and_summary(capsys):
+    """architecture_zoo searches `variant` (the architecture) besides lr: the per-trial line, the end-of-search
+    table and the best config all show it, as the leaderboard and the report do (one list of searched keys)."""
+    space = load_space("architecture_zoo")
+    assert space.searched_keys() == ["lr", "variant"]
+    ProgressLines(space).on_trial_start(0, [], SimpleNamespace(trial_id="t1", config={"lr": 1e-3, "variant": "resnet18"}))
+    assert "[t1] start lr=0.001 variant=resnet18" in capsys.readouterr().out
+
+    def result(trial_id, variant, auc):
+        return SimpleNamespace(error=None, config={"lr": 1e-3, "variant": variant}, metrics={
+            "trial_id": trial_id, "training_iteration": space.max_t, "done": True, "best_val_auc": auc,
+            "test_auc": auc - 0.01, "test_acc": 0.8})
+
+    results = [result("t1", "resnet18", 0.90), result("t2", "densenet121", 0.95)]
+    ranked = rank_results(results, space.metric, space.mode, space.max_t)
+    print_summary(ranked, results, space.searched_keys(), space.metric, space.max_t)
+    out = capsys.readouterr().out
+    assert out.splitlines()[2].split() == ["trial", "lr", "variant", "epochs", "best_val_auc", "test_auc", "test_acc"]
+    best = next(line for line in out.splitlines() if line.startswith("best config:"))
+    assert json.loads(best.removeprefix("best config:")) == {"lr": 1e-3, "variant": "densenet121"}
+
+
+def test_the_schema_example_in_the_docstring_is_a_valid_space():
+    """The example block of search_spaces' docstring, parsed as a space file: what it documents is accepted."""
+    block = textwrap.dedent("\n".join(line for line in search_spaces.__doc__.splitlines() if line.startswith("    ")))
+    space = parse_space(yaml.safe_load(block), REPO / "example.yaml")
+    assert space.variants and {"int", "choice", "loguniform", "uniform", "quniform"} == {
+        kind for domain in space.params.values() for kind in domain}

@@ -11,7 +11,7 @@ import torch
 from conftest import toy_images
 
 import analysis.replay
-from analysis.export import architecture, save_model
+from analysis.model_files import architecture, save_model
 from analysis.predict import load_model
 from analysis.replay import replay
 from search_spaces import parse_space

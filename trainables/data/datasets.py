@@ -38,3 +38,9 @@ def load_dataset(spec: str, *, image_size: int = 28, data_root: str | None = Non
     load, path = loader(spec)
     return load(path=path, image_size=int(image_size), data_root=default_data_root(data_root),
                 skip_bad_images=bool(skip_bad_images), split_version=int(split_version))
+
+
+def from_image_files(spec: str) -> bool:
+    """True for the file-based kinds (`kind:PATH`): their images were decoded and resized to the trial's size by
+    trainables.data.image_cache. False for a MedMNIST set, whose npz file holds its images at that size already."""
+    return loader(spec)[1] is not None
