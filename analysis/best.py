@@ -24,6 +24,7 @@ from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH
 from trainables.tracking.ranking import RANKED
 from trainables.tracking.searched import searched_keys
+from trainables.tracking.text import fmt
 from trainables.training.metrics import probabilities
 
 SHOWN = {"binary": ("acc", "auc", "sensitivity", "specificity"), "multiclass": ("acc", "balanced_acc", "auc"),
@@ -78,7 +79,7 @@ def best_table(client, parent, args) -> pd.DataFrame:
     for rank, run in enumerate(shown, 1):
         m = run.data.metrics
         row = {"rank": rank, "trial": runs.trial_label(run) + (" *" if run.info.run_id == best_id else ""),
-               **{k: _short(run.data.params.get(k)) for k in columns}, key: f"{m[key]:.4f}"}
+               **{k: fmt(run.data.params.get(k)) for k in columns}, key: f"{m[key]:.4f}"}
         cis = None if args.no_ci else test_cis(client, run, args.data_root, args.n_resamples, args.seed)
         if cis is None:  # --no-ci, or the checkpoint is gone: the logged point values
             row |= {f"test_{name}": f"{m[f'test_{name}']:.3f}" for name in ("acc", "auc") if f"test_{name}" in m}
@@ -87,14 +88,6 @@ def best_table(client, parent, args) -> pd.DataFrame:
         row["logged_test_acc"] = f"{m.get('test_acc', float('nan')):.4f}"
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _short(param: str | None) -> str | None:
-    """A logged param as shown: floats to 4 significant digits (0.02239, not 0.022390921945103375)."""
-    try:
-        return param if param is None or "." not in param and "e" not in param else f"{float(param):.4g}"
-    except ValueError:
-        return param
 
 
 def _task(cis: dict) -> str:

@@ -26,6 +26,7 @@ from trainables.data.leaks import format_leak_report
 from trainables.tracking.names import PREDICTIONS, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
 from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, RANKED, STOPPED_EARLY, rank
 from trainables.tracking.searched import searched_keys
+from trainables.tracking.text import CELL_PAD, fmt, markdown_table
 from trainables.training.figures import read_test_predictions
 
 UNFINISHED = "unfinished"  # no outcome tag: killed mid-trial and not resumed
@@ -35,7 +36,6 @@ CI_TRIALS = 3  # finished trials that get bootstrap CIs (the others show logged 
 CI_RESAMPLES = 1000
 CONFIG_INTRO = "Config (every key the search set; the others are medtune's defaults, logged in the trial's checkpoint):"
 LEADERBOARD_TESTS = ("acc", "auc")  # test columns of the leaderboard; the winner's section lists every metric
-CELL_PAD = "&emsp;"  # see markdown_table
 LEAK_FILE = "leak_report.json"  # logged on the parent run by tune.py
 LABELS = {"acc": "accuracy", "balanced_acc": "balanced accuracy", "auc": "AUC", "sensitivity": "sensitivity",
           "specificity": "specificity", "exact_match": "exact match"}
@@ -152,17 +152,6 @@ def read_leaderboard(client, parent, ci_trials: int = CI_TRIALS, n_resamples: in
 
 # --- the Markdown ------------------------------------------------------------------------------------
 
-def short(value) -> str:
-    """A logged param or metric as shown: floats to 4 significant digits (0.02239, not 0.022390921945103375)."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    text = "" if value is None else str(value)
-    try:
-        return f"{float(text):.4g}" if "." in text or "e" in text.lower() else text
-    except ValueError:
-        return text
-
-
 def task_of(board: Leaderboard) -> str | None:
     """The task, known from the CI metric names (binary has sensitivity; multi-label exact match)."""
     names = set(next(iter(board.cis.values()), {}))
@@ -199,7 +188,7 @@ def headline(board: Leaderboard) -> list[str]:
                 f"Resume the search (`python tune.py --resume {board.name}`) or give trials more epochs."]
     label = runs.trial_label(board.winner)
     line = [f"## Search `{board.name}`: winner `{label}`",
-            f"Chosen on validation: `{board.objective}` = {short(board.winner.data.metrics.get(board.objective))} "
+            f"Chosen on validation: `{board.objective}` = {fmt(board.winner.data.metrics.get(board.objective))} "
             f"({direction(board.mode)})."]
     cis = board.cis.get(board.winner.info.run_id)
     if cis:
@@ -216,8 +205,8 @@ def leaderboard_cells(board: Leaderboard, top: int = TOP) -> tuple[list[str], li
     rows = []
     for place, run in enumerate(board.rows[:top], 1):
         trial = runs.trial_label(run) + (" (winner)" if _same(run, board.winner) else "")
-        rows.append([str(place), trial, *[short(run.data.params.get(k)) for k in board.keys],
-                     short(run.data.metrics.get(board.objective)), epochs_cell(run, board.max_t),
+        rows.append([str(place), trial, *[fmt(run.data.params.get(k)) for k in board.keys],
+                     fmt(run.data.metrics.get(board.objective)), epochs_cell(run, board.max_t),
                      *[tested_cell(board, run, n) for n in LEADERBOARD_TESTS]])
     return header, rows
 
@@ -230,21 +219,11 @@ def leaderboard_intro(board: Leaderboard) -> str:
 
 def leaderboard_table(board: Leaderboard, top: int = TOP) -> list[str]:
     header, rows = leaderboard_cells(board, top)
-    lines = ["### Leaderboard", leaderboard_intro(board), "", *markdown_table(header, rows)]
+    lines = ["### Leaderboard", leaderboard_intro(board), "", *markdown_table(header, rows, cell_end=CELL_PAD, bold=_winner_row)]
     if len(board.rows) > top:
         lines.append(f"\n{len(board.rows) - top} more trials: `python -m analysis.best --search {board.name} --top "
                      f"{len(board.rows)}`, or the study report.")
     return lines
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A Markdown table whose cells end in an em space: MLflow's note view draws tables without padding, where
-    `0.01` and `0.9` in neighbouring columns would read `0.010.9`. The winner's row is bold."""
-    def line(cells: list[str], bold: bool = False) -> str:
-        cells = [f"**{c}**" if bold and c else c for c in cells]
-        return "| " + " | ".join(c.replace("|", "\\|") + CELL_PAD for c in cells) + " |"
-    return [line(header), "|" + "---|" * len(header),
-            *[line(row, bold=any(str(c).endswith("(winner)") for c in row)) for row in rows]]
 
 
 def ci_note(board: Leaderboard) -> str:
@@ -262,13 +241,14 @@ def winner_section(board: Leaderboard) -> list[str]:
     if board.winner is None:
         return []
     run, metrics = board.winner, board.winner.data.metrics
-    searched = ", ".join(f"`{k}` = {short(run.data.params.get(k))}" for k in board.keys) or "(nothing searched)"
+    searched = ", ".join(f"`{k}` = {fmt(run.data.params.get(k))}" for k in board.keys) or "(nothing searched)"
     lines = ["### The winner's config",
              f"Trial `{runs.trial_label(run)}`, MLflow run `{run.info.run_id}`: {searched}; best validation at epoch "
-             f"{short(metrics.get('best_epoch'))} of {short(metrics.get('epoch'))}."]
+             f"{fmt(metrics.get('best_epoch'))} of {fmt(metrics.get('epoch'))}."]
     tested = winner_tests(board)
     if tested:
-        lines += ["", *markdown_table(["test metric (reported)", "value [95 % CI]"], [list(t) for t in tested])]
+        lines += ["", *markdown_table(["test metric (reported)", "value [95 % CI]"], [list(t) for t in tested],
+                                         cell_end=CELL_PAD)]
     config = "\n".join(f"{k}: {v}" for k, v in sorted(run.data.params.items()))
     lines += ["", CONFIG_INTRO, "```yaml", config, "```"]
     if run.data.tags.get(TAG_CHECKPOINT):
@@ -366,3 +346,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _winner_row(row: list) -> bool:
+    return any(str(cell).endswith("(winner)") for cell in row)

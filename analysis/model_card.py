@@ -9,6 +9,7 @@ from __future__ import annotations
 from analysis.bootstrap import format_ci
 from analysis.calibration import ECE_BINS
 from analysis.reproduction import change_text, reproduction_text
+from trainables.tracking.text import markdown_table
 
 
 def _ensemble_text(metrics: dict) -> str:
@@ -27,7 +28,7 @@ def _ensemble_text(metrics: dict) -> str:
             f"chosen by the {choice['rule']}: {choice['reason']}. Each member's probabilities are calibrated at its own "
             "temperature (ensemble.json) before averaging, then the average once more (see Calibration). "
             "Test columns were computed after the choice, never used for it.\n\n"
-            + _table(["variant", f"{'out-of-fold' if ensemble.get('members_are') == 'folds' else 'validation'} "
+            + table(["variant", f"{'out-of-fold' if ensemble.get('members_are') == 'folds' else 'validation'} "
                       f"{choice['metric']}", "gap to best", "SE of gap", "passes/image",
                       "test AUC", "test acc"], rows) + "\n\n" + "".join(f"- {line}\n" for line in ensemble["skipped"])
             + ("\n" if ensemble["skipped"] else ""))
@@ -46,11 +47,6 @@ def _mean_image_file(prep: dict) -> str:
 
 def _values(values: list) -> str:
     return ", ".join(f"{v:.4g}" for v in values)
-
-
-def _table(headers: list, rows: list) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def split_text(splits: dict) -> str:
@@ -85,7 +81,7 @@ def model_card(metrics: dict, prep: dict, decision: dict, config: dict) -> str:
         for key, title in (("confusion_argmax", "argmax rule"), ("confusion_threshold", "chosen threshold")):
             if key in test:
                 confusions.append(f"Test, {title} (rows: true class, columns: predicted class):\n\n"
-                                  + _table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, test[key])]))
+                                  + table(["true \\ predicted", *names], [[n, *row] for n, row in zip(names, test[key])]))
     repro = metrics["reproduced"]
     searched = ", ".join(f"{k}={v}" for k, v in metrics["searched"].items()) or "(nothing searched)"
     return f"""# Model card: {prep['task']} classifier for {metrics['dataset']} ({config['model']})
@@ -104,14 +100,14 @@ chosen on validation: {metrics['selection']['metric']} = {metrics['selection']['
 - Train/validation: {how_split}. Test: the dataset's fixed test split, never used to select the epoch,
   the trial, the threshold or the temperature.
 
-{_table(['split', 'images', 'per class'], split_rows)}
+{table(['split', 'images', 'per class'], split_rows)}
 
 ## Test metrics
 
 95 % percentile bootstrap intervals over test images ({metrics['bootstrap']['n_resamples']} resamples,
 seed {metrics['bootstrap']['seed']}); computed with the exported float32 model (`model.safetensors`).
 
-{_table(headers, rows)}
+{table(headers, rows)}
 
 {_ensemble_text(metrics)}Reproduction check, the best checkpoint vs the trial's logged test metrics: {reproduction_text(repro)}.
 
@@ -129,7 +125,7 @@ Temperature scaling: {_scaled_text(decision)} divided by T = {decision['temperat
 {decision.get('fitted_on', 'the validation split')} by minimising the negative log-likelihood. Expected calibration
 error ({ECE_BINS} equal-width bins, top label):
 
-{_table(['split', 'ECE before', 'ECE after', 'NLL before', 'NLL after'],
+{table(['split', 'ECE before', 'ECE after', 'NLL before', 'NLL after'],
         [[s, f"{cal[s]['ece_before']:.4f}", f"{cal[s]['ece_after']:.4f}", f"{cal[s]['nll_before']:.4f}",
           f"{cal[s]['nll_after']:.4f}"] for s in ('val', 'test')])}
 
@@ -158,3 +154,7 @@ float32 state dict), `model.ts` (the same network as TorchScript, for other runt
 `config.json` (the trial config), `metrics.json` (every number above).
 Predict: `python -m analysis.predict --model <this folder> IMAGE...`.
 """
+
+
+def table(headers: list, rows: list) -> str:
+    return "\n".join(markdown_table(headers, rows))

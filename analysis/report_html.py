@@ -16,9 +16,10 @@ import optuna
 import pandas as pd
 
 from analysis import runs, views
-from analysis.description import Leaderboard, leaderboard_cells, leaderboard_intro, short, winner_tests
+from analysis.description import Leaderboard, leaderboard_cells, leaderboard_intro, winner_tests
 from analysis.report_data import domain
 from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY
+from trainables.tracking.text import fmt
 
 
 def png(path: Path) -> str:
@@ -84,11 +85,11 @@ def winner_section(board: Leaderboard, keys: list[str]) -> str:
     if board.winner is None:
         return ""
     run = board.winner
-    searched = ", ".join(f"{k} = {short(run.data.params.get(k))}" for k in keys) or "nothing searched"
+    searched = ", ".join(f"{k} = {fmt(run.data.params.get(k))}" for k in keys) or "nothing searched"
     tested = winner_tests(board)
     config = "\n".join(f"{k}: {v}" for k, v in sorted(run.data.params.items()))
     return section("The winner", para(f"Trial {runs.trial_label(run)} (MLflow run {run.info.run_id}): {searched}. "
-                                      f"{board.objective} = {short(run.data.metrics.get(board.objective))} on validation."),
+                                      f"{board.objective} = {fmt(run.data.metrics.get(board.objective))} on validation."),
                    table(["test metric (reported, never used to choose)", "value [95 % CI]"], [list(t) for t in tested])
                    if tested else para("No test predictions kept: python -m analysis.best re-scores the checkpoint."),
                    f"<details><summary>Config</summary><pre>{html.escape(config)}</pre></details>")
@@ -109,7 +110,7 @@ def trials_section(frame: pd.DataFrame, keys: list[str], objective: str, histori
                    table(header, rows))
 
 
-def _cell(value, number=short) -> str:
+def _cell(value, number=fmt) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return number(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)

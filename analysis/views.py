@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from trainables.tracking.ranking import COMPLETED, FAILED, STOPPED_EARLY  # noqa: E402
+from trainables.tracking.text import fmt  # noqa: E402
 
 COSTS = {"params_total": "parameters", "flops_per_image": "FLOPs per image"}  # logged by every trial
 COLOURS = {COMPLETED: "#1f77b4", STOPPED_EARLY: "#8c8c8c", FAILED: "#d62728"}
@@ -180,7 +181,7 @@ def learning_curves_figure(frame: pd.DataFrame, histories: dict, rungs: list[int
             continue
         epochs, values = zip(*history)
         hover = f"{row['trial']} ({row['outcome'].replace('_', ' ')})<br>" + "<br>".join(
-            f"{k} = {_hover_value(row.get(k))}" for k in searched)
+            f"{k} = {fmt(row.get(k))}" for k in searched)
         group = "winner" if row["trial"] == winner else row["outcome"]
         fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers", name=group.replace("_", " "),
                                  legendgroup=group, showlegend=group not in shown,
@@ -206,10 +207,6 @@ def learning_curves_figure(frame: pd.DataFrame, histories: dict, rungs: list[int
                       yaxis_title=metric, height=480, template="plotly_white", hovermode="closest")
     fig.update_xaxes(tickformat="d", dtick=1 if max((len(h) for h in histories.values()), default=0) <= 20 else None)
     return fig
-
-
-def _hover_value(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # --- parallel coordinates ----------------------------------------------------------------------------
