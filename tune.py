@@ -24,6 +24,7 @@ from search_spaces.overrides import (
     apply_overrides,
     check_resume_flags,
     check_resume_selection,
+    check_saved_direction,
     pin_older_stem,
     resume_tracking_uri,
 )
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
             if state is None:
                 raise UserError(f"No search named {args.resume!r} in {storage_root(args.storage)}; "
                                 "check --resume NAME and --storage")
+            check_saved_direction(args.resume, state["space"])
             space = pin_older_stem(parse_space(state["space"], Path(f"{state['space_name']}.yaml")))
             check_resume_selection(args, space)
             tracking_uri = resume_tracking_uri(args, state)

@@ -24,6 +24,17 @@ def metric_direction(name: str) -> str:
     return "min" if name.removeprefix("best_").removeprefix("val_") in LOWER_IS_BETTER else "max"
 
 
+def selection_mode(metric: str, mode: str | None = None, flag: str = "mode") -> str:
+    """The direction to select `metric` in: `mode` when it agrees with `metric_direction`, that direction when
+    `mode` is None; ValueError naming `flag` when it contradicts (maximising a loss is never what was meant)."""
+    direction = metric_direction(metric)
+    if mode is not None and mode != direction:
+        better = "lower" if direction == "min" else "higher"
+        raise ValueError(f"{flag} {mode} contradicts metric {metric}, where {better} is better; use {flag} "
+                         f"{direction} or leave {flag} out")
+    return direction
+
+
 def outcome(epochs_done: int, max_t: int, failed: bool = False, marked_done: bool = True,
             budget_spent: bool = False) -> str:
     """A trial is completed when it trained all `max_t` epochs (it then has test metrics). One that stopped before
