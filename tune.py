@@ -29,6 +29,7 @@ from search_spaces.overrides import (
     resume_tracking_uri,
 )
 from trainables.errors import UserError
+from trainables.tracking.ranking import FAILED
 from trainables.tracking.state import check_storage, read_state, storage_root, write_state
 
 
@@ -110,7 +111,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     """Check everything, start Ray, run (or resume) the Tuner, name the winner in MLflow, print where it is."""
     import ray
 
-    from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results
+    from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results, result_outcome
     from search_spaces.preflight import (
         check_folds,
         check_leaks,
@@ -186,7 +187,8 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         print_where(tracking_uri, experiment_id, parent_id)
     finally:
         ray.shutdown()
-    return 0 if any(r.error is None for r in results) else 1  # every trial failed: say so to scripts too
+    ended = [result_outcome(r, space.max_t, spent) for r in results]
+    return 0 if any(e != FAILED for e in ended) else 1  # every trial failed: say so to scripts too
 
 
 def main(argv=None) -> int:

@@ -6,14 +6,25 @@ import json
 import math
 import os
 
-from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, outcome, rank, selection_key
+from trainables.tracking.ranking import (
+    COMPLETED,
+    CUT_BY_BUDGET,
+    FAILED,
+    RANKED,
+    STOPPED_EARLY,
+    outcome,
+    rank,
+    reported_failure,
+    selection_key,
+)
 from trainables.tracking.text import fmt
 
 
 def result_outcome(result, max_t: int, budget_spent: bool = False) -> str:
     """How a Ray Tune result ended, by the shared rule (`done` is the mark ASHA and a finished trial leave)."""
     metrics = result.metrics or {}
-    return outcome(int(metrics.get("training_iteration", 0)), max_t, failed=result.error is not None,
+    return outcome(int(metrics.get("training_iteration", 0)), max_t,
+                   failed=result.error is not None or reported_failure(metrics) is not None,
                    marked_done=bool(metrics.get("done")), budget_spent=budget_spent)
 
 

@@ -39,7 +39,7 @@ from trainables.tracking.names import (
     TAG_TRIAL,
     TAG_VERSION,
 )
-from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome
+from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported_failure
 
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
@@ -213,6 +213,8 @@ class MLflowTrialCallback(Callback):
         self.client.update_run(self._run_id(trial), status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if reported_failure(result):  # the trial's own end, not an epoch: on_trial_complete records it
+            return
         step = int(result.get("training_iteration", 0))
         params = flat_params({key: result[key] for key in RESULT_PARAMS if key in result}) \
             if trial.trial_id not in self._result_params else []  # once per trial (again after a resume: same value)
@@ -220,6 +222,10 @@ class MLflowTrialCallback(Callback):
         self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step), params=params)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        failure = reported_failure(trial.last_result)
+        if failure:  # ended itself on a deterministic error (trainables.ray_trainable): failed, not retried
+            self._fail(trial, failure)
+            return
         self._close(trial, outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t))
 
     def on_experiment_end(self, trials, **info):
@@ -248,9 +254,12 @@ class MLflowTrialCallback(Callback):
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
         error = (trial.error_file and Path(trial.error_file).exists() and
                  Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
+        self._fail(trial, error)
+
+    def _fail(self, trial, error: str) -> None:
+        run_id = self._run_id(trial)
         self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, FAILED), RunTag(TAG_ERROR, error[:5000])])
         self.client.set_terminated(run_id, status="FAILED")
 
