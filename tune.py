@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
-from search_spaces.budget import budget_line, parse_duration, record_budget_spent
+from search_spaces.budget import budget_line, parse_duration
 from search_spaces.overrides import (
     apply_overrides,
     check_resume_flags,
@@ -30,7 +30,7 @@ from search_spaces.overrides import (
 )
 from trainables.errors import UserError
 from trainables.tracking.ranking import FAILED
-from trainables.tracking.state import check_storage, read_state, storage_root, write_state
+from trainables.tracking.state import budget_spent, check_storage, read_state, storage_root, write_state
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -164,12 +164,12 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         if resuming:
             tuner = restore_tuner(space, name, storage, trainable)
         else:
-            callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t, space.time_budget)
+            callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t, space.time_budget, storage)
             tuner = build_tuner(space, name, storage, trainable, [callback], seed)
         started = time.time()
         results = tuner.fit()
-        used = time.time() - started
-        spent = record_budget_spent(args.storage, name, space.time_budget, used)  # the running trials were cut
+        # the callback's budget clock decided whether Ray cut the running trials (over every run of the search)
+        used, spent = budget_spent(read_state(args.storage, name), space.time_budget, time.time() - started)
         ranked = rank_results(results, space.metric, space.mode, space.max_t, spent)
         best = ranked[0] if ranked else None
         live = {r.metrics.get("trial_id") for r in results if r.metrics}
