@@ -19,16 +19,18 @@ import time
 from pathlib import Path
 
 from search_spaces import SearchSpace, load_space, parse_space, shipped_spaces
-from search_spaces.budget import budget_line, parse_duration, record_budget_spent
+from search_spaces.budget import budget_line, parse_duration
 from search_spaces.overrides import (
     apply_overrides,
     check_resume_flags,
     check_resume_selection,
+    check_saved_direction,
     pin_older_stem,
     resume_tracking_uri,
 )
 from trainables.errors import UserError
-from trainables.tracking.state import check_storage, read_state, storage_root, write_state
+from trainables.tracking.ranking import FAILED
+from trainables.tracking.state import budget_spent, check_storage, read_state, storage_root, write_state
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -109,7 +111,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     """Check everything, start Ray, run (or resume) the Tuner, name the winner in MLflow, print where it is."""
     import ray
 
-    from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results
+    from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results, result_outcome
     from search_spaces.preflight import (
         check_folds,
         check_leaks,
@@ -162,12 +164,12 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         if resuming:
             tuner = restore_tuner(space, name, storage, trainable)
         else:
-            callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t, space.time_budget)
+            callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t, space.time_budget, storage)
             tuner = build_tuner(space, name, storage, trainable, [callback], seed)
         started = time.time()
         results = tuner.fit()
-        used = time.time() - started
-        spent = record_budget_spent(args.storage, name, space.time_budget, used)  # the running trials were cut
+        # the callback's budget clock decided whether Ray cut the running trials (over every run of the search)
+        used, spent = budget_spent(read_state(args.storage, name), space.time_budget, time.time() - started)
         ranked = rank_results(results, space.metric, space.mode, space.max_t, spent)
         best = ranked[0] if ranked else None
         live = {r.metrics.get("trial_id") for r in results if r.metrics}
@@ -185,7 +187,8 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         print_where(tracking_uri, experiment_id, parent_id)
     finally:
         ray.shutdown()
-    return 0 if any(r.error is None for r in results) else 1  # every trial failed: say so to scripts too
+    ended = [result_outcome(r, space.max_t, spent) for r in results]
+    return 0 if any(e != FAILED for e in ended) else 1  # every trial failed: say so to scripts too
 
 
 def main(argv=None) -> int:
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
             if state is None:
                 raise UserError(f"No search named {args.resume!r} in {storage_root(args.storage)}; "
                                 "check --resume NAME and --storage")
+            check_saved_direction(args.resume, state["space"])
             space = pin_older_stem(parse_space(state["space"], Path(f"{state['space_name']}.yaml")))
             check_resume_selection(args, space)
             tracking_uri = resume_tracking_uri(args, state)

@@ -41,6 +41,7 @@ from analysis.calibration import calibrated, fit_temperature
 from analysis.ensemble_model import Ensemble, Flipped, flip_shift
 from analysis.replay import Replay, replay
 from trainables.errors import UserError
+from trainables.tracking.ranking import rank
 from trainables.training.metrics import classification_metrics
 
 N_RESAMPLES = 1000  # paired bootstrap resamples of the validation split for the SE of a score difference
@@ -167,8 +168,8 @@ def choose(labels: np.ndarray, variants: dict, metric: str, mode: str, task: str
 
     sign = 1.0 if mode == "max" else -1.0
     point = {name: score(labels, probs) for name, (probs, _) in variants.items()}
-    best = max(point, key=lambda name: sign * point[name])  # ties: the cheaper one (first)
     names = list(variants)
+    best = rank(names, point.get, mode, tie=lambda name: f"{names.index(name):04d}")[0]  # NaN last; ties: cheaper
 
     def gaps(rows):  # how much worse than the best each variant is on one resample (>= 0 is worse)
         top = score(labels[rows], variants[best][0][rows])

@@ -3,25 +3,47 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
-from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, outcome, rank, selection_key
+from trainables.tracking.ranking import (
+    COMPLETED,
+    CUT_BY_BUDGET,
+    FAILED,
+    RANKED,
+    STOPPED_EARLY,
+    outcome,
+    rank,
+    reported_failure,
+    selection_key,
+)
 from trainables.tracking.text import fmt
 
 
 def result_outcome(result, max_t: int, budget_spent: bool = False) -> str:
     """How a Ray Tune result ended, by the shared rule (`done` is the mark ASHA and a finished trial leave)."""
     metrics = result.metrics or {}
-    return outcome(int(metrics.get("training_iteration", 0)), max_t, failed=result.error is not None,
+    return outcome(int(metrics.get("training_iteration", 0)), max_t,
+                   failed=result.error is not None or reported_failure(metrics) is not None,
                    marked_done=bool(metrics.get("done")), budget_spent=budget_spent)
 
 
 def rank_results(results, metric: str, mode: str, max_t: int, budget_spent: bool = False) -> list:
     """Completed trials and those the time budget cut after an epoch or more, best validation score first: the
-    rule analysis/ uses (a trial cut before its first epoch has no score)."""
-    key = selection_key(metric)
-    done = [r for r in results if result_outcome(r, max_t, budget_spent) in RANKED and key in (r.metrics or {})]
-    return rank(done, lambda r: r.metrics.get(key, float("nan")), mode, tie=lambda r: str(r.metrics.get("trial_id")))
+    rule analysis/ uses (a trial cut before its first epoch has no score, and a NaN score is none: it cannot win)."""
+    return rank([r for r in _rankable(results, metric, max_t, budget_spent) if not math.isnan(_score(r, metric))],
+                lambda r: _score(r, metric), mode, tie=lambda r: str(r.metrics.get("trial_id")))
+
+
+def _rankable(results, metric: str, max_t: int, budget_spent: bool) -> list:
+    """Trials whose outcome may win and that reported the score (NaN or not)."""
+    return [r for r in results if result_outcome(r, max_t, budget_spent) in RANKED
+            and selection_key(metric) in (r.metrics or {})]
+
+
+def _score(result, metric: str) -> float:
+    value = (result.metrics or {}).get(selection_key(metric), math.nan)
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def print_summary(ranked: list, results, searched: list[str], metric: str, max_t: int, top: int = 5,
@@ -47,8 +69,12 @@ def print_summary(ranked: list, results, searched: list[str], metric: str, max_t
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
     if not ranked:
-        print("\nno trial trained to the end or was cut by the budget: nothing to pick (resume the search or give "
-              "trials more epochs)")
+        if _rankable(results, metric, max_t, budget_spent):  # they trained, but none has a score to compare
+            print(f"\nno winner: every trial that trained to the end or was cut by the budget has a NaN {key} "
+                  "(e.g. an AUC on a validation split with one class); choose another --metric")
+        else:
+            print("\nno trial trained to the end or was cut by the budget: nothing to pick (resume the search or "
+                  "give trials more epochs)")
         return
     best = ranked[0]
     print("\nbest config:", json.dumps({p: best.config.get(p) for p in searched}, default=str))

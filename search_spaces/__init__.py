@@ -6,7 +6,7 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     description: one line shown by --list-spaces
     dataset: pneumoniamnist            # registered name or kind:PATH
     metric: val_auc                    # validation metric to optimise (never a test_ metric)
-    mode: max
+    mode: max                          # optional: the metric's direction (val_loss: min); a contradicting one is refused
     num_samples: 8                     # trials (default 8; with a time_budget and no num_samples: no limit)
     time_budget: 30m                   # optional: keep proposing trials until spent (90s, 30m, 1.5h, seconds)
     max_concurrent: 2                  # parallel trials (caps TPE's batch so it keeps learning)
@@ -38,11 +38,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from search_spaces.budget import parse_duration
 from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
 from trainables.errors import UserError
+from trainables.tracking.ranking import selection_mode
 from trainables.tracking.searched import VARIANT, searched_keys
 
 SPACES_DIR = Path(__file__).resolve().parent
@@ -122,7 +134,7 @@ class SpaceFile(_Strict):
     description: str
     dataset: str
     metric: str = "val_auc"
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = Field(None, validate_default=True)  # None: the metric's direction
     num_samples: PositiveInt | None = None  # None: 8, or no limit when a time_budget is given
     time_budget: Annotated[float, BeforeValidator(parse_duration)] | None = None  # seconds
     max_concurrent: PositiveInt = 2
@@ -134,6 +146,11 @@ class SpaceFile(_Strict):
     params: dict[str, Domain] = {}
     variants: dict[str, dict[str, Any]] = {}
     points_to_evaluate: list[dict[str, Any]] = []  # searched values tried first, e.g. the study's own protocol
+
+    @field_validator("mode")
+    @classmethod
+    def _mode_follows_metric(cls, mode: str | None, info: ValidationInfo) -> str:
+        return selection_mode(info.data.get("metric", "val_auc"), mode)
 
 
 @dataclass

@@ -2,13 +2,12 @@
 
 The budget goes to Ray Tune as `TuneConfig(time_budget_s=...)`: Ray proposes trials until it is spent, then stops
 every running trial where it is (mid-epoch). Those trials are "cut by budget" (trainables.tracking.ranking), not stopped by ASHA.
+Whether the budget was spent, over every run of a resumed search, is decided once: trainables.tracking.state.BudgetClock.
 """
 
 from __future__ import annotations
 
 import re
-
-from trainables.tracking.state import read_state, write_state
 
 UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
@@ -40,18 +39,3 @@ def format_duration(seconds: float) -> str:
 def budget_line(budget_s: float, used_s: float) -> str:
     """`time budget: 4m, used 4.02m (100 %)`: printed at the end of a search with a budget."""
     return f"time budget: {format_duration(budget_s)}, used {format_duration(used_s)} ({100 * used_s / budget_s:.0f} %)"
-
-
-def budget_spent(budget_s: float | None, used_s: float) -> bool:
-    """Whether a search that ran `used_s` seconds had spent its budget (so Ray stopped its running trials)."""
-    return budget_s is not None and used_s >= budget_s
-
-
-def record_budget_spent(storage: str, name: str, budget_s: float | None, used_s: float) -> bool:
-    """Whether the budget ended this search or an earlier run of it; kept in the search's state file, so a resume
-    ranks the trials the budget cut as the first run did."""
-    state = read_state(storage, name) or {}
-    spent = budget_spent(budget_s, used_s)
-    if spent and not state.get("budget_spent"):
-        write_state(storage, name, {**state, "budget_spent": True})
-    return spent or bool(state.get("budget_spent"))

@@ -12,7 +12,7 @@ from search_spaces import SearchSpace, validate_space
 from trainables.config import DEFAULTS, check_value, parse_overrides
 from trainables.data.registry import TASKS
 from trainables.errors import UserError
-from trainables.tracking.ranking import metric_direction
+from trainables.tracking.ranking import selection_mode
 from trainables.training.metrics import metric_names
 
 # Flags that shape a search: a resumed search keeps the ones it started with, so giving one is an error.
@@ -85,12 +85,10 @@ def apply_selection(space: SearchSpace, metric: str | None, mode: str | None) ->
     if name not in known and not name.startswith("auc_"):  # auc_<label>: multi-label, named by the data's labels
         raise UserError(f"--metric {metric} is not a metric trials log; valid: "
                         f"{', '.join('val_' + n for n in known)} (multi-label also val_auc_<label>)")
-    direction = metric_direction(metric)
-    if mode is not None and mode != direction:
-        better = "lower" if direction == "min" else "higher"
-        raise UserError(f"--mode {mode} contradicts metric {metric}, where {better} is better; use --mode {direction} "
-                        "or leave --mode out")
-    space.metric, space.mode = metric, direction
+    try:
+        space.metric, space.mode = metric, selection_mode(metric, mode, flag="--mode")
+    except ValueError as error:
+        raise UserError(str(error)) from error
 
 
 def _check_flag(flag: str, key: str, value) -> None:
@@ -115,6 +113,18 @@ def check_resume_selection(args, saved: SearchSpace) -> None:
             raise UserError(f"--resume continues search {args.resume!r}, which selects by {saved.metric} "
                             f"({saved.mode}), so {flag} {asked} would change what its trials were chosen by; "
                             f"remove {flag}, or start a new search with --space")
+
+
+def check_saved_direction(name: str, saved: dict) -> None:
+    """A search saved by an earlier medtune that gave a space without `mode` the direction max whatever its metric
+    (so it maximised val_loss): its sampler and scheduler learnt that direction, so it is not resumed."""
+    metric, mode = saved.get("metric", "val_auc"), saved.get("mode")
+    try:
+        selection_mode(metric, mode)
+    except ValueError as error:
+        raise UserError(f"Search {name!r} was started with mode {mode} for metric {metric} (an earlier medtune's "
+                        "default, the wrong direction), so it cannot be resumed; start a new search with --space") \
+            from error
 
 
 def resume_tracking_uri(args, state: dict) -> str:

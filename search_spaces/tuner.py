@@ -15,7 +15,7 @@ from ray.tune import Callback
 from search_spaces import SearchSpace
 from trainables.errors import UserError
 from trainables.tracking import mlflow_runs
-from trainables.tracking.ranking import outcome, selection_key
+from trainables.tracking.ranking import outcome, reported_failure, selection_key
 from trainables.tracking.text import fmt
 
 # Ray pickles a search's callbacks by module path. A module that moved answers to its old path while a search
@@ -138,10 +138,16 @@ class ProgressLines(Callback):
               flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if reported_failure(result):  # not an epoch: the trial's own end (on_trial_complete says it)
+            return
         print(f"[{trial.trial_id}] epoch {result['training_iteration']}/{self.max_t} "
               f"{self.metric}={fmt(result.get(self.metric))} ({result.get('epoch_seconds', 0):.0f}s)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        failure = reported_failure(trial.last_result)
+        if failure:
+            print(f"[{trial.trial_id}] FAILED ({failure}; not retried: it would fail the same way)", flush=True)
+            return
         ended = outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t)
         print(f"[{trial.trial_id}] {ended.replace('_', ' ')}{' by ASHA' if ended != 'completed' else ''}", flush=True)
 

@@ -1,11 +1,13 @@
 """A search's time budget: how it is written, what it overrides, and the "cut by budget" outcome everywhere."""
 
+import pickle
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+from ray.tune.stopper import TimeoutStopper
 from test_cli import run_tune
 
 import tune
@@ -18,6 +20,7 @@ from trainables.errors import UserError
 from trainables.tracking.mlflow_runs import MLflowTrialCallback
 from trainables.tracking.names import TAG_OUTCOME, TAG_TRIAL
 from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY, outcome
+from trainables.tracking.state import budget_spent, read_state, write_state
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"description": "x", "dataset": "pneumoniamnist", "fixed": {"model": "simple_cnn"}}
@@ -137,13 +140,77 @@ def ray_trial(trial_id, status, epochs, done):
 @pytest.mark.parametrize("spent", [True, False])
 def test_mlflow_tags_the_trials_ray_stopped_at_the_budget_and_only_those(spent):
     callback = MLflowTrialCallback("sqlite:///unused.db", "parent", "s", max_t=3, time_budget_s=60)
-    callback.client, callback._started = RecordingClient(), time.time() - (61 if spent else 30)
+    callback.client, callback.budget.used_s = RecordingClient(), 61 if spent else 30
     callback._runs = {t: f"run-{t}" for t in "abcd"}
     callback.on_experiment_end(trials=[ray_trial("a", "TERMINATED", 3, True), ray_trial("b", "TERMINATED", 1, True),
                                        ray_trial("c", "TERMINATED", 2, False), ray_trial("d", "ERROR", 1, False)])
     expected = {"run-c": {TAG_OUTCOME: CUT_BY_BUDGET}} if spent else {}
     assert callback.client.tags == expected  # a, b were closed by on_trial_complete; d by on_trial_error
     assert callback.client.ended == ({"run-c": "FINISHED"} if spent else {})
+
+
+class FakeTime:
+    """time.time() for Ray's stopper and our callback alike, moved by hand."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_budget_clock_is_spent_when_ray_stops_the_trials_and_a_resume_goes_on_from_the_same_point(monkeypatch):
+    """Ray's own TimeoutStopper (what time_budget_s makes) and the callback's clock, saved and restored as Ray saves
+    its experiment state: a resume gets the budget that was left, and both say "spent" at the same tick."""
+    clock = FakeTime()
+    monkeypatch.setattr(time, "time", clock)
+    stopper, callback = TimeoutStopper(60), MLflowTrialCallback("sqlite:///unused.db", "p", "s", 3, time_budget_s=60)
+    for step in range(4):  # the first run: 30 s of steps, then Ray saves its state (in the same step), then a kill
+        clock.now += 10 if step else 0
+        callback.on_step_begin(0, [])
+        assert not stopper.stop_all()
+    saved_stopper, saved_callback = pickle.dumps(stopper), callback.get_state()
+    clock.now += 500  # the search lies dead: no budget spent
+    stopper = pickle.loads(saved_stopper)  # what Tuner.restore does
+    callback = pickle.loads(pickle.dumps(MLflowTrialCallback("sqlite:///unused.db", "p", "s", 3, time_budget_s=60)))
+    callback.set_state(saved_callback)
+    ray_says = []
+    for step in range(6):  # the resumed run: 30 s were left
+        clock.now += 10 if step else 0
+        callback.on_step_begin(0, [])
+        ray_says.append(stopper.stop_all())
+        assert callback.budget.spent == ray_says[-1]
+    assert ray_says == [False, False, False, True, True, True]  # 30 s into the resume, not 60
+
+
+def test_a_resumed_search_classes_the_trials_the_budget_cut_as_cut_everywhere(monkeypatch, tmp_path):
+    """First run 40 s, a resume 25 s of a 60 s budget: the trial running at the end is cut by budget in MLflow, and
+    the record tune.py reads (its summary and ranking) says spent with 65 s used; this run alone (25 s) was not."""
+    clock = FakeTime()
+    monkeypatch.setattr(time, "time", clock)
+    write_state(str(tmp_path), "s", {"seed": 0})
+    callback = MLflowTrialCallback("sqlite:///unused.db", "p", "s", 3, time_budget_s=60, storage=str(tmp_path))
+    callback.on_step_begin(0, [])
+    clock.now += 40
+    saved = callback.get_state()
+    clock.now += 300
+    resumed = pickle.loads(pickle.dumps(MLflowTrialCallback("sqlite:///unused.db", "p", "s", 3, time_budget_s=60,
+                                                            storage=str(tmp_path))))
+    resumed.set_state(saved)
+    resumed.client, resumed._runs = RecordingClient(), {"c": "run-c"}
+    resumed.on_step_begin(0, [])
+    clock.now += 25
+    resumed.on_experiment_end(trials=[ray_trial("c", "TERMINATED", 1, False)])
+    assert resumed.client.tags == {"run-c": {TAG_OUTCOME: CUT_BY_BUDGET}}
+    used, spent = budget_spent(read_state(str(tmp_path), "s"), 60, 25)
+    assert (used, spent) == (65, True)
+    assert result_outcome(result("c", 1, 0.9, False), 3, spent) == CUT_BY_BUDGET
+    assert budget_line(60, used) == "time budget: 1m, used 1.08m (108 %)"
+
+
+def test_a_search_without_a_budget_record_counts_this_run_only():
+    assert budget_spent({"seed": 0}, 60, 61) == (61, True) and budget_spent(None, 60, 30) == (30, False)
+    assert budget_spent(None, None, 30) == (30, False)
 
 
 def run(trial_id, outcome_tag, best, epochs):

@@ -177,6 +177,16 @@ def test_one_se_rule_keeps_the_cheaper_variant_unless_the_richer_is_clearly_bett
     assert lossy["chosen"] == "ensemble" and lossy["metric"] == "NLL"
 
 
+@pytest.mark.parametrize("order", [("broken", "fine"), ("fine", "broken")])
+def test_a_variant_whose_validation_score_is_nan_never_wins_whatever_its_place(order):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    fine = np.clip(labels * 0.3 + rng.random(200) * 0.7, 0, 1)
+    probs = {"fine": np.stack([1 - fine, fine], axis=1), "broken": np.full((200, 2), np.nan)}  # its AUC: NaN
+    choice = choose(labels, {name: (probs[name], 1) for name in order}, "val_auc", "max", "binary", n_resamples=50)
+    assert choice["best"] == choice["chosen"] == "fine"
+
+
 def test_flip_shift_makes_flipping_a_normalised_image_equal_normalising_the_flipped_image():
     from trainables.data.normalization import Normalization
 

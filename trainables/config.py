@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainables.data.splits import SPLIT_VERSION
 from trainables.errors import UserError
+from trainables.tracking.ranking import selection_mode
 
 MAX_CV_FOLDS = 20
 
@@ -85,7 +86,7 @@ class TrialConfig(BaseModel):
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     # --- selection (validation only; the test split never chooses anything) ---
     metric: str = "val_auc"  # picks the best epoch (and, in tune.py, the best trial); never a test_ metric
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = "max"  # left out: the metric's direction (val_loss: min); a contradicting one is refused
     # --- runtime ---
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a CUDA GPU that has it, else fp32
@@ -122,6 +123,15 @@ class TrialConfig(BaseModel):
         if not value.startswith("val_"):
             raise ValueError(f"metric {value!r} must be a validation metric (val_...): the test split never selects")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_follows_metric(cls, data: Any) -> Any:
+        """One rule for direction (trainables.tracking.ranking), as in space files and --metric."""
+        if isinstance(data, dict) and isinstance(data.get("metric", "val_auc"), str) \
+                and data.get("mode") in (None, "max", "min"):
+            data = {**data, "mode": selection_mode(data.get("metric", "val_auc"), data.get("mode"))}
+        return data
 
     @field_validator("step_milestones")
     @classmethod

@@ -1,5 +1,8 @@
 """The Ray Tune function trainable: `iterate_epochs` plus one `tune.report` and checkpoint per epoch.
 
+A trial whose loss diverges ends itself with a failure result (trainables.tracking.ranking.failure_result) instead
+of raising: Ray retries every exception (`max_failures`), and this one would only happen again.
+
 The only module of `trainables` that imports Ray. Datasets arrive through `tune.with_parameters`
 (object store, one copy per node), keyed by (dataset spec, image size).
 """
@@ -12,6 +15,7 @@ from pathlib import Path
 from ray import tune
 
 from trainables.config import resolve_config
+from trainables.tracking.ranking import failure_result
 from trainables.training.checkpoint import load_checkpoint, save_checkpoint
 from trainables.training.epochs import iterate_epochs
 from trainables.training.figures import (
@@ -21,6 +25,7 @@ from trainables.training.figures import (
     write_test_predictions,
     write_trial_figures,
 )
+from trainables.training.split_run import NonFiniteLoss
 
 
 def dataset_key(config: dict) -> tuple[str, int]:
@@ -41,6 +46,13 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume = load_checkpoint(directory)
+    try:
+        _report_epochs(config, dataset, resume)
+    except NonFiniteLoss as error:  # raised, Ray would retry it from the last checkpoint and diverge again
+        tune.report(failure_result(config["metric"], error))
+
+
+def _report_epochs(config: dict, dataset, resume: dict | None) -> None:
     gan_files: dict[str, bytes] = {}
     for epoch in iterate_epochs(config, dataset, resume):
         with tempfile.TemporaryDirectory() as directory:

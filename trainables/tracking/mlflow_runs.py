@@ -39,7 +39,8 @@ from trainables.tracking.names import (
     TAG_TRIAL,
     TAG_VERSION,
 )
-from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome
+from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported_failure
+from trainables.tracking.state import BudgetClock, record_budget
 
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
@@ -180,18 +181,21 @@ class MLflowTrialCallback(Callback):
 
     Params at start, one metric step per epoch, and at the end the trial's report files (read from its
     final checkpoint on shared storage), the checkpoint URI and how the trial ended. Ray calls no trial hook for
-    the trials it stops when the time budget is spent, so the experiment's end closes those (cut by budget).
+    the trials it stops when the time budget is spent, so the experiment's end closes those (cut by budget). It keeps
+    the budget's clock (saved with Ray's state) and records its decision in the search's state file for tune.py.
     """
 
     def __init__(self, tracking_uri: str, parent_run_id: str, search: str, max_t: int,
-                 time_budget_s: float | None = None):
+                 time_budget_s: float | None = None, storage: str | None = None):
         self.tracking_uri, self.parent_run_id, self.search, self.max_t = tracking_uri, parent_run_id, search, max_t
-        self.time_budget_s = time_budget_s
+        self.time_budget_s, self.storage = time_budget_s, storage  # storage: where the budget record goes
+        self.budget = BudgetClock(time_budget_s)
         self._runs: dict[str, str] = {}
         self._result_params: set[str] = set()  # trials whose RESULT_PARAMS are logged
 
-    def setup(self, **info):
-        self._started = time.time()  # before Ray's budget clock starts (its first step), as is a resume's
+    def setup(self, **info):  # after set_state on a resume: the clock is already restored
+        if not hasattr(self, "budget"):  # a callback pickled before the clock existed: this run's time only
+            self.budget = BudgetClock(getattr(self, "time_budget_s", None))
         self.client = MlflowClient(self.tracking_uri)
         parent = self.client.get_run(self.parent_run_id)
         for run in trial_runs(self.client, parent):  # a resumed search finds its trials' runs again
@@ -206,6 +210,22 @@ class MLflowTrialCallback(Callback):
             self.client.log_batch(run.info.run_id, params=flat_params(trial.config))
         return self._runs[trial.trial_id]
 
+    def on_step_begin(self, iteration, trials, **info):
+        self.budget.tick(time.time())
+
+    def on_step_end(self, iteration, trials, **info):
+        self.budget.tick(time.time())
+
+    def get_state(self) -> dict:
+        """Saved by Ray with its experiment state, beside its stopper's budget left (see BudgetClock)."""
+        self.budget.tick(time.time())
+        return {"budget": self.budget.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if not hasattr(self, "budget"):
+            self.budget = BudgetClock(getattr(self, "time_budget_s", None))
+        self.budget.set_state(state["budget"])
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self.client.update_run(self._run_id(trial), status="RUNNING")
 
@@ -213,6 +233,8 @@ class MLflowTrialCallback(Callback):
         self.client.update_run(self._run_id(trial), status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if reported_failure(result):  # the trial's own end, not an epoch: on_trial_complete records it
+            return
         step = int(result.get("training_iteration", 0))
         params = flat_params({key: result[key] for key in RESULT_PARAMS if key in result}) \
             if trial.trial_id not in self._result_params else []  # once per trial (again after a resume: same value)
@@ -220,11 +242,17 @@ class MLflowTrialCallback(Callback):
         self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step), params=params)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        failure = reported_failure(trial.last_result)
+        if failure:  # ended itself on a deterministic error (trainables.ray_trainable): failed, not retried
+            self._fail(trial, failure)
+            return
         self._close(trial, outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t))
 
     def on_experiment_end(self, trials, **info):
-        budget = getattr(self, "time_budget_s", None)  # None in a callback pickled before budgets existed
-        spent = budget is not None and time.time() - self._started >= budget
+        self.budget.tick(time.time())
+        spent = self.budget.spent
+        if getattr(self, "storage", None) and self.budget.budget_s is not None:
+            record_budget(self.storage, self.search, self.budget)  # what tune.py's summary and ranking read
         for trial in trials:
             if trial.status != "TERMINATED":
                 continue
@@ -248,9 +276,12 @@ class MLflowTrialCallback(Callback):
         self.client.set_terminated(run_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
         error = (trial.error_file and Path(trial.error_file).exists() and
                  Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
+        self._fail(trial, error)
+
+    def _fail(self, trial, error: str) -> None:
+        run_id = self._run_id(trial)
         self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, FAILED), RunTag(TAG_ERROR, error[:5000])])
         self.client.set_terminated(run_id, status="FAILED")
 

@@ -1,7 +1,8 @@
 """The two rules every part of medtune shares: how a trial ended, and which trial is best.
 
 tune.py (on Ray's results), the MLflow callback (the `medtune.outcome` tag) and analysis/ (on MLflow runs)
-all call these, so a search ranks its trials the same way wherever it is read.
+all call these, so a search ranks its trials the same way wherever it is read. Also the direction a metric is
+selected in, and the result a trial ends with when it fails deterministically.
 """
 
 from __future__ import annotations
@@ -22,6 +23,33 @@ def metric_direction(name: str) -> str:
     """"min" or "max": the selection mode that favours better values of metric `name` (with or without val_ or
     best_val_). The one rule for direction: space files, --metric, TrialConfig and the ranking all use it."""
     return "min" if name.removeprefix("best_").removeprefix("val_") in LOWER_IS_BETTER else "max"
+
+
+def selection_mode(metric: str, mode: str | None = None, flag: str = "mode") -> str:
+    """The direction to select `metric` in: `mode` when it agrees with `metric_direction`, that direction when
+    `mode` is None; ValueError naming `flag` when it contradicts (maximising a loss is never what was meant)."""
+    direction = metric_direction(metric)
+    if mode is not None and mode != direction:
+        better = "lower" if direction == "min" else "higher"
+        raise ValueError(f"{flag} {mode} contradicts metric {metric}, where {better} is better; use {flag} "
+                         f"{direction} or leave {flag} out")
+    return direction
+
+
+FAILURE = "failure"  # a result key: the error a trial ended on by itself (a deterministic one, never retried)
+
+
+def failure_result(metric: str, error: Exception) -> dict:
+    """The last result of a trial that failed in a way a retry would repeat (a non-finite loss): reported with
+    `done`, so Ray ends the trial instead of retrying it. The metric is NaN (ASHA skips NaN); the selection score is
+    None, so Optuna records the trial as pruned. `reported_failure` reads it back."""
+    return {metric: float("nan"), selection_key(metric): None, FAILURE: f"{type(error).__name__}: {error}",
+            "done": True}
+
+
+def reported_failure(result: dict | None) -> str | None:
+    """The error a trial reported ending on (see `failure_result`), or None."""
+    return (result or {}).get(FAILURE) or None
 
 
 def outcome(epochs_done: int, max_t: int, failed: bool = False, marked_done: bool = True,

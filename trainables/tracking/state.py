@@ -1,4 +1,5 @@
-"""A search's state file beside Ray's own (`<storage>/<name>/medtune_search.yaml`): what `--resume` needs.
+"""A search's state file beside Ray's own (`<storage>/<name>/medtune_search.yaml`): what `--resume` needs, and
+the one record of the time budget spent (`BudgetClock`, `record_budget`, `budget_spent`).
 
 Local folders, s3:// and gs:// alike, through pyarrow (as Ray stores results). Every storage failure is a
 UserError that says which kind it is (permission, credentials, missing bucket, unreachable), checked before
@@ -94,3 +95,47 @@ def write_state(storage: str, name: str, state: dict) -> None:
             handle.write(yaml.safe_dump(state, sort_keys=False).encode())
     except OSError as error:
         raise storage_error(storage, error) from error
+
+
+class BudgetClock:
+    """The time a search has spent of its budget, counted as Ray Tune's TimeoutStopper counts it (the stopper
+    `TuneConfig(time_budget_s=...)` makes): from its first tick, across runs. Ray saves its stopper with the
+    experiment state and a resume restores the budget that was left; the MLflow callback saves this clock at the
+    same moment (`Callback.get_state`), so after a resume both go on from the same point. The time between Ray's
+    last save and a kill counts for neither. Ticks are no earlier than Ray's, so the clock is spent once Ray's is."""
+
+    def __init__(self, budget_s: float | None):
+        self.budget_s, self.used_s, self._last = budget_s, 0.0, None
+
+    def tick(self, now: float) -> None:
+        if self._last is not None:
+            self.used_s += now - self._last
+        self._last = now
+
+    @property
+    def spent(self) -> bool:
+        """Whether Ray stopped the running trials for the budget: they were cut by it."""
+        return self.budget_s is not None and self.used_s >= self.budget_s
+
+    def get_state(self) -> dict:
+        return {"used_s": self.used_s}
+
+    def set_state(self, state: dict) -> None:
+        self.used_s, self._last = float(state["used_s"]), None  # as Ray's restored stopper: counting at the next tick
+
+
+def record_budget(storage: str, name: str, clock: BudgetClock) -> None:
+    """Keep the clock's decision in the search's state file, where tune.py's summary and ranking read it."""
+    state = read_state(storage, name) or {}
+    write_state(storage, name, {**state, "budget": {"used_s": round(clock.used_s, 3), "spent": clock.spent}})
+
+
+def budget_spent(state: dict | None, budget_s: float | None, run_s: float) -> tuple[float, bool]:
+    """(seconds used over every run, whether the budget was spent) as the search's last run recorded them. A search
+    whose callback was pickled before the record existed counted this run's `run_s` only: so does this answer."""
+    record = (state or {}).get("budget")
+    if record:
+        return float(record["used_s"]), bool(record["spent"])
+    clock = BudgetClock(budget_s)
+    clock.used_s = run_s
+    return run_s, clock.spent

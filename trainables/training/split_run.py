@@ -160,6 +160,10 @@ def model_inputs(inputs, device: torch.device, prepare: Callable | None = None) 
     return prepare(*(part.to(device, non_blocking=True) for part in inputs))
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss diverged. Deterministic: the same seed and checkpoint diverge again, so a retry only repeats it."""
+
+
 def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task, step: int,
                     amp: bool, prepare: Callable | None = None) -> tuple[float, int, np.ndarray, np.ndarray]:
     """One pass over `loader`; returns (mean loss, global step, the pass's own logits and labels, for the
@@ -200,7 +204,7 @@ def train_one_epoch(model, criterion, optimizer, schedule, loader, device, task,
 
 def _fail_if_not_finite(finite: torch.Tensor, first: int, last: int) -> None:
     if not bool(finite):  # the one host read of the flag
-        raise FloatingPointError(f"Non-finite loss between steps {first + 1} and {last}; lower lr or check the data")
+        raise NonFiniteLoss(f"Non-finite loss between steps {first + 1} and {last}; lower lr or check the data")
 
 
 @torch.inference_mode()
