@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+from trainables.tracking.mlflow_runs import run_page_url, runs_table_url
 from trainables.tracking.ranking import (
     COMPLETED,
     CUT_BY_BUDGET,
@@ -121,16 +122,8 @@ def _never_fails(what: str, body):
         return None
 
 
-def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The parent run's page (its description is the leaderboard), on the server or on a local `mlflow ui`."""
-    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def print_where(tracking_uri: str, experiment_id: str, parent_id: str) -> None:
     """How to open the results: a server is opened in a browser; a local store needs `mlflow ui` first."""
-    from trainables.tracking.mlflow_runs import runs_table_url
-
     page, table = run_page_url(tracking_uri, experiment_id, parent_id), runs_table_url(tracking_uri, experiment_id)
     if tracking_uri.startswith(("http://", "https://")):
         print(f"MLflow UI: open {page}  (the search's page; every run: {table})")

@@ -52,12 +52,14 @@ from pydantic import (
 )
 
 from search_spaces.budget import parse_duration
-from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, resolve_config
+from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, first_error, resolve_config
 from trainables.errors import UserError
 from trainables.tracking.ranking import selection_mode
 from trainables.tracking.searched import VARIANT, searched_keys
 
 SPACES_DIR = Path(__file__).resolve().parent
+SPACE_FILE_PROBLEMS = {"extra_forbidden": "unknown key; valid keys: see the schema in search_spaces/__init__.py",
+                       "missing": "required"}
 SET_BY_SPACE = ("dataset", "epochs", "metric", "mode", "cv_folds")  # trial keys the space's top-level keys decide
 
 
@@ -262,9 +264,8 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
     try:
         typed = SpaceFile.model_validate(raw)
     except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after")) or "(top level)"
-        raise UserError(f"{origin}: {where}: {_space_problem(error, first)}") from error
+        where, kind, problem = first_error(error)
+        raise UserError(f"{origin}: {where}: {SPACE_FILE_PROBLEMS.get(kind, problem)}") from error
     space = SearchSpace(
         name=path.stem, source=path, description=typed.description, dataset=typed.dataset, metric=typed.metric,
         mode=typed.mode, num_samples=trial_count(typed), time_budget=typed.time_budget,
@@ -284,17 +285,6 @@ def trial_count(typed: SpaceFile) -> int | None:
     if typed.num_samples is not None:
         return typed.num_samples
     return None if typed.time_budget is not None else 8
-
-
-def _space_problem(error: ValidationError, first: dict) -> str:
-    if first["type"] == "extra_forbidden":
-        return "unknown key; valid keys: see the schema in search_spaces/__init__.py"
-    if first["type"] == "missing":
-        return "required"
-    if first["type"] == "value_error":
-        return first["msg"].removeprefix("Value error, ")
-    return f"{first['input']!r}: {first['msg'][0].lower()}{first['msg'][1:]}" if not isinstance(
-        first.get("input"), dict) else first["msg"]
 
 
 def validate_space(space: SearchSpace, origin: str | None = None) -> SearchSpace:

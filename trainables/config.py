@@ -182,20 +182,28 @@ def resolve_config(overrides: dict) -> dict:
         raise UserError(describe_error(error, "config key")) from error
 
 
+def first_error(error: ValidationError) -> tuple[str, str, str]:
+    """pydantic's first error as (key path, error type, problem): the one reading of a validation error that the
+    trial config and the space files share. The problem names the value given and what is expected; our own
+    validators' messages already do."""
+    first = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after")) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "value_error":
+        return key, first["type"], message.removeprefix("Value error, ")
+    shown = first.get("input")
+    value = "" if isinstance(shown, dict) else f"{shown!r}: "
+    return key, first["type"], f"{value}{message[0].lower()}{message[1:]}"
+
+
 def describe_error(error: ValidationError, what: str, model: type[BaseModel] = TrialConfig) -> str:
     """pydantic's first error as one line: the key, the value given and what is expected."""
-    first = error.errors(include_url=False)[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
+    key, kind, problem = first_error(error)
+    if kind == "extra_forbidden":
         return f"Unknown {what} {key!r}; valid keys: {', '.join(model.model_fields)}"
-    if first["type"] == "missing":
+    if kind == "missing":
         return f"Missing {what} {key!r}; it is required"
-    message = first["msg"]
-    if first["type"] == "value_error":  # our validators' messages already name the value and the fix
-        return message.removeprefix("Value error, ")
-    shown = first.get("input")
-    value = "" if isinstance(shown, dict) else f" {shown!r}"
-    return f"Invalid {key}{value}: {message[0].lower()}{message[1:]}"
+    return problem if kind == "value_error" else f"Invalid {key} {problem}"
 
 
 def check_value(key: str, value: Any) -> None:

@@ -122,9 +122,18 @@ def get_experiment_id(client: MlflowClient, name: str = EXPERIMENT) -> str:
     return experiment_id
 
 
+def ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of `tracking_uri` answers: the server itself, or a local `mlflow ui` on its default port."""
+    return (tracking_uri if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000").rstrip("/")
+
+
 def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
-    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page (a search's description is its leaderboard)."""
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def find_search_run(client: MlflowClient, search: str, experiment_id: str | None = None):
