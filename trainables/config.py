@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainables.data.registry import MIN_IMAGE_SIZE
 from trainables.data.splits import SPLIT_VERSION
 from trainables.errors import UserError
 from trainables.tracking.ranking import selection_mode
@@ -24,7 +25,7 @@ class TrialConfig(BaseModel):
 
     # --- data ---
     dataset: str = "pneumoniamnist"  # registered name (trainables.data.datasets) or kind:PATH
-    image_size: int = Field(28, ge=8, le=1024)  # MedMNIST 28/64/128/224; folder datasets are resized to it
+    image_size: int = Field(28, ge=MIN_IMAGE_SIZE, le=1024)  # MedMNIST 28/64/128/224; folder datasets are resized to it
     split_ratio: float | None = Field(None, gt=0.0, lt=1.0)  # train share of the development pool; None: official split
     split_version: int = Field(SPLIT_VERSION, ge=1, le=SPLIT_VERSION)  # how splits are made (replay of old searches)
     # K > 1: K stratified (patient-grouped) folds of the development pool trained in lockstep, val_* = fold mean;

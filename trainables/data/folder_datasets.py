@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.image_cache import cached_images
-from trainables.data.registry import Dataset, ImageSet, register_dataset
+from trainables.data.registry import MIN_IMAGE_SIZE, Dataset, ImageSet, register_dataset
 from trainables.data.splits import SPLIT_VERSION, holdout
 from trainables.errors import UserError
 
@@ -162,8 +162,9 @@ def _take(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_size: int, options: dict,
              skip_bad_images: bool, split_version: int = SPLIT_VERSION) -> FileDataset:
     """Decode (or reuse) the images, hold out the test split if the data has none, drop unreadable rows."""
-    if image_size < 8:
-        raise UserError(f"Invalid image_size {image_size}; images are resized to a square of at least 8 pixels, e.g. 64")
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"Invalid image_size {image_size}; images are resized to a square of at least {MIN_IMAGE_SIZE} "
+                        "pixels, e.g. 64")
     if len(class_names) < 2:
         raise UserError(f"{name}: found {len(class_names)} class(es) {list(class_names)}; a classifier needs at least 2")
     test = table.test

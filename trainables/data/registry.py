@@ -16,6 +16,7 @@ import numpy as np
 from trainables.errors import unknown_name
 
 TASKS = ("binary", "multiclass", "multilabel")
+MIN_IMAGE_SIZE = 8  # pixels per side: the smallest square any loader resizes to and any trial accepts
 
 
 @dataclass(frozen=True)
