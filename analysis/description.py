@@ -24,7 +24,7 @@ from analysis import runs
 from analysis.bootstrap import format_ci, metric_names, metrics_with_ci
 from trainables.data.leaks import format_leak_report
 from trainables.tracking.names import PREDICTIONS, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
-from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, RANKED, STOPPED_EARLY, rank
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, STOPPED_EARLY, leaderboard
 from trainables.tracking.searched import searched_keys
 from trainables.tracking.text import CELL_PAD, fmt, markdown_table
 from trainables.training.figures import read_test_predictions
@@ -76,10 +76,7 @@ def outcome_of(run) -> str:
 def leaderboard_order(trials: list, objective: str, mode: str) -> list:
     """Completed trials and those the time budget cut first (they can win), then those ASHA stopped; each group by
     the validation score with trainables.tracking.ranking.rank, the rule tune.py chose the winner by. Failed trials have no score."""
-    def group(*outcomes: str) -> list:
-        return rank([t for t in trials if outcome_of(t) in outcomes], lambda r: r.data.metrics.get(objective, math.nan),
-                    mode, tie=runs.trial_label)
-    return group(*RANKED) + group(STOPPED_EARLY)
+    return leaderboard(trials, outcome_of, lambda r: r.data.metrics.get(objective, math.nan), mode, tie=runs.trial_label)
 
 
 def kept_predictions(client, run) -> dict | None:

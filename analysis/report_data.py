@@ -17,7 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState, create_trial
 
 from analysis import runs, views
-from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, RANKED, STOPPED_EARLY, rank
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY, leaderboard
 from trainables.tracking.searched import VARIANT
 
 STATES = {COMPLETED: TrialState.COMPLETE, STOPPED_EARLY: TrialState.PRUNED, CUT_BY_BUDGET: TrialState.PRUNED,
@@ -46,10 +46,8 @@ def in_leaderboard_order(frame: pd.DataFrame, objective: str, mode: str) -> pd.D
         value = frame.at[index, objective]
         return math.nan if value is None else float(value)
 
-    order = []
-    for group in (frame["outcome"].isin(RANKED), frame["outcome"] == STOPPED_EARLY,
-                  ~frame["outcome"].isin([*RANKED, STOPPED_EARLY])):
-        order += rank(list(frame.index[group]), score, mode, tie=lambda index: frame.at[index, "trial"])
+    order = leaderboard(frame.index, lambda index: frame.at[index, "outcome"], score, mode,
+                        tie=lambda index: frame.at[index, "trial"], others=True)
     return frame.loc[order].reset_index(drop=True)
 
 

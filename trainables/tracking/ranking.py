@@ -81,3 +81,14 @@ def rank(items: Iterable[T], score: Callable[[T], float], mode: str, tie: Callab
         return (math.isnan(value), sign * value if not math.isnan(value) else 0.0, tie(item))
 
     return sorted(items, key=key)
+
+
+def leaderboard(items: Iterable[T], outcome_of: Callable[[T], str], score: Callable[[T], float], mode: str,
+                tie: Callable[[T], str] = str, others: bool = False) -> list[T]:
+    """The order every leaderboard shows: the trials that can win (RANKED) by `rank`, then those ASHA stopped early
+    by `rank`, then (`others`) the rest (failed, unfinished) by trial id."""
+    items = list(items)
+    groups = [[i for i in items if outcome_of(i) in RANKED], [i for i in items if outcome_of(i) == STOPPED_EARLY]]
+    ordered = [item for group in groups for item in rank(group, score, mode, tie)]
+    rest = [i for i in items if outcome_of(i) not in (*RANKED, STOPPED_EARLY)]
+    return ordered + (rank(rest, lambda i: math.nan, mode, tie) if others else [])
