@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from analysis.preprocessing import exported_normalization
 from trainables.data.normalization import Normalization
 from trainables.errors import UserError
 
@@ -83,10 +83,7 @@ def load_ensemble(folder: str | Path, manifest: dict, load_member) -> Ensemble:
         members = manifest["members"]
         models = [load_member(folder / m["path"]) for m in members]
         prep = json.loads((folder / "preprocessing.json").read_text())
-        mean = torch.tensor(prep["mean"]).view(-1, 1, 1)
-        if prep.get("mean_image"):
-            mean = load_file(folder / prep["mean_image"], device="cpu")["mean_image"]
-        normalization = Normalization(prep["normalize"], mean, torch.tensor(prep["std"]).view(-1, 1, 1))
+        normalization = exported_normalization(folder, prep)
         return Ensemble(models, [float(m["temperature"]) for m in members], prep["task"], bool(manifest["tta"]),
                         flip_shift(normalization)).eval()
     except (OSError, KeyError, TypeError, ValueError, SafetensorError) as error:

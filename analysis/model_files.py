@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 
 from analysis.ensemble import Choice
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
-from analysis.predict import ARCHITECTURE, FORMAT, MEAN_IMAGE, TORCHSCRIPT, WEIGHTS, Architecture
+from analysis.predict import ARCHITECTURE, FORMAT, TORCHSCRIPT, WEIGHTS, Architecture
+from analysis.preprocessing import MEAN_IMAGE
 from analysis.replay import Replay
 from trainables.data.datasets import from_image_files, medmnist_file
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from analysis import runs
 from analysis.ensemble_model import load_ensemble, read_manifest
+from analysis.preprocessing import exported_normalization
 from trainables.data.image_cache import READ_ERRORS, decode_image
 from trainables.errors import UserError
 from trainables.models import create_model
@@ -39,7 +40,6 @@ from trainables.training.metrics import probabilities
 
 FORMAT = "medtune-export-v2"  # v2: the model is model.json + model.safetensors (v1 shipped TorchScript only)
 ARCHITECTURE, WEIGHTS, TORCHSCRIPT = "model.json", "model.safetensors", "model.ts"
-MEAN_IMAGE = "mean_image.safetensors"  # only for `normalize: mean_image` (a per-pixel mean)
 BATCH_SIZE = 64  # images per forward pass: a few MB of input at 224 px, and fast on a CPU
 
 
@@ -114,14 +114,7 @@ class ExportedModel:
             raise UserError(f"{folder}/preprocessing.json is not from this version of analysis.export (format "
                             f"{FORMAT} expected, found {self.prep.get('format')!r}); export the model again")
         self.model = load_model(folder)
-        self.mean = torch.tensor(self.prep["mean"]).view(-1, 1, 1)
-        self.std = torch.tensor(self.prep["std"]).view(-1, 1, 1)
-        if self.prep.get("mean_image"):  # `normalize: mean_image`: the training split's mean image, per pixel
-            try:
-                self.mean = load_file(folder / MEAN_IMAGE, device="cpu")["mean_image"]
-            except (OSError, SafetensorError, KeyError) as error:
-                raise UserError(f"Cannot read the mean image {folder / MEAN_IMAGE} ({type(error).__name__}); "
-                                "export the model again") from error
+        self.normalization = exported_normalization(folder, self.prep)
 
     def tensor(self, path: str | Path) -> torch.Tensor:
         """One image file -> normalised float (C, H, W), exactly as the training images were prepared."""
@@ -130,8 +123,7 @@ class ExportedModel:
         except READ_ERRORS as error:
             raise UserError(f"Cannot read image {path} ({type(error).__name__}: {str(error)[:120]}); "
                             "pass a readable image file (PNG, JPEG, ...)") from error
-        image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / float(self.prep["scale"])
-        return (image - self.mean) / self.std
+        return self.normalization(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))
 
     def predict(self, paths: Sequence, batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, list]:
         """(calibrated probabilities (N, K), predicted label per image), `batch_size` images per forward pass."""
