@@ -16,12 +16,27 @@ ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. 2017 (On Calibrat
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, task: str, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of `labels` under softmax (sigmoid for multi-label) of logits / T."""
+    """Mean negative log-likelihood of `labels` under softmax (sigmoid for multi-label) of logits / T, in log space
+    (exact for confident logits, which fitting a temperature needs)."""
     scaled = np.asarray(logits, np.float64) / temperature
     if task == "multilabel":
+        return _mean_nll(labels, task, special.log_expit(scaled), special.log_expit(-scaled))
+    return _mean_nll(labels, task, special.log_softmax(scaled, axis=1))
+
+
+def nll_of_probs(probs: np.ndarray, labels: np.ndarray, task: str) -> float:
+    """The same NLL from probabilities (an ensemble's mean), clipped to [eps, 1 - eps] as scikit-learn's log_loss."""
+    eps = np.finfo(np.float64).eps
+    p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
+    return _mean_nll(labels, task, np.log(p), np.log1p(-p) if task == "multilabel" else None)
+
+
+def _mean_nll(labels: np.ndarray, task: str, log_p: np.ndarray, log_not_p: np.ndarray | None = None) -> float:
+    """The one average: over images, and for multi-label over every (image, label) entry."""
+    if task == "multilabel":
         y = labels.astype(np.float64)
-        return float(-np.mean(y * special.log_expit(scaled) + (1 - y) * special.log_expit(-scaled)))
-    return float(-np.mean(special.log_softmax(scaled, axis=1)[np.arange(len(labels)), labels]))
+        return float(-np.mean(y * log_p + (1 - y) * log_not_p))
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, task: str) -> float:

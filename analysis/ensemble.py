@@ -37,7 +37,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from analysis import runs
-from analysis.calibration import calibrated, fit_temperature
+from analysis.calibration import calibrated, fit_temperature, nll_of_probs
 from analysis.ensemble_model import Ensemble, Flipped, flip_shift
 from analysis.replay import Replay, replay
 from trainables.errors import UserError
@@ -142,11 +142,7 @@ def scorer(metric: str, task: str):
     negative log-likelihood of the calibrated probabilities (the trial's own loss may carry class weights)."""
     name = metric.removeprefix("best_").removeprefix("val_")
     if name == "loss":
-        def nll(labels, probs):  # multi-label: the mean over every (image, label) entry
-            if task == "multilabel":
-                return float(skm.log_loss(labels.ravel(), probs.ravel(), labels=[0, 1]))
-            return float(skm.log_loss(labels, probs, labels=np.arange(probs.shape[1])))
-        return nll, "NLL"
+        return (lambda labels, probs: nll_of_probs(probs, labels, task)), "NLL"
     if name == "auc" and task == "binary":
         return (lambda labels, probs: float(skm.roc_auc_score(labels, probs[:, 1]))), "AUC"
     if name == "acc" and task != "multilabel":

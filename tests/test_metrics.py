@@ -51,3 +51,19 @@ def test_sensitivity_and_specificity_are_nan_where_a_class_is_missing_the_same_i
     assert np.isnan(logged["specificity"]) and np.isnan(logged["auc"])
     interval = dict(zip(metric_names("binary"), core_metrics("binary", labels, probs)))
     assert interval["sensitivity"] == 0.75 and np.isnan(interval["specificity"])
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_validation_nll_is_the_same_from_logits_or_from_probabilities_and_matches_scikit_learn(task):
+    """Temperature fitting (logits) and the ensemble choice (mean probabilities) score one NLL."""
+    from sklearn.metrics import log_loss
+
+    from analysis.calibration import nll, nll_of_probs
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, size=(50, 2 if task == "binary" else 3))
+    labels = rng.integers(0, 2, size=50) if task == "binary" else rng.integers(0, 2, size=(50, 3))
+    probs = probabilities(task, logits)
+    assert nll(logits, labels, task) == pytest.approx(nll_of_probs(probs, labels, task), rel=1e-9)
+    reference = log_loss(labels, probs, labels=[0, 1]) if task == "binary" else log_loss(labels.ravel(), probs.ravel())
+    assert nll_of_probs(probs, labels, task) == pytest.approx(reference, rel=1e-9)
