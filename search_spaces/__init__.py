@@ -13,6 +13,8 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     max_failures: 1                    # retries per trial (FailureConfig); 0 = none
     cv_folds: 1                        # K > 1: every trial trains K fold models (trainables/training/cv.py); 1..20
     scheduler: {max_t: 3, grace_period: 1, reduction_factor: 2}   # ASHA; max_t = every trial's epochs
+    # rungs: epochs | seconds (what ASHA's rungs count; default seconds with a time_budget unless grace_period is
+    # given, else epochs); grace_period: the first rung in epochs; grace_period_s: in seconds (default budget/30)
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
     fixed: {optimizer: adamw, weight_decay: 0.05}   # trainables/config.py keys
     variants:                          # optional: one searched choice among whole groups of keys
@@ -67,20 +69,57 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+GRACE_SHARE_OF_BUDGET = 30  # seconds rungs: the first rung at budget / 30 unless grace_period_s says otherwise
+
+
+def rung_unit(rungs: str | None, kind: str, time_budget: float | None, grace_period: int | None) -> str:
+    """What ASHA's rungs count: `rungs` as given; left out, seconds when the search has a time budget (the budget is
+    seconds, so trials are compared at equal seconds spent: a choice 10x slower per epoch meets its first rung after
+    a tenth of the epochs, not at 10x the cost), epochs otherwise. A scheduler that states an epoch `grace_period`
+    keeps epoch rungs, so a space written for them (and every search saved before this key) runs as it did."""
+    if rungs is not None:
+        return rungs
+    return "seconds" if kind == "asha" and time_budget is not None and grace_period is None else "epochs"
+
+
 class Scheduler(_Strict):
-    """ASHA: every trial trains at most max_t epochs; the first rung is at grace_period. `kind: fifo` turns early
-    stopping off, so every trial gets the same budget (a model comparison, as the studies ran it)."""
+    """ASHA: every trial trains at most max_t epochs (its epoch count, whatever the rungs count); rungs at
+    grace_period epochs (or grace_period_s seconds of the trial's training time), times reduction_factor each.
+    `kind: fifo` turns early stopping off, so every trial gets the same budget (a model comparison, as the studies
+    ran it). None = not given: `rung_unit` and `SearchSpace.first_rung` supply the default."""
 
     kind: Literal["asha", "fifo"] = "asha"
     max_t: PositiveInt = 3
-    grace_period: PositiveInt = 1
+    rungs: Literal["epochs", "seconds"] | None = None
+    grace_period: PositiveInt | None = None  # epochs (1 when not given)
+    grace_period_s: Annotated[float, BeforeValidator(lambda v: parse_duration(v, "grace_period_s"))] | None = None
     reduction_factor: int = Field(2, ge=2)
 
     @model_validator(mode="after")
     def _grace_within_max_t(self) -> Scheduler:
-        if self.grace_period > self.max_t:
+        if self.grace_period is not None and self.grace_period > self.max_t:
             raise ValueError(f"grace_period {self.grace_period} exceeds max_t {self.max_t}; lower it")
         return self
+
+    def check_unit(self, time_budget: float | None) -> None:
+        """The rung unit fits the rest of the space; ValueError naming the fix otherwise."""
+        unit = rung_unit(self.rungs, self.kind, time_budget, self.grace_period)
+        if unit == "epochs":
+            if self.grace_period_s is not None:
+                raise ValueError("grace_period_s counts seconds: give it with rungs: seconds (and a time_budget), "
+                                 "or use grace_period (epochs)")
+            return
+        if self.kind == "fifo":
+            raise ValueError("rungs: seconds applies to ASHA; drop it with kind: fifo")
+        if time_budget is None:
+            raise ValueError("rungs: seconds needs a time_budget (the rungs climb towards it); set time_budget, "
+                             "or use rungs: epochs")
+        if self.grace_period is not None:
+            raise ValueError("grace_period counts epochs; with rungs: seconds give grace_period_s (seconds), "
+                             "or use rungs: epochs")
+        if self.grace_period_s is not None and self.grace_period_s >= time_budget:
+            raise ValueError(f"grace_period_s {self.grace_period_s:g} is not below the time budget "
+                             f"({time_budget:g} s): no trial would reach a rung; lower it")
 
 
 class Resources(_Strict):
@@ -154,6 +193,12 @@ class SpaceFile(_Strict):
     def _mode_follows_metric(cls, mode: str | None, info: ValidationInfo) -> str:
         return selection_mode(info.data.get("metric", "val_auc"), mode)
 
+    @field_validator("scheduler")
+    @classmethod
+    def _rungs_fit_budget(cls, scheduler: Scheduler, info: ValidationInfo) -> Scheduler:
+        scheduler.check_unit(info.data.get("time_budget"))
+        return scheduler
+
 
 @dataclass
 class SearchSpace:
@@ -168,16 +213,33 @@ class SearchSpace:
     max_concurrent: int = 2
     max_failures: int = 1
     cv_folds: int = 1
-    max_t: int = 3
-    grace_period: int = 1
+    max_t: int = 3  # every trial's epochs, whatever ASHA's rungs count
+    grace_period: int | None = None  # as the space gives it (None: 1 epoch); see first_rung
     reduction_factor: int = 2
     scheduler: str = "asha"
+    rungs: str | None = None  # as the space gives it; see rung_unit
+    grace_period_s: float | None = None  # as the space gives it (None: time_budget / 30); see first_rung
     cpu: float = 1.0
     gpu: float = 0.0
     fixed: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
     points_to_evaluate: list = field(default_factory=list)
+
+    @property
+    def rung_unit(self) -> str:
+        """"epochs" or "seconds": what ASHA's rungs count (search_spaces.rung_unit)."""
+        return rung_unit(self.rungs, self.scheduler, self.time_budget, self.grace_period)
+
+    @property
+    def first_rung(self) -> float:
+        """ASHA's grace period in the rung unit: grace_period epochs (1), or grace_period_s seconds (budget / 30:
+        the first rung then takes a thirtieth of the budget, so even if every trial stopped there a search running
+        two at a time could judge ~60 of them, and a choice too slow to be worth its time is dropped after that
+        much, or after its first epoch when one epoch takes longer)."""
+        if self.rung_unit == "epochs":
+            return self.grace_period or 1
+        return self.grace_period_s or self.time_budget / GRACE_SHARE_OF_BUDGET
 
     def values_of(self, key: str) -> list:
         """Every value `key` can take: its choices, its variants' values, or its one fixed value."""
@@ -212,11 +274,19 @@ class SearchSpace:
                 "num_samples": self.num_samples, **({"time_budget": self.time_budget} if self.time_budget else {}),
                 "max_concurrent": self.max_concurrent, "max_failures": self.max_failures,
                 **({"cv_folds": self.cv_folds} if self.cv_folds > 1 else {}),
-                "scheduler": {"kind": self.scheduler, "max_t": self.max_t, "grace_period": self.grace_period,
-                              "reduction_factor": self.reduction_factor},
+                "scheduler": self.scheduler_dict(),
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "fixed": self.fixed, "params": self.params,
                 **({"variants": self.variants} if self.variants else {}),
                 **({"points_to_evaluate": self.points_to_evaluate} if self.points_to_evaluate else {})}
+
+
+    def scheduler_dict(self) -> dict:
+        """The scheduler with its rung unit and first rung resolved (against the time budget as it is now, so a
+        --time-budget override moves a left-out default). The epoch grace period is stated only for epoch rungs,
+        where the report draws rungs from it."""
+        first = "grace_period" if self.rung_unit == "epochs" else "grace_period_s"
+        return {"kind": self.scheduler, "max_t": self.max_t, "rungs": self.rung_unit, first: self.first_rung,
+                "reduction_factor": self.reduction_factor}
 
 
 def to_tune_domain(spec: dict):
@@ -271,7 +341,8 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
         mode=typed.mode, num_samples=trial_count(typed), time_budget=typed.time_budget,
         max_concurrent=typed.max_concurrent, max_failures=typed.max_failures, cv_folds=typed.cv_folds,
         max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
-        reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind, cpu=typed.resources.cpu,
+        reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind,
+        rungs=typed.scheduler.rungs, grace_period_s=typed.scheduler.grace_period_s, cpu=typed.resources.cpu,
         gpu=typed.resources.gpu, fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
         variants={k: dict(v) for k, v in typed.variants.items()},
         points_to_evaluate=[dict(point) for point in typed.points_to_evaluate],

@@ -13,17 +13,18 @@ UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)")
 
 
-def parse_duration(value) -> float:
-    """Seconds in `value` (`90s`, `30m`, `1.5h`, `45`, or a YAML number); ValueError naming the fix otherwise."""
+def parse_duration(value, what: str = "time budget") -> float:
+    """Seconds in `value` (`90s`, `30m`, `1.5h`, `45`, or a YAML number); ValueError naming `what` and the fix
+    otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
         match = _DURATION.fullmatch(str(value).strip().lower())
         if match is None:
-            raise ValueError(f"time budget {value!r} is not a duration; write e.g. 90s, 30m, 1.5h or seconds (600)")
+            raise ValueError(f"{what} {value!r} is not a duration; write e.g. 90s, 30m, 1.5h or seconds (600)")
         seconds = float(match.group(1)) * UNITS[match.group(2)]
     if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"time budget {value!r} must be more than 0 seconds; write e.g. 90s, 30m or 1.5h")
+        raise ValueError(f"{what} {value!r} must be more than 0 seconds; write e.g. 90s, 30m or 1.5h")
     return seconds
 
 

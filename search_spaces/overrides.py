@@ -42,7 +42,8 @@ def apply_overrides(space: SearchSpace, args) -> SearchSpace:
                          ("cv_folds", args.cv_folds)):
         if value is not None:
             setattr(space, field, value)
-    space.grace_period = min(space.grace_period, space.max_t)
+    if space.grace_period is not None:  # epoch rungs: the first one within the (maybe lowered) epochs
+        space.grace_period = min(space.grace_period, space.max_t)
     for key, value in parse_overrides(args.set).items():
         if key == "cv_folds":
             raise UserError("--set cv_folds: the number of folds is the search's, not a trial key; use --cv-folds K")

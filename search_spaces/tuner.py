@@ -77,25 +77,62 @@ def make_searcher(space: SearchSpace, seed: int):
 
 
 def make_scheduler(space: SearchSpace):
-    """ASHA, or FIFO (`scheduler: {kind: fifo}`): every trial trains max_t epochs, the same budget for every model."""
+    """ASHA, or FIFO (`scheduler: {kind: fifo}`): every trial trains max_t epochs, the same budget for every model.
+
+    ASHA's rungs count epochs (`training_iteration`) or, with `rungs: seconds`, the trial's own training seconds
+    (`time_total_s`, what it has cost of the budget). Seconds rather than a projection of whether a trial can reach
+    its next rung in the budget left: what is left depends on the trials not yet proposed and on concurrency, and a
+    projection cut would be a fourth way to end; rungs at equal seconds answer the question a budget asks (is this
+    trial worth its seconds more than the others were worth theirs) with ASHA's own rule, and their trials end
+    "stopped early" as before. In seconds the rungs climb from the first rung to the time budget and ASHA never
+    stops a trial for its age (`stop_last_trials=False`): a trial ends by training its max_t epochs (completed), at a
+    rung (stopped early) or with the budget (cut), as the outcome rule (trainables/tracking/ranking.py) reads it.
+    Across a resume `time_total_s` goes on from the restored checkpoint's value (Ray's Trainable.restore reads it
+    from the checkpoint's metrics), as the epoch count does."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if space.scheduler == "fifo":
         return FIFOScheduler()
+    if space.rung_unit == "seconds":
+        return ASHAScheduler(time_attr="time_total_s", metric=space.metric, mode=space.mode, max_t=space.time_budget,
+                             grace_period=space.first_rung, reduction_factor=space.reduction_factor,
+                             stop_last_trials=False)
     return ASHAScheduler(time_attr="training_iteration", metric=space.metric, mode=space.mode, max_t=space.max_t,
-                         grace_period=space.grace_period, reduction_factor=space.reduction_factor)
+                         grace_period=space.first_rung, reduction_factor=space.reduction_factor)
+
+
+class RungRecords(Callback):
+    """ASHA's rung records, saved with the experiment and put back on a resume. Ray 2.60 saves the searcher and the
+    callbacks with its experiment state but not the scheduler (TuneController.__getstate__ leaves it out): a resumed
+    search's ASHA is the one pickled when the Tuner was built, with empty rungs, so every trial would pass its next
+    rung as the first one there. This callback holds the same scheduler object (Ray pickles the Tuner's config
+    and callbacks together, so the reference survives) and saves its rungs whenever Ray saves the callbacks."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"rungs": [[(milestone, dict(recorded)) for milestone, recorded in bracket._rungs]
+                          for bracket in self.scheduler._brackets]}
+
+    def set_state(self, state: dict) -> None:
+        for bracket, rungs in zip(self.scheduler._brackets, state["rungs"]):
+            bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
 
 
 def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callbacks: list, seed: int):
     from ray import tune
+    from ray.tune.schedulers import AsyncHyperBandScheduler
 
+    scheduler = make_scheduler(space)
+    rungs = [RungRecords(scheduler)] if isinstance(scheduler, AsyncHyperBandScheduler) else []
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space)], verbose=0,
+        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space), *rungs], verbose=0,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
     )
     return tune.Tuner(trainable, param_space=space.param_space(), run_config=run_config,
-                      tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed), scheduler=make_scheduler(space),
+                      tune_config=tune.TuneConfig(search_alg=make_searcher(space, seed), scheduler=scheduler,
                                                   num_samples=space.num_samples or -1,  # -1: until the budget
                                                   time_budget_s=space.time_budget,
                                                   max_concurrent_trials=space.max_concurrent,
