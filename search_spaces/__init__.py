@@ -397,6 +397,9 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
         _check({**base, "model": model, "image_size": size, "stem": stem}, fail, "params")
     for number, point in enumerate(space.points_to_evaluate):
         _check_point(space, typed, point, fail, f"points_to_evaluate[{number}]")
+        if point in space.points_to_evaluate[:number]:  # the sampler would not run it twice: say so here
+            first = space.points_to_evaluate.index(point)
+            raise fail(f"points_to_evaluate[{number}]", f"repeats points_to_evaluate[{first}]; drop one")
 
 
 def _check_point(space: SearchSpace, typed: SpaceFile, point: dict, fail, where: str) -> None:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from ray.tune import Callback
 
 from search_spaces import SearchSpace
+from search_spaces.searcher import DistinctOptunaSearch
 from trainables.errors import UserError
 from trainables.tracking import mlflow_runs
 from trainables.tracking.ranking import outcome, reported_failure, selection_key
@@ -64,16 +65,33 @@ def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
 
 
 def make_searcher(space: SearchSpace, seed: int):
-    """Optuna's TPE (seeded), trying the space's `points_to_evaluate` first; None when nothing is searched."""
+    """Optuna's TPE (seeded), trying the space's `points_to_evaluate` first; None when nothing is searched.
+
+    The sampler's settings are stated, not left to Optuna's defaults (which changed in 5.0): multivariate TPE
+    models the keys jointly, and the constant liar counts running trials as bad results so trials running at
+    the same time are not handed the same region (max_concurrent > 1). `group` is not needed: Ray's OptunaSearch
+    asks for the whole space in every trial, and a `variant` is one categorical key beside the others (no searched
+    key depends on it), so the space is never conditional. A proposal some trial already had is not run
+    (search_spaces/searcher.py says how repeats happen).
+
+    Versions: both arguments exist since Optuna 2.8; the liar's split of running trials was fixed in 3.0.5/3.1.0
+    (optuna#4073) and multivariate TPE with the liar stopped failing in 3.1.1 (optuna#4462). The later fixes of
+    the pair (optuna#6189 in 4.5, undone in 4.6, optuna#6505 in 4.8) are for trials asked before their parameters
+    are suggested; Ray asks with the whole space fixed, so a running trial's parameters are stored at once (the
+    liar changes Ray-style proposals on 4.0, 4.4, 4.7 and 5.1 alike). pyproject's floor (4.0) covers this."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
     from optuna.samplers import TPESampler
-    from ray.tune.search.optuna import OptunaSearch
 
     if not space.params and not space.variants:
         return None  # nothing to search: run the fixed config num_samples times
     startup = max(2, min(10, (space.num_samples or 30) // 3))  # no trial count (a time budget): 10
-    return OptunaSearch(metric=selection_key(space.metric), mode=space.mode,
-                        points_to_evaluate=space.points_to_evaluate or None,
-                        sampler=TPESampler(seed=seed, n_startup_trials=startup))
+    with warnings.catch_warnings():  # both were experimental before Optuna 5.0: the warning says nothing here
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        sampler = TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+    return DistinctOptunaSearch(metric=selection_key(space.metric), mode=space.mode,
+                                points_to_evaluate=space.points_to_evaluate or None, sampler=sampler)
 
 
 def make_scheduler(space: SearchSpace):
