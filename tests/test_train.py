@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 import subprocess
 import sys
 
@@ -137,6 +138,45 @@ def test_resumed_trial_matches_an_uninterrupted_one(toy):
     resumed = list(iterate_epochs(config, data, resume=state))[-1]
     assert resumed.metrics["train_loss"] == pytest.approx(uninterrupted.metrics["train_loss"], rel=1e-6)
     assert resumed.metrics["test_auc"] == pytest.approx(uninterrupted.metrics["test_auc"], rel=1e-6)
+
+
+def torch_flags() -> tuple:
+    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+@pytest.fixture
+def restore_torch_flags(monkeypatch):
+    """The process-wide kernel flags (and cuBLAS's variable) as they were before the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    benchmark, deterministic, algorithms, warn_only = torch_flags()
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+    torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_trial_sets_its_gpu_kernel_flags_where_it_starts(toy, restore_torch_flags, deterministic):
+    """The `deterministic` key, applied before the first epoch (checked on the CPU, where the flags are only set)."""
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic, not deterministic  # the opposite
+    torch.use_deterministic_algorithms(not deterministic)
+    next(iterate_epochs({**FAST, "epochs": 1, "deterministic": deterministic}, toy()))
+    # deterministic: (benchmark off, cudnn deterministic, deterministic algorithms, warning where none exists)
+    assert torch_flags()[:3 + deterministic] == ((False, True, True, True) if deterministic else (True, False, False))
+    assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
+
+
+def test_importing_the_trial_code_changes_no_torch_flag():
+    """A fresh interpreter imports torch, then every module a trial runs; no global kernel flag moves (~5 s)."""
+    code = ("import torch\n"
+            "flags = lambda: (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,"
+            " torch.are_deterministic_algorithms_enabled())\n"
+            "before = flags()\n"
+            "import trainables.models, trainables.training.epochs, trainables.train\n"
+            "print(before, flags())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, _, after = result.stdout.strip().partition(") (")
+    assert before + ")" == "(" + after, result.stdout
 
 
 def lr_curve(overrides: dict, steps_per_epoch: int, steps: int) -> list[float]:

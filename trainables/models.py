@@ -288,5 +288,3 @@ def weights_statistics(name: str, in_chans: int) -> tuple[list[float], list[floa
         return mean, std
     return [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
 
-
-torch.backends.cudnn.benchmark = True
