@@ -140,6 +140,27 @@ def test_resumed_trial_matches_an_uninterrupted_one(toy):
     assert resumed.metrics["test_auc"] == pytest.approx(uninterrupted.metrics["test_auc"], rel=1e-6)
 
 
+def test_a_frozen_backbone_moves_neither_its_weights_nor_its_batchnorm_statistics(toy, monkeypatch):
+    """freeze_backbone: one training epoch changes the head only; the backbone's BatchNorm running statistics
+    stay as built too, although the model trains in train mode (~3 s)."""
+    built = []
+
+    def build_and_keep(config, dataset):
+        model = real_build(config, dataset)
+        built.append((model, copy.deepcopy(model.state_dict())))
+        return model
+
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", build_and_keep)
+    next(iterate_epochs({**FAST, "model": "resnet18", "freeze_backbone": True, "epochs": 2}, toy()))  # after epoch 1
+    (model, before), = built
+    after = model.state_dict()
+    backbone = [key for key in before if not key.startswith("fc.")]
+    assert any(key.endswith("running_mean") for key in backbone)  # resnet18 has BatchNorm to keep still
+    assert [key for key in backbone if not torch.equal(before[key], after[key].cpu())] == []
+    assert not torch.equal(before["fc.weight"], after["fc.weight"].cpu())
+
+
 def torch_flags() -> tuple:
     return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled())
