@@ -38,7 +38,7 @@ from trainables.errors import UserError
 from trainables.tracking.mlflow_runs import flat_params, get_experiment_id, numeric_metrics
 from trainables.tracking.names import PARENT, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_OUTCOME, TAG_ROLE, TAG_SEARCH, TAG_TRIAL
 from trainables.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from trainables.training.checkpoint import save_checkpoint
+from trainables.training.checkpoint import load_checkpoint, save_checkpoint
 from trainables.training.epochs import iterate_epochs
 from trainables.training.metrics import classification_metrics, predictions, probabilities
 from trainables.training.split_run import build_model, eval_loader, predict_logits
@@ -429,6 +429,29 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
     (out / "model.json").write_text(json.dumps({**spec, "name": "os.system"}))
     code, _, stderr = run_main(predict, "--model", out, *paths)
     assert code == 2 and "Unknown model 'os.system'" in stderr and stderr.count("\n") == 1
+
+
+def test_a_frozen_backbone_checkpoint_from_before_frozen_batchnorm_exports_and_loads_strictly(tmp_path, monkeypatch,
+                                                                                                toy_store):
+    """freeze_backbone now freezes BatchNorm as FrozenBatchNorm2d (no num_batches_tracked). A trial checkpoint with
+    BatchNorm's keys, as written before, replays and exports exactly, and predict loads the export strictly into
+    the plain network it builds (~15 s)."""
+    toy = toy_winner(tmp_path, monkeypatch, "binary", toy_store, {"model": "resnet18", "freeze_backbone": True, "epochs": 1})
+    old = {key: {**weights, **{name.replace("running_mean", "num_batches_tracked"): torch.tensor(7)
+                               for name in weights if name.endswith("running_mean")}}
+           for key, weights in toy.state.items() if key in ("model", "best_model") and weights is not None}
+    assert old and all(sum(name.endswith("num_batches_tracked") for name in w) == 20 for w in old.values())
+    save_checkpoint({**toy.state, **old}, tmp_path / "checkpoint")  # where the search's trial run points
+    out = tmp_path / "export"
+    code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
+                                    "--n-resamples", 20)
+    assert code == 0, stdout + stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reproduced"]["exact"] and metrics["test"]["argmax"]["auc"]["value"] == toy.metrics["test_auc"]
+    exported, trial = load_model(out), replay(load_checkpoint(tmp_path / "checkpoint")).model
+    images = torch.from_numpy(toy.data.test.images[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        assert torch.allclose(exported(images), trial(images), atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the replay of a GPU trial where no GPU is visible")

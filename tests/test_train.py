@@ -1,5 +1,6 @@
 import copy
 import math
+import os
 import subprocess
 import sys
 
@@ -137,6 +138,66 @@ def test_resumed_trial_matches_an_uninterrupted_one(toy):
     resumed = list(iterate_epochs(config, data, resume=state))[-1]
     assert resumed.metrics["train_loss"] == pytest.approx(uninterrupted.metrics["train_loss"], rel=1e-6)
     assert resumed.metrics["test_auc"] == pytest.approx(uninterrupted.metrics["test_auc"], rel=1e-6)
+
+
+def test_a_frozen_backbone_moves_neither_its_weights_nor_its_batchnorm_statistics(toy, monkeypatch):
+    """freeze_backbone: one training epoch changes the head only; the backbone's BatchNorm running statistics
+    stay as built too, although the model trains in train mode (~3 s)."""
+    built = []
+
+    def build_and_keep(config, dataset):
+        model = real_build(config, dataset)
+        built.append((model, copy.deepcopy(model.state_dict())))
+        return model
+
+    real_build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", build_and_keep)
+    next(iterate_epochs({**FAST, "model": "resnet18", "freeze_backbone": True, "epochs": 2}, toy()))  # after epoch 1
+    (model, before), = built
+    after = model.state_dict()
+    backbone = [key for key in before if not key.startswith("fc.")]
+    assert any(key.endswith("running_mean") for key in backbone)  # resnet18 has BatchNorm to keep still
+    assert [key for key in backbone if not torch.equal(before[key], after[key].cpu())] == []
+    assert not torch.equal(before["fc.weight"], after["fc.weight"].cpu())
+
+
+def torch_flags() -> tuple:
+    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+@pytest.fixture
+def restore_torch_flags(monkeypatch):
+    """The process-wide kernel flags (and cuBLAS's variable) as they were before the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    benchmark, deterministic, algorithms, warn_only = torch_flags()
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+    torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_trial_sets_its_gpu_kernel_flags_where_it_starts(toy, restore_torch_flags, deterministic):
+    """The `deterministic` key, applied before the first epoch (checked on the CPU, where the flags are only set)."""
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic, not deterministic  # the opposite
+    torch.use_deterministic_algorithms(not deterministic)
+    next(iterate_epochs({**FAST, "epochs": 1, "deterministic": deterministic}, toy()))
+    # deterministic: (benchmark off, cudnn deterministic, deterministic algorithms, warning where none exists)
+    assert torch_flags()[:3 + deterministic] == ((False, True, True, True) if deterministic else (True, False, False))
+    assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
+
+
+def test_importing_the_trial_code_changes_no_torch_flag():
+    """A fresh interpreter imports torch, then every module a trial runs; no global kernel flag moves (~5 s)."""
+    code = ("import torch\n"
+            "flags = lambda: (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,"
+            " torch.are_deterministic_algorithms_enabled())\n"
+            "before = flags()\n"
+            "import trainables.models, trainables.training.epochs, trainables.train\n"
+            "print(before, flags())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, _, after = result.stdout.strip().partition(") (")
+    assert before + ")" == "(" + after, result.stdout
 
 
 def lr_curve(overrides: dict, steps_per_epoch: int, steps: int) -> list[float]:

@@ -92,6 +92,9 @@ class TrialConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a CUDA GPU that has it, else fp32
     num_workers: int = Field(0, ge=0)  # DataLoader workers for per-sample augmentation
+    # GPU kernels: true = deterministic cuDNN/cuBLAS ones, so a resumed trial repeats an uninterrupted one (slower
+    # convolutions); false = cudnn.benchmark's fastest, which may differ run to run. No effect on the CPU
+    deterministic: bool = True
     data_root: str | None = None  # where datasets live; None: $MEDTUNE_DATA_ROOT or ~/.medmnist
 
     @field_validator("dataset")

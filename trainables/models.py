@@ -10,6 +10,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.utils import freeze, unfreeze
 from torch import nn
 
 from trainables.errors import UserError, unknown_name
@@ -251,12 +252,13 @@ def _hub_weights_reachable(name: str) -> bool:
 
 
 def freeze_all_but_head(model: nn.Module) -> None:
-    """Train the classifier only: timm models name it via get_classifier(); ours call it `head`."""
+    """Train the classifier only (timm models name it via get_classifier(); ours call it `head`). timm's freeze
+    also swaps every BatchNorm outside it for a FrozenBatchNorm2d, so `model.train()` moves no running statistic
+    either. Its state-dict keys are BatchNorm's less `num_batches_tracked`, which it drops on load: checkpoints
+    written before still load strictly, and its weights load into the plain network that analysis.predict builds."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else model.head
-    for parameter in model.parameters():
-        parameter.requires_grad = False
-    for parameter in head.parameters():
-        parameter.requires_grad = True
+    freeze(model)
+    unfreeze(model, [next(name for name, module in model.named_modules() if module is head)])
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -288,5 +290,3 @@ def weights_statistics(name: str, in_chans: int) -> tuple[list[float], list[floa
         return mean, std
     return [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
 
-
-torch.backends.cudnn.benchmark = True

@@ -15,13 +15,14 @@ from trainables.data.datasets import Dataset, load_dataset
 from trainables.data.splits import development_splits
 from trainables.errors import UserError
 from trainables.training.cv import best_fold, fold_mean, fold_state, out_of_fold
-from trainables.training.split_run import Epoch, SplitRun, augmented_examples, pick_device, seed_everything, use_bf16
+from trainables.training.split_run import Epoch, SplitRun, augmented_examples, pick_device, seed_everything, set_determinism, use_bf16
 
 
 def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -> Iterator[Epoch]:
     """Train `config` on `dataset`, yielding each epoch; the last one carries the test metrics."""
     config = resolve_config(config)
     seed_everything(config["seed"])
+    set_determinism(config["deterministic"])
     device = pick_device(config["device"])
     amp = use_bf16(config["precision"], device)
     runs = [SplitRun(config, dataset, train_idx, val_idx, device, amp, fold)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,6 +120,18 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """The trial's GPU kernels, chosen where it starts (never at import: the flags are the whole process's).
+    Deterministic: cuDNN's and cuBLAS's deterministic kernels, as PyTorch's reproducibility notes ask, so a resumed
+    trial repeats an uninterrupted one; an operation with no deterministic kernel warns instead of failing. Else
+    cudnn.benchmark times the kernels and keeps the fastest, which may differ from run to run."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS gets its workspace
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def build_schedule(config: dict, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
