@@ -25,3 +25,7 @@ GAN_ARTIFACTS = ("gan_samples.png", "gan_losses.png", "gan_training.json")  # on
 # every file a finished trial's checkpoint folder holds besides the weights (the MLflow callback logs them all)
 ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,) + GAN_ARTIFACTS
 OOF_PREDICTIONS = "oof_predictions.npz"  # and a cross-validated trial's out-of-fold development-pool predictions
+# a single-split trial's validation labels and logits from its best weights so far (row indices into the development
+# pool, the trial's config): in EVERY checkpoint, so an ASHA-stopped trial keeps them too (a few kB each); what
+# ensemble selection (analysis.selection) reads instead of replaying dozens of trials
+VAL_PREDICTIONS = "val_predictions.npz"
