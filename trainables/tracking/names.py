@@ -13,6 +13,7 @@ TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | cut_by_budget | f
 TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
 TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
 TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
+TAG_HANDOVER = "medtune.handover"  # on the parent: the model handed over (variant, why, members and weights), JSON
 TAG_ERROR = "medtune.error"  # a failed trial's last error line
 TAG_SPACE, TAG_DATASET, TAG_SEED, TAG_VERSION = "medtune.space", "medtune.dataset", "medtune.seed", "medtune.version"
 TAG_TRIAL_RUN = "medtune.trial_run_id"  # on a registered model version: the trial it came from
