@@ -264,10 +264,10 @@ def choose_handover(client, parent, space: dict, k: int, tta: bool, data_root: s
 def handover_record(choice: Choice) -> dict:
     """What the search's description shows of the hand-over: the variant, why, and the members with weights."""
     shipped = choice.in_variant()
-    count = len(shipped)
-    weights = choice.weights or [1.0 / count] * len(choice.members)
+    weights = [1.0] if shipped == [0] else \
+        [choice.weights[i] for i in shipped] if choice.weights is not None else [1.0 / len(shipped)] * len(shipped)
     return {"variant": choice.chosen, "reason": choice.decision["reason"], "rule": choice.decision["rule"],
-            "members": [{"label": choice.members[i].label, "weight": round(float(weights[i]), 4)} for i in shipped]}
+            "members": [{"label": choice.members[i].label, "weight": round(float(w), 4)} for i, w in zip(shipped, weights)]}
 
 
 def record_on_search(client, parent_id: str, choice: Choice) -> None:

@@ -107,6 +107,7 @@ def print_ensemble(client, parent_id: str, k: int, tta: bool, data_root: str | N
     test figures; kept on the parent run for its description. Like the pages, it never fails the search."""
     from analysis.handover import summarise_search
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars between our lines
     lines = _never_fails("ensemble choice", lambda: summarise_search(client, parent_id, k, tta, data_root, rule))
     if lines:
         flags = f"--ensemble {k}{' --tta' if tta else ''}{' --ensemble-rule topk' if rule == 'topk' else ''}"

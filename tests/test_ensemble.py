@@ -241,6 +241,8 @@ def test_a_selection_of_one_member_exports_the_single_model(search, monkeypatch)
     assert json.loads((alone / "ensemble.json").read_text())["network"] == "single"
     assert json.loads((alone / "decision.json").read_text()) == json.loads((search.tmp / "one" / "decision.json").read_text())
     assert np.array_equal(exported_probabilities(alone, search), exported_probabilities(search.tmp / "one", search))
+    parent = analysis.runs.get_search(mlflow.MlflowClient(search.uri), "ens")
+    assert "**single**: `trial_a` (weight 1.00)." in parent.data.tags["mlflow.note.content"]
 
 
 def test_selected_weights_sum_to_one_and_the_export_is_the_weighted_mean_of_its_members(search, monkeypatch):
@@ -302,3 +304,16 @@ def test_selection_never_reads_the_test_split(search, monkeypatch):
     assert any("val_predictions" in path for path in opened)  # it did read the kept validation predictions
     assert choice.chosen in ("single", "ensemble") and sum(choice.decision["weights"]) == pytest.approx(1.0)
     assert choice.decision["selection"]["candidates"] == ["trial_a", "trial_c", "trial_d"]
+
+
+def test_when_the_rule_ships_the_single_winner_the_hand_over_lists_it_alone_at_weight_one(search, monkeypatch):
+    """Selection mixed the winner 3:1 with trial_c, the rule sent the winner alone: what the description shows is
+    the winner at weight 1, not its share in the ensemble that did not ship."""
+    selection_of(monkeypatch, [3, 1, 0])
+    monkeypatch.setattr(analysis.handover, "paired_se", lambda *args, **kwargs: float("-inf"))  # any gap is too big
+    client = mlflow.MlflowClient(search.uri)
+    parent = analysis.runs.get_search(client, "ens")
+    choice = analysis.handover.choose_handover(client, parent, analysis.runs.search_space(client, parent), 3, False,
+                                               n_resamples=20)
+    assert choice.chosen == "single" and choice.weights == [0.75, 0.25]
+    assert analysis.handover.handover_record(choice)["members"] == [{"label": "trial_a", "weight": 1.0}]
