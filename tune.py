@@ -100,8 +100,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-report", action="store_true",
                         help="skip the study report (reports/<search>/report.html) at the end; the run's description stays")
     parser.add_argument("--ensemble", type=positive(int), default=1, metavar="K",
-                        help="at the end, choose on validation between the winner and an ensemble of the top K "
-                             "(as analysis.export --ensemble K) and print the choice")
+                        help="at the end, select an ensemble of at most K trials from their validation predictions, "
+                             "choose between it and the winner on a held-back half of validation (as "
+                             "analysis.export --ensemble K) and print the choice and why")
+    parser.add_argument("--ensemble-rule", choices=("select", "topk"), default="select",
+                        help="with --ensemble: select (default, ensemble selection with weights) or topk (the top K "
+                             "averaged, shipped by the one-SE rule)")
     parser.add_argument("--tta", action="store_true", help="with the end-of-search choice, also consider flip TTA")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Ray's progress output")
     return parser
@@ -177,9 +181,9 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
                                 best.metrics if best else {}, live)
         print_summary(ranked, results, space.searched_keys(), space.metric, space.max_t, budget_spent=spent,
                       budget=budget_line(space.time_budget, used) if space.time_budget else None)
+        if best is not None and (args.ensemble > 1 or args.tta):  # first: the description shows the hand-over
+            print_ensemble(client, parent_id, args.ensemble, args.tta, args.data_root, args.ensemble_rule)
         publish(client, parent_id, report=not args.no_report)  # the run's description; reports/<name>/report.html
-        if best is not None and (args.ensemble > 1 or args.tta):
-            print_ensemble(client, parent_id, args.ensemble, args.tta, args.data_root)
         print(f"\nresults:  {storage}/{name}")
         if best is not None and best.checkpoint is not None:
             print(f"best checkpoint: {best.checkpoint.path}")

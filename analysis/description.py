@@ -23,7 +23,15 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from analysis import runs
 from analysis.bootstrap import format_ci, metric_names, metrics_with_ci
 from trainables.data.leaks import format_leak_report
-from trainables.tracking.names import PREDICTIONS, TAG_BEST_RUN, TAG_CHECKPOINT, TAG_ERROR, TAG_OUTCOME, TAG_SEARCH
+from trainables.tracking.names import (
+    PREDICTIONS,
+    TAG_BEST_RUN,
+    TAG_CHECKPOINT,
+    TAG_ERROR,
+    TAG_HANDOVER,
+    TAG_OUTCOME,
+    TAG_SEARCH,
+)
 from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, OUTCOMES, STOPPED_EARLY, leaderboard
 from trainables.tracking.searched import searched_keys
 from trainables.tracking.text import CELL_PAD, fmt, markdown_table
@@ -58,6 +66,7 @@ class Leaderboard:
     n_test: int | None = None  # test images the CIs rest on
     n_resamples: int = CI_RESAMPLES
     leak: str = ""  # the leak report, as the terminal showed it
+    handover: dict | None = None  # what tune.py --ensemble / analysis.export last handed over (TAG_HANDOVER)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -139,12 +148,21 @@ def read_leaderboard(client, parent, ci_trials: int = CI_TRIALS, n_resamples: in
                         max_t=(space.get("scheduler") or {}).get("max_t"),
                         trials=trials, rows=leaderboard_order(trials, objective, mode),
                         winner=next((t for t in trials if t.info.run_id == best_id), None), leak=leak_text(client, parent),
-                        n_resamples=n_resamples)
+                        n_resamples=n_resamples, handover=handover_of(parent))
     for run in [r for r in board.rows if outcome_of(r) == COMPLETED][:ci_trials]:
         cis, n_test = trial_cis(client, run, n_resamples)
         if cis is not None:
             board.cis[run.info.run_id], board.n_test = cis, n_test
     return board
+
+
+def handover_of(parent) -> dict | None:
+    """The hand-over kept on the parent run (analysis.handover.record_on_search), None without one."""
+    try:
+        record = json.loads(parent.data.tags.get(TAG_HANDOVER) or "null")
+    except ValueError:  # a damaged tag: say nothing rather than something wrong
+        return None
+    return record if isinstance(record, dict) and record.get("members") else None
 
 
 # --- the Markdown ------------------------------------------------------------------------------------
@@ -261,6 +279,16 @@ def winner_tests(board: Leaderboard) -> list[tuple[str, str]]:
     return [(LABELS.get(n, n), format_ci(cis[n])) for n in metric_names(task_of(board)) if n in cis]
 
 
+def handover_section(board: Leaderboard) -> list[str]:
+    """The model handed over (tune.py --ensemble or analysis.export, the latest): members, weights and why."""
+    record = board.handover
+    if record is None:
+        return []
+    members = ", ".join(f"`{m['label']}` (weight {m['weight']:.2f})" for m in record["members"])
+    return ["### Hand-over (the model that ships)",
+            f"**{record['variant']}**: {members}.", f"Why: {record['reason']}.", f"Rule: {record['rule']}."]
+
+
 def outcomes_section(board: Leaderboard) -> list[str]:
     ended = [outcome_of(t) for t in board.trials]
     parts = [f"{ended.count(o)} {o.replace('_', ' ')}" for o in (*OUTCOMES, UNFINISHED)
@@ -304,7 +332,8 @@ def markdown(board: Leaderboard, top: int = TOP, config: bool = True) -> str:
     if not config and winner:
         winner = winner[:winner.index(CONFIG_INTRO)] + \
             ["Whole config: this run's trial, Parameters tab."]
-    sections = [headline(board), leaderboard_table(board, top), winner, outcomes_section(board), leak_section(board),
+    sections = [headline(board), handover_section(board), leaderboard_table(board, top), winner, outcomes_section(board),
+                leak_section(board),
                 export_section(board)]
     return "\n\n".join("\n".join(s) for s in sections if s) + "\n"
 

@@ -206,14 +206,24 @@ class Choice:
     decision: dict
     skipped: list[str] = field(default_factory=list)
     oof: dict | None = None  # a cross-validated winner: {"labels", "probs": {variant: out-of-fold probabilities}}
+    # ensemble selection (analysis.handover): each member's weight in the ensemble variant, 0 for a winner it left
+    # out; None: the ensemble averages every member equally (top-K, fold models)
+    weights: list[float] | None = None
 
     @property
     def chosen(self) -> str:
         return self.decision["chosen"]
 
+    def in_variant(self, variant: str | None = None) -> list[int]:
+        """The members (indices) the variant's network is made of: the winner alone, or the ensemble's."""
+        if not (variant or self.chosen).startswith("ensemble"):
+            return [0]
+        return list(range(len(self.members))) if self.weights is None else \
+            [i for i, w in enumerate(self.weights) if w > 0]
+
     @property
     def chosen_members(self) -> int:
-        return len(self.members) if self.chosen.startswith("ensemble") else 1
+        return len(self.in_variant())
 
     @property
     def tta(self) -> bool:
@@ -227,23 +237,29 @@ class Choice:
     def module(self, variant: str | None = None) -> Ensemble:
         """The chosen variant (or `variant`) as one network: normalised images in, averaged log-probabilities out."""
         variant = variant or self.chosen
-        n = len(self.members) if variant.startswith("ensemble") else 1
+        shipped = self.in_variant(variant)
         rep = self.reps[0]
-        return Ensemble([r.model for r in self.reps[:n]], self.temperatures[:n], rep.dataset.task,
-                        variant.endswith("+tta"), flip_shift(rep.normalization)).eval()
+        return Ensemble([self.reps[i].model for i in shipped], [self.temperatures[i] for i in shipped],
+                        rep.dataset.task, variant.endswith("+tta"), flip_shift(rep.normalization),
+                        None if self.weights is None or shipped == [0] else [self.weights[i] for i in shipped]).eval()
 
     def lines(self) -> list[str]:
         d = self.decision
-        who = "ensemble members (best validation first): " if self.oof is None else \
-            "fold models (best fold first, each T fitted on its own held-out fold): "
-        out = [*self.skipped, who + ", ".join(
-            f"{m.label} (T {t:.3f})" for m, t in zip(self.members, self.temperatures))]
+        if self.weights is not None:
+            members = "ensemble members (selected on validation; weight, temperature): " + ", ".join(
+                f"{m.label} ({'w ' + format(w, '.2f') if w > 0 else 'winner, not in the ensemble'}, T {t:.3f})"
+                for m, t, w in zip(self.members, self.temperatures, self.weights))
+        else:
+            who = "ensemble members (best validation first): " if self.oof is None else \
+                "fold models (best fold first, each T fitted on its own held-out fold): "
+            members = who + ", ".join(f"{m.label} (T {t:.3f})" for m, t in zip(self.members, self.temperatures))
+        out = [*self.skipped, *d.get("notes", []), members]
         split = "val" if self.oof is None else "out-of-fold"
-        out += [f"  {name:13s} {split} {d['metric']} {v['value']:.4f}  " + (
+        out += [f"  {name:13s} {v.get('scored_on', split)} {d['metric']} {v['value']:.4f}  " + (
                 f"gap to best {v['gap_to_best']:+.4f} (SE {v['se_of_gap']:.4f})" if v.get("gap_to_best") is not None
                 else "(stand-in: that of the single fold model)") + f"  {v['passes']} pass(es)/image"
                 for name, v in d["variants"].items()]
-        images = "validation images" if self.oof is None else "out-of-fold development images"
+        images = d.get("images_are") or ("validation images" if self.oof is None else "out-of-fold development images")
         out.append(f"chosen: {self.chosen} -- {d['reason']} ({d['rule']}, {d['n_val']} {images})")
         return out
 
@@ -263,8 +279,9 @@ class Choice:
         """What ensemble.json and metrics.json keep of the choice (the validation figures, never test)."""
         return {"variant": self.chosen, "network": self.network, "tta": self.tta, "tta_offered": self.tta_offered,
                 "members_are": "trials" if self.oof is None else "folds", "choice": self.decision, "skipped": self.skipped,
-                "candidates": [{"label": m.label, "run_id": m.run_id, "validation_score": m.score,
-                                "temperature": t} for m, t in zip(self.members, self.temperatures)]}
+                "candidates": [{"label": m.label, "run_id": m.run_id, "validation_score": m.score, "temperature": t,
+                                **({} if self.weights is None else {"weight": self.weights[i]})}
+                               for i, (m, t) in enumerate(zip(self.members, self.temperatures))]}
 
 
 def decide(members: list[Member], tta: bool, metric: str, mode: str, data_root: str | None = None,

@@ -1,5 +1,6 @@
-"""An exported ensemble as ONE network: its members' calibrated probabilities averaged, optionally over a
-horizontal flip of the image (test-time augmentation). analysis.predict builds it from `ensemble.json` and
+"""An exported ensemble as ONE network: its members' calibrated probabilities averaged (weighted, with ensemble
+selection's weights; equally, for an export without them), optionally over a horizontal flip of the image
+(test-time augmentation). analysis.predict builds it from `ensemble.json` and
 `members/<label>/` (each member a model.json + model.safetensors pair, as a single export); model.ts traces it.
 
 Its output sits where a single model's logits sit: the log of the mean probability for softmax tasks, its logit
@@ -42,24 +43,31 @@ class Flipped(torch.nn.Module):
 
 
 class Ensemble(torch.nn.Module):
-    """Mean of `members`' probabilities at their own temperatures (and over the flipped image with `tta`)."""
+    """Weighted mean of `members`' probabilities at their own temperatures (each member's own the mean over the
+    image and its mirror image with `tta`). `weights`: ensemble selection's, normalised to sum to one; None
+    (an export from before weights existed, or top-K averaging): equal."""
 
     def __init__(self, members: list[torch.nn.Module], temperatures: list[float], task: str, tta: bool,
-                 shift: torch.Tensor):
+                 shift: torch.Tensor, weights: list[float] | None = None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+        weights = torch.ones(len(members)) if weights is None else torch.tensor(weights, dtype=torch.float64)
+        if len(weights) != len(members) or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
+            raise ValueError(f"ensemble weights {weights.tolist()} do not weigh {len(members)} members")
+        self.register_buffer("weights", (weights / weights.sum()).float())
         self.register_buffer("shift", shift.float())
         self.multilabel, self.tta = task == "multilabel", tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         views = [x, torch.flip(x, dims=(3,)) - self.shift] if self.tta else [x]
-        probs = []
+        mean = torch.zeros(())
         for index, member in enumerate(self.members):
+            probs = []
             for view in views:
                 logits = member(view).float() / self.temperatures[index]
                 probs.append(torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1))
-        mean = torch.stack(probs).mean(dim=0)
+            mean = mean + self.weights[index] * torch.stack(probs).mean(dim=0)
         return torch.logit(mean) if self.multilabel else torch.log(mean)
 
 
@@ -84,8 +92,9 @@ def load_ensemble(folder: str | Path, manifest: dict, load_member) -> Ensemble:
         models = [load_member(folder / m["path"]) for m in members]
         prep = json.loads((folder / "preprocessing.json").read_text())
         normalization = exported_normalization(folder, prep)
+        weights = [float(m["weight"]) for m in members] if all("weight" in m for m in members) else None
         return Ensemble(models, [float(m["temperature"]) for m in members], prep["task"], bool(manifest["tta"]),
-                        flip_shift(normalization)).eval()
+                        flip_shift(normalization), weights).eval()
     except (OSError, KeyError, TypeError, ValueError, SafetensorError) as error:
         raise UserError(f"{folder / ENSEMBLE} does not describe a loadable ensemble ({type(error).__name__}: "
                         f"{str(error)[:120]}); export the model again") from error

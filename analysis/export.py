@@ -13,10 +13,13 @@ data or checkpoint). A trial evaluated under bf16 autocast (GPU trials by defaul
 many test predictions flip between the two and how far each metric moves is in metrics.json
 ("precision_change"), the model card and the printed summary.
 
-`--ensemble K` / `--tta` (analysis.ensemble): the winner, flip TTA and the top-K ensemble are compared on
-validation and the cheapest variant within one SE of the best ships, as one network (ensemble.json + members/);
-test is scored only after that choice. A cross-validated winner's ensemble is its K fold models, TTA chosen on
-out-of-fold predictions, its threshold fitted on them (analysis.ensemble.decide_folds says why).
+By default (analysis.handover, rule `select`) an ensemble of at most `--ensemble K` (5) trials is selected from
+the search's kept validation predictions and ships unless, on a held-back half of the validation split, it is
+worse than the single winner by more than one SE; either way the export prints why. `--ensemble 1` ships the
+winner alone; `--ensemble-rule topk` is the older rule (analysis.ensemble: the winner, flip TTA and the top-K
+average, the cheapest variant within one SE of the best). An ensemble ships as one network (ensemble.json +
+members/); test is scored only after the choice. A cross-validated winner's ensemble is its K fold models, TTA
+chosen on out-of-fold predictions, its threshold fitted on them (analysis.ensemble.decide_folds says why).
 
 This module is the command's flow only. What is fitted and scored: analysis.scoring; the folder's files:
 analysis.model_files; the replay checks: analysis.reproduction; the card's text: analysis.model_card;
@@ -35,13 +38,15 @@ from pathlib import Path
 from analysis import model_registry, runs, scoring
 from analysis.bootstrap import N_RESAMPLES, format_ci
 from analysis.ensemble import N_RESAMPLES as N_RESAMPLES_CHOICE
-from analysis.ensemble import choose_for_search, figures_after_choice, figures_line
+from analysis.ensemble import figures_after_choice, figures_line
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
+from analysis.handover import DEFAULT_MEMBERS, RULES, choose_handover, record_on_search
 from analysis.model_card import model_card
 from analysis.model_files import FILES, architecture, preprocessing, save_ensemble, save_model, write_manifest
 from analysis.predict import FORMAT, load_model
 from analysis.replay import replay
 from analysis.reproduction import change_text, precision_change, reproduction, reproduction_text
+from analysis.summary import publish
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH
 from trainables.tracking.searched import searched_keys
@@ -59,8 +64,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="the trial's checkpoint dir, when it moved from its logged location")
     parser.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples for the CIs")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--ensemble", type=int, default=1, metavar="K",
-                        help="consider averaging the top K trials (calibrated); shipped only if validation says so")
+    parser.add_argument("--ensemble", type=int, default=DEFAULT_MEMBERS, metavar="K",
+                        help="at most K trials in the ensemble (default %(default)s; 1: the winner alone); with the "
+                             "default rule selected from every trial's validation predictions, shipped unless the "
+                             "held-back half of validation finds it clearly worse than the winner")
+    parser.add_argument("--ensemble-rule", choices=RULES, default="select",
+                        help="select (default): ensemble selection, weights and the rule above; topk: the top K "
+                             "averaged, shipped by the one-SE rule (the cheapest variant within one SE of the best)")
     parser.add_argument("--tta", action="store_true",
                         help="consider horizontal-flip test-time augmentation; shipped only if validation says so")
     return parser
@@ -83,9 +93,12 @@ def export(args) -> int:
         raise UserError(f"--target-sensitivity needs a binary task ({rep.config['dataset']} is {task}); leave it out")
     choice = None
     if args.ensemble > 1 or args.tta:  # chosen on validation only, before any test image is scored
-        choice = choose_for_search(client, parent, space, args.ensemble, args.tta, args.data_root, args.seed, state,
-                                   n_resamples=min(args.n_resamples, N_RESAMPLES_CHOICE))
+        choice = choose_handover(client, parent, space, args.ensemble, args.tta, args.data_root, args.seed, state,
+                                 n_resamples=min(args.n_resamples, N_RESAMPLES_CHOICE), rule=args.ensemble_rule,
+                                 winner_rep=rep)
         print("\n".join(choice.lines()))
+    else:
+        print("chosen: single -- --ensemble 1 asks for the winner alone (no ensemble was considered)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -155,6 +168,9 @@ def export(args) -> int:
               f"{', '.join(mismatch)} (different data or a different checkpoint?); see {out}/metrics.json"
               + ("; not registered" if args.register else ""), file=sys.stderr)
         return 1
+    if choice is not None:  # the search's description shows what was handed over, members and weights
+        record_on_search(client, parent.info.run_id, choice)
+        publish(client, parent.info.run_id, report=False)
     if args.register:
         version = model_registry.register(out, module, client.tracking_uri, trial, metrics["search"], args.register, metrics)
         print(f"registered: {args.register} version {version} (MLflow Model Registry at {client.tracking_uri})")

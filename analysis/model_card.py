@@ -18,20 +18,28 @@ def _ensemble_text(metrics: dict) -> str:
     if ensemble is None:
         return ""
     choice = ensemble["choice"]
-    rows = [[name, f"{v['value']:.4f}" + (" (stand-in)" if v.get("stand_in") else ""),
+    rows = [[name, f"{v['value']:.4f}" + (" (stand-in)" if v.get("stand_in") else "")
+             + (" (whole validation split)" if v.get("scored_on") == "whole val" else ""),
              "n/a" if v.get("gap_to_best") is None else f"{v['gap_to_best']:+.4f}",
              "n/a" if v.get("se_of_gap") is None else f"{v['se_of_gap']:.4f}", v["passes"],
              f"{ensemble['test_after_choice'][name]['auc']:.4f}", f"{ensemble['test_after_choice'][name]['acc']:.4f}"]
             for name, v in choice["variants"].items()]
-    members = ", ".join(f"`{m['label']}`" for m in ensemble["members"])
+    members = ", ".join(f"`{m['label']}`" + (f" weight {m['weight']:.2f}" if "weight" in m else "")
+                        for m in ensemble["members"])
     return (f"Shipped variant: **{ensemble['variant']}** (members {members}{', horizontal-flip TTA' if ensemble['tta'] else ''}), "
             f"chosen by the {choice['rule']}: {choice['reason']}. Each member's probabilities are calibrated at its own "
-            "temperature (ensemble.json) before averaging, then the average once more (see Calibration). "
+            "temperature (ensemble.json) before averaging" + (" with the weights shown" if any(
+                "weight" in m for m in ensemble["members"]) else "") + ", then the average once more (see Calibration). "
             "Test columns were computed after the choice, never used for it.\n\n"
-            + table(["variant", f"{'out-of-fold' if ensemble.get('members_are') == 'folds' else 'validation'} "
-                      f"{choice['metric']}", "gap to best", "SE of gap", "passes/image",
-                      "test AUC", "test acc"], rows) + "\n\n" + "".join(f"- {line}\n" for line in ensemble["skipped"])
+            + table(["variant", f"{_scored_on(ensemble)} {choice['metric']}", "gap to best", "SE of gap",
+                      "passes/image", "test AUC", "test acc"], rows) + "\n\n" + "".join(f"- {line}\n" for line in ensemble["skipped"])
             + ("\n" if ensemble["skipped"] else ""))
+
+
+def _scored_on(ensemble: dict) -> str:
+    if ensemble.get("members_are") == "folds":
+        return "out-of-fold"
+    return "held-back validation half" if ensemble["choice"].get("selection") else "validation"
 
 
 def _scaled_text(decision: dict) -> str:

@@ -63,17 +63,20 @@ def save_torchscript(model: torch.nn.Module, spec: Architecture, out: Path) -> t
 
 def save_ensemble(choice: Choice, out: Path) -> torch.jit.ScriptModule:
     """The chosen ensemble: members/<label>/ (model.json + model.safetensors each, as a single export), the
-    manifest (ensemble.json: members, their temperatures, TTA) and one traced module averaging them (model.ts)."""
+    manifest (ensemble.json: members, their temperatures and weights, TTA) and one traced module averaging them
+    (model.ts)."""
     shutil.rmtree(out / MEMBERS, ignore_errors=True)
     for name in (ARCHITECTURE, WEIGHTS):  # a single model's files from an earlier export would shadow nothing, but mislead
         (out / name).unlink(missing_ok=True)
     shipped = []
-    for member, rep, temperature in zip(choice.members[:choice.chosen_members], choice.reps, choice.temperatures):
+    for index in choice.in_variant():
+        member, rep = choice.members[index], choice.reps[index]
         folder = out / MEMBERS / re.sub(r"[^A-Za-z0-9_.-]", "_", member.label)
         folder.mkdir(parents=True)
         save_weights(rep.model, architecture(rep), folder)
         shipped.append({"label": member.label, "run_id": member.run_id, "path": folder.relative_to(out).as_posix(),
-                        "temperature": temperature, "validation_score": member.score})
+                        "temperature": choice.temperatures[index], "validation_score": member.score,
+                        **({} if choice.weights is None else {"weight": choice.weights[index]})})
     write_manifest(choice, out, shipped)
     return save_torchscript(choice.module(), architecture(choice.reps[0]), out)
 

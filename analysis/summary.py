@@ -102,14 +102,16 @@ def publish(client, parent_id: str, report: bool) -> None:
         _never_fails("report", lambda: report_after_search(client, parent_id, board))
 
 
-def print_ensemble(client, parent_id: str, k: int, tta: bool, data_root: str | None) -> None:
-    """tune.py --ensemble K [--tta]: the variant `analysis.export` would ship, chosen on validation, then the test
-    figures; like the pages, it never fails the search."""
-    from analysis.ensemble import summarise_search
+def print_ensemble(client, parent_id: str, k: int, tta: bool, data_root: str | None, rule: str = "select") -> None:
+    """tune.py --ensemble K [--tta]: the model `analysis.export` would ship and why, chosen on validation, then the
+    test figures; kept on the parent run for its description. Like the pages, it never fails the search."""
+    from analysis.handover import summarise_search
 
-    lines = _never_fails("ensemble choice", lambda: summarise_search(client, parent_id, k, tta, data_root))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars between our lines
+    lines = _never_fails("ensemble choice", lambda: summarise_search(client, parent_id, k, tta, data_root, rule))
     if lines:
-        print(f"\nensemble choice (as `python -m analysis.export --ensemble {k}{' --tta' if tta else ''}` makes it):")
+        flags = f"--ensemble {k}{' --tta' if tta else ''}{' --ensemble-rule topk' if rule == 'topk' else ''}"
+        print(f"\nensemble choice (as `python -m analysis.export {flags}` makes it):")
         print("\n".join(lines))
 
 

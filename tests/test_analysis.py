@@ -92,7 +92,7 @@ def bf16_search(tmp_path_factory, medmnist_root):
 def exported(search):
     out = search.tmp / "export"
     code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", out,
-                                    "--n-resamples", 200)
+                                    "--n-resamples", 200, "--ensemble", 1)  # the single winner's files
     assert code == 0, stdout + stderr
     return out, stdout
 
@@ -219,7 +219,7 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
     fit_decision = analysis.scoring.fit_decision
     monkeypatch.setattr(analysis.scoring, "fit_decision", spy)
     code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
-                                    "--n-resamples", 50)
+                                    "--n-resamples", 50, "--ensemble", 1)
     assert code == 1 and "does not reproduce" in stderr  # the test labels were scrambled, so test scores moved...
     config = json.loads((exported[0] / "config.json").read_text())
     _, val_index = train_val_indices(real, config["split_ratio"], config["seed"])

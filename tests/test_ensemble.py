@@ -1,8 +1,10 @@
 """Ensembles and flip TTA at export (analysis.ensemble, analysis.ensemble_model): members that may join, the
 validation-only choice, and the exported ensemble reproducing its members' replayed, calibrated probabilities.
 
-Four toy trials (real `iterate_epochs` checkpoints, a few seconds) logged as tune.py logs a search; replay's
-dataset loader answers with the toy data.
+Four toy trials (real `iterate_epochs` checkpoints, a few seconds) logged as tune.py logs a search, each
+checkpoint folder with the validation and test predictions a Ray trial leaves there; replay's dataset loader
+answers with the toy data. The export's default rule, ensemble selection (analysis.handover), reads the kept
+validation predictions; `--ensemble-rule topk` is the older rule.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,9 @@ from sklearn.metrics import roc_auc_score
 from test_analysis import TOY, log_search, run_main, write_pngs
 
 import analysis.ensemble
+import analysis.handover
 import analysis.replay
+import analysis.runs
 from analysis import export, predict
 from analysis.calibration import calibrated, fit_temperature
 from analysis.ensemble import Member, choose, decide, mismatch
@@ -28,6 +33,7 @@ from trainables.config import resolve_config
 from trainables.data.datasets import ImageSet
 from trainables.training.checkpoint import save_checkpoint
 from trainables.training.epochs import iterate_epochs
+from trainables.training.figures import write_test_predictions, write_val_predictions
 
 # mean_image normalisation: flipping a normalised image must not flip the mean (the Ensemble's `shift`)
 CONFIG = TOY | {"normalize": "mean_image", "epochs": 2}
@@ -44,6 +50,9 @@ def search(tmp_path_factory):
     for trial_id, changes, score in TRIALS:
         *_, last = iterate_epochs(resolve_config(CONFIG | changes), data)
         save_checkpoint(last.state, tmp / trial_id)
+        write_val_predictions(tmp / trial_id, data.task, data.class_names, last.val_predictions,
+                              last.state["config"], last.state["dataset"])
+        write_test_predictions(tmp / trial_id, data.task, data.class_names, last.test_labels, last.test_probs)
         states[trial_id] = last.state
         logged.append({"trial_id": trial_id, "metrics": {**last.metrics, "best_val_auc": score},
                        "params": {"lr": changes["lr"]}, "checkpoint": tmp / trial_id})
@@ -92,7 +101,7 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
     monkeypatch.setattr(analysis.ensemble, "decide", forced)
     out = search.tmp / "export"
     code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
-                                    "--n-resamples", 20, "--ensemble", 3, "--tta")
+                                    "--n-resamples", 20, "--ensemble", 3, "--tta", "--ensemble-rule", "topk")
     assert code == 0, stdout + stderr
     # trial_b trained on another split: skipped with the reason, and trial_d fills its place
     assert "skipped trial trial_b: split_ratio 0.6, not 0.75" in stdout
@@ -196,3 +205,115 @@ def test_flip_shift_makes_flipping_a_normalised_image_equal_normalising_the_flip
     flipped_then_normalised = norm(torch.flip(image, dims=(3,)))
     assert torch.allclose(torch.flip(norm(image), dims=(3,)) - flip_shift(norm), flipped_then_normalised, atol=1e-6)
     assert not torch.allclose(torch.flip(norm(image), dims=(3,)), flipped_then_normalised, atol=1e-3)  # needed
+
+
+# --- ensemble selection, the default rule (analysis.handover) -------------------------------------------
+
+def selection_of(monkeypatch, counts: list[int] | None, ships_ensemble: bool = False) -> None:
+    """Make greedy selection return `counts` over the candidates (the winner trial_a first, then trial_c and
+    trial_d: trial_b is on another split), and with `ships_ensemble` make the rule keep the ensemble."""
+    if counts is not None:
+        monkeypatch.setattr(analysis.handover, "greedy", lambda *args, **kwargs: (np.array(counts), [0.1]))
+    if ships_ensemble:
+        monkeypatch.setattr(analysis.handover, "paired_se", lambda *args, **kwargs: float("inf"))
+
+
+def exported_probabilities(out, search) -> np.ndarray:
+    """The export's probabilities at temperature 1 on the test images, as analysis.predict's network computes
+    them (an ensemble's output is the log of its weighted mean probability); inputs normalised as the winner's."""
+    inputs = replay(search.states["trial_a"]).normalization(torch.from_numpy(search.data.test.images).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        return calibrated(predict.load_model(out)(inputs).numpy().astype(np.float64), "binary", 1.0)
+
+
+def test_a_selection_of_one_member_exports_the_single_model(search, monkeypatch):
+    alone = search.tmp / "alone"
+    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", search.tmp / "one",
+                                    "--n-resamples", 20, "--ensemble", 1)
+    assert code == 0, stdout + stderr
+    assert "chosen: single -- --ensemble 1 asks for the winner alone" in stdout
+    selection_of(monkeypatch, [1, 0, 0])
+    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", alone,
+                                    "--n-resamples", 20)
+    assert code == 0, stdout + stderr
+    assert "chosen: single -- selection kept the winner alone" in stdout
+    assert (alone / "model.safetensors").exists() and not (alone / "members").exists()
+    assert json.loads((alone / "ensemble.json").read_text())["network"] == "single"
+    assert json.loads((alone / "decision.json").read_text()) == json.loads((search.tmp / "one" / "decision.json").read_text())
+    assert np.array_equal(exported_probabilities(alone, search), exported_probabilities(search.tmp / "one", search))
+    parent = analysis.runs.get_search(mlflow.MlflowClient(search.uri), "ens")
+    assert "**single**: `trial_a` (weight 1.00)." in parent.data.tags["mlflow.note.content"]
+
+
+def test_selected_weights_sum_to_one_and_the_export_is_the_weighted_mean_of_its_members(search, monkeypatch):
+    """Selection forced to trial_a x3 + trial_c x1 and the rule to keep it: the manifest, the network, the card
+    and the search's description carry the weights 0.75 / 0.25."""
+    selection_of(monkeypatch, [3, 1, 0], ships_ensemble=True)
+    out = search.tmp / "selected"
+    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
+                                    "--n-resamples", 20)
+    assert code == 0, stdout + stderr
+    assert "skipped trial trial_b: split_ratio 0.6, not 0.75" in stdout
+    assert "chosen: ensemble -- on the held-back half the selected ensemble (trial_a 0.75, trial_c 0.25)" in stdout
+    manifest = json.loads((out / "ensemble.json").read_text())
+    members = manifest["members"]
+    assert [(m["label"], m["weight"]) for m in members] == [("trial_a", 0.75), ("trial_c", 0.25)]
+    assert sum(m["weight"] for m in members) == pytest.approx(1.0)
+    expected = sum(m["weight"] * replayed_probabilities(search.states[m["label"]], search.data.test, m["temperature"],
+                                                        tta=False) for m in members)
+    assert np.allclose(exported_probabilities(out, search), expected, atol=1e-6)
+    # the toy task is separable, so calibrated probabilities are nearly 0 or 1 whatever the weights: softened
+    # temperatures in the manifest show that the network weighs its members as the manifest says
+    soft = {**manifest, "members": [{**m, "temperature": 20.0} for m in members]}
+    (out / "ensemble.json").write_text(json.dumps(soft))
+    probs = [replayed_probabilities(search.states[m["label"]], search.data.test, 20.0, tta=False) for m in members]
+    assert np.allclose(exported_probabilities(out, search), 0.75 * probs[0] + 0.25 * probs[1], atol=1e-6)
+    assert not np.allclose(0.75 * probs[0] + 0.25 * probs[1], (probs[0] + probs[1]) / 2, atol=1e-3)
+    for member in members:  # each temperature fitted on the whole validation split (the kept logits)
+        rep = replay(search.states[member["label"]])
+        assert member["temperature"] == pytest.approx(fit_temperature(*rep.logits(rep.model, rep.val), "binary"),
+                                                      rel=1e-3)
+    assert "`trial_a` weight 0.75, `trial_c` weight 0.25" in (out / "model_card.md").read_text()
+    client = mlflow.MlflowClient(search.uri)
+    parent = analysis.runs.get_search(client, "ens")
+    note = parent.data.tags["mlflow.note.content"]
+    assert "### Hand-over (the model that ships)" in note and "`trial_a` (weight 0.75), `trial_c` (weight 0.25)" in note
+
+
+def test_selection_never_reads_the_test_split(search, monkeypatch):
+    """A spy on the replayed test split and on every file load: choosing touches neither the test images nor the
+    test predictions each trial keeps beside its validation ones."""
+    opened = []
+    real_load = np.load
+
+    def load(path, *args, **kwargs):
+        opened.append(str(path))
+        assert "test_predictions" not in str(path), "the test predictions were read while choosing"
+        return real_load(path, *args, **kwargs)
+
+    def spy(self):
+        raise AssertionError("the test split was read while choosing")
+
+    monkeypatch.setattr(np, "load", load)
+    monkeypatch.setattr(analysis.replay.Replay, "test", property(spy))
+    client = mlflow.MlflowClient(search.uri)
+    parent = analysis.runs.get_search(client, "ens")
+    choice = analysis.handover.choose_handover(client, parent, analysis.runs.search_space(client, parent), 3, False,
+                                               n_resamples=50)
+    monkeypatch.undo()
+    assert any("val_predictions" in path for path in opened)  # it did read the kept validation predictions
+    assert choice.chosen in ("single", "ensemble") and sum(choice.decision["weights"]) == pytest.approx(1.0)
+    assert choice.decision["selection"]["candidates"] == ["trial_a", "trial_c", "trial_d"]
+
+
+def test_when_the_rule_ships_the_single_winner_the_hand_over_lists_it_alone_at_weight_one(search, monkeypatch):
+    """Selection mixed the winner 3:1 with trial_c, the rule sent the winner alone: what the description shows is
+    the winner at weight 1, not its share in the ensemble that did not ship."""
+    selection_of(monkeypatch, [3, 1, 0])
+    monkeypatch.setattr(analysis.handover, "paired_se", lambda *args, **kwargs: float("-inf"))  # any gap is too big
+    client = mlflow.MlflowClient(search.uri)
+    parent = analysis.runs.get_search(client, "ens")
+    choice = analysis.handover.choose_handover(client, parent, analysis.runs.search_space(client, parent), 3, False,
+                                               n_resamples=20)
+    assert choice.chosen == "single" and choice.weights == [0.75, 0.25]
+    assert analysis.handover.handover_record(choice)["members"] == [{"label": "trial_a", "weight": 1.0}]

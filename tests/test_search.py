@@ -58,18 +58,25 @@ def test_search_prints_the_best_config_and_its_test_metrics(shared_search):
 
 
 def test_ensemble_flag_prints_the_validation_choice_and_names_the_trials_that_cannot_join(shared_search):
-    """tune.py --ensemble 3 --tta ends with the choice analysis.export would make. The shared space mixes two
-    split ratios, so of its finished trials only the winner's split-mates may join, and the others are named."""
+    """tune.py --ensemble 3 --tta ends with the hand-over analysis.export would make: ensemble selection over the
+    trials' kept validation predictions. The shared space mixes two split ratios, so only the winner's split-mates
+    may join, every candidate on the other split (completed, cut or stopped early) is named, and the description
+    of the search shows what was handed over."""
     assert "ensemble choice: not written" not in shared_search.stdout
     section = shared_search.stdout.split("ensemble choice (as `python -m analysis.export --ensemble 3 --tta` makes it):")[1]
     winner_split = float(shared_search.winner.data.params["split_ratio"])
     other_split = 0.9 if winner_split == 0.8 else 0.8
-    finished = [float(t.data.params["split_ratio"]) for t in completed(shared_search)]
-    members = section.split("ensemble members (best validation first): ")[1].splitlines()[0]
-    assert members.count("(T ") == min(3, finished.count(winner_split))  # the winner and its split-mates only
-    if members.count("(T ") < 3:  # every finished trial was looked at: each one on the other split is named
-        assert section.count(f"split_ratio {other_split!r}, not {winner_split!r}") == finished.count(other_split)
-    assert re.search(r"^chosen: (single|single\+tta|ensemble|ensemble\+tta) -- ", section, re.MULTILINE)
+    candidates = [t for t in shared_search.trials
+                  if t.data.tags.get("medtune.outcome") in ("completed", "cut_by_budget", "stopped_early")]
+    others = [t for t in candidates if float(t.data.params["split_ratio"]) == other_split]
+    assert section.count(f"split_ratio {other_split!r}, not {winner_split!r}") == len(others)
+    members = section.split("ensemble members (selected on validation; weight, temperature): ")[1].splitlines()[0]
+    labels = [part.split(" (")[0].strip(", ") for part in members.split("), ") if part]
+    mates = {t.data.tags["medtune.trial_id"] for t in candidates if float(t.data.params["split_ratio"]) == winner_split}
+    assert set(labels) <= mates and 1 <= members.count("T ") <= 4  # the winner, and at most 3 selected
+    assert re.search(r"^chosen: (single|ensemble)(\+tta)? -- ", section, re.MULTILINE)
+    note = shared_search.client.get_run(shared_search.parent.info.run_id).data.tags["mlflow.note.content"]
+    assert "### Hand-over (the model that ships)" in note
 
 
 def test_mlflow_tracking_uri_from_the_environment_is_honoured(shared_search):

@@ -116,6 +116,30 @@ def test_a_worse_last_epoch_leaves_the_earlier_best_weights_in_the_final_checkpo
     assert all(torch.equal(best_weights(s3)[k], w2[k]) for k in w2)
 
 
+def test_every_epoch_carries_the_best_weights_validation_predictions_and_the_checkpoint_keeps_them(toy, monkeypatch):
+    """What ensemble selection reads instead of a replay: the best epoch's validation logits, equal to the best
+    weights scored on the validation split again, and the validation rows they belong to."""
+    from trainables.data.normalization import Normalization
+    from trainables.data.splits import development_splits
+
+    scripted_validation(monkeypatch, [0.6, 0.9, 0.7, 0.8])
+    data, config = toy(), resolve_config({**FAST, "epochs": 4})
+    epochs = list(iterate_epochs(config, data))
+    assert [e.val_predictions["epoch"] for e in epochs] == [1, 2, 2, 2]  # the best so far, not the current epoch
+    assert epochs[2].state["val_predictions"]["epoch"] == 2  # travels with a resumable checkpoint, as best_model does
+    final = epochs[-1]
+    _, val_index = development_splits(data, config)[0]
+    kept = final.val_predictions
+    assert np.array_equal(kept["index"].numpy(), val_index)
+    assert np.array_equal(kept["labels"].numpy(), data.dev.labels[val_index])
+    model = loop.build_model(config, data)
+    model.load_state_dict(best_weights(final.state))
+    loader = loop.eval_loader(data.dev.subset(val_index), 512, torch.device("cpu"),
+                              Normalization.from_meta(final.state["dataset"]))
+    logits, _ = loop.predict_logits(model, loader, torch.device("cpu"))
+    assert np.allclose(kept["logits"].numpy(), logits, atol=1e-6)
+
+
 def test_a_checkpoint_without_the_best_weights_is_refused():
     with pytest.raises(UserError, match="does not hold the best-validation weights"):
         best_weights({"epoch": 3, "best_epoch": 2, "final": False, "model": {}})
@@ -138,6 +162,8 @@ def test_resumed_trial_matches_an_uninterrupted_one(toy):
     resumed = list(iterate_epochs(config, data, resume=state))[-1]
     assert resumed.metrics["train_loss"] == pytest.approx(uninterrupted.metrics["train_loss"], rel=1e-6)
     assert resumed.metrics["test_auc"] == pytest.approx(uninterrupted.metrics["test_auc"], rel=1e-6)
+    kept, again = uninterrupted.val_predictions, resumed.val_predictions  # the best epoch's, across the resume
+    assert kept["epoch"] == again["epoch"] and np.allclose(kept["logits"].numpy(), again["logits"].numpy(), atol=1e-6)
 
 
 def test_a_frozen_backbone_moves_neither_its_weights_nor_its_batchnorm_statistics(toy, monkeypatch):
@@ -383,7 +409,8 @@ def test_finished_trial_writes_the_study_figures_into_its_checkpoint(toy, monkey
     from ray import tune
 
     from trainables import ray_trainable
-    from trainables.tracking.names import ARTIFACTS, GAN_ARTIFACTS
+    from trainables.tracking.names import ARTIFACTS, GAN_ARTIFACTS, VAL_PREDICTIONS
+    from trainables.training.figures import read_val_predictions
 
     written = []
 
@@ -397,7 +424,13 @@ def test_finished_trial_writes_the_study_figures_into_its_checkpoint(toy, monkey
     config = {**FAST, "epochs": 2, "dataset": "pneumoniamnist", "minority_aug_pct": 50, "augment": "hflip"}
     ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): data})
     always = set(ARTIFACTS) - set(GAN_ARTIFACTS)  # the GAN's files come with synthetic_pct only (test_synthetic.py)
-    assert set(written[0]) == {"checkpoint.pt"} and always | {"checkpoint.pt"} == set(written[-1])
+    # the validation predictions in every checkpoint (an ASHA-stopped trial's last one too), the rest at the end
+    assert set(written[0]) == {"checkpoint.pt", VAL_PREDICTIONS}
+    assert always | {"checkpoint.pt", VAL_PREDICTIONS} == set(written[-1])
+    (tmp_path / VAL_PREDICTIONS).write_bytes(written[-1][VAL_PREDICTIONS])
+    kept = read_val_predictions(tmp_path / VAL_PREDICTIONS)
+    assert kept["labels"].shape == (len(kept["index"]), 3) and kept["logits"].shape == kept["labels"].shape
+    assert kept["config"]["dataset"] == "pneumoniamnist" and kept["inputs"]["normalize"] == "half"
     counts = json.loads(written[-1]["class_distribution.json"])
     assert counts["test"] == {"x": int(data.test.labels[:, 0].sum()), "y": int(data.test.labels[:, 1].sum()),
                               "z": int(data.test.labels[:, 2].sum()), "(no label)": int((data.test.labels.sum(1) == 0).sum())}

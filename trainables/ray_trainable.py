@@ -24,6 +24,7 @@ from trainables.training.figures import (
     write_study_figures,
     write_test_predictions,
     write_trial_figures,
+    write_val_predictions,
 )
 from trainables.training.split_run import NonFiniteLoss
 
@@ -62,6 +63,9 @@ def _report_epochs(config: dict, dataset, resume: dict | None) -> None:
                                           write_gan_figures(directory, dataset.class_names, epoch.synthetic)}
                 for name, data in gan_files.items():  # drawn once, copied into each later checkpoint
                     (Path(directory) / name).write_bytes(data)
+            if epoch.val_predictions is not None:  # every checkpoint: an ASHA-stopped trial's last one has them too
+                write_val_predictions(directory, dataset.task, dataset.class_names, epoch.val_predictions,
+                                      epoch.state["config"], epoch.state["dataset"])
             if epoch.final:
                 write_trial_figures(directory, dataset.task, dataset.class_names, epoch.test_labels,
                                     epoch.test_probs, epoch.history)

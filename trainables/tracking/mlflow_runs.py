@@ -38,6 +38,7 @@ from trainables.tracking.names import (
     TAG_SPACE,
     TAG_TRIAL,
     TAG_VERSION,
+    VAL_PREDICTIONS,
 )
 from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported_failure
 from trainables.tracking.state import BudgetClock, record_budget
@@ -278,7 +279,8 @@ class MLflowTrialCallback(Callback):
         if checkpoint is not None:
             tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
             with checkpoint.as_directory() as directory:
-                for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS):  # written by trainables.training.figures (OOF: CV trials)
+                # written by trainables.training.figures (OOF: CV trials; validation: single-split, stopped ones too)
+                for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS, VAL_PREDICTIONS):
                     if (Path(directory) / name).exists():
                         self.client.log_artifact(run_id, str(Path(directory) / name))
         self.client.log_batch(run_id, tags=tags)

@@ -13,6 +13,7 @@ TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | cut_by_budget | f
 TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
 TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
 TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
+TAG_HANDOVER = "medtune.handover"  # on the parent: the model handed over (variant, why, members and weights), JSON
 TAG_ERROR = "medtune.error"  # a failed trial's last error line
 TAG_SPACE, TAG_DATASET, TAG_SEED, TAG_VERSION = "medtune.space", "medtune.dataset", "medtune.seed", "medtune.version"
 TAG_TRIAL_RUN = "medtune.trial_run_id"  # on a registered model version: the trial it came from
@@ -25,3 +26,7 @@ GAN_ARTIFACTS = ("gan_samples.png", "gan_losses.png", "gan_training.json")  # on
 # every file a finished trial's checkpoint folder holds besides the weights (the MLflow callback logs them all)
 ARTIFACTS = REPORT_ARTIFACTS + STUDY_ARTIFACTS + (PREDICTIONS,) + GAN_ARTIFACTS
 OOF_PREDICTIONS = "oof_predictions.npz"  # and a cross-validated trial's out-of-fold development-pool predictions
+# a single-split trial's validation labels and logits from its best weights so far (row indices into the development
+# pool, the trial's config): in EVERY checkpoint, so an ASHA-stopped trial keeps them too (a few kB each); what
+# ensemble selection (analysis.selection) reads instead of replaying dozens of trials
+VAL_PREDICTIONS = "val_predictions.npz"

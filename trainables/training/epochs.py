@@ -2,7 +2,9 @@
 
 K = 1 is one train/validation split (its checkpoint holds that split's weights); K > 1 is cross-validation
 (`cv_folds`, see `training.cv`: the report is the fold mean, the checkpoint holds one file per fold and the
-out-of-fold predictions). The last epoch carries the test metrics: the only place the test split is read.
+out-of-fold predictions). The last epoch carries the test metrics: the only place the test split is read. A
+single-split epoch also carries the best weights' validation predictions (kept from the validation pass that found
+them, for ensemble selection after the search).
 Ray Tune's trainable (trainables/ray_trainable.py) reports and checkpoints each yield; `train` prints it.
 """
 
@@ -62,10 +64,11 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
         if cv:
             state |= {"best_fold": best, "folds": [fold_state(run, epoch, final) for run in runs],
                       **({"oof": out_of_fold(runs)} if final else {})}
-        else:
-            state |= lead.weights(epoch, final)
+        else:  # the best weights' validation predictions travel with the checkpoint, as the best weights do
+            state |= lead.weights(epoch, final) | ({"val_predictions": lead.best_val} if lead.best_val else {})
         yield Epoch(epoch, metrics, state, final, test_labels, test_probs, history, examples, split_labels,
-                    lead.synthetic_report)  # each fold's GAN learns from its own training rows
+                    lead.synthetic_report,  # each fold's GAN learns from its own training rows
+                    None if cv else lead.best_val)
 
 
 def train(config: dict, data: Dataset | None = None, report: Callable[[dict], object] = print) -> dict:

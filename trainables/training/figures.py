@@ -1,6 +1,7 @@
 """The per-trial report files: confusion matrix, ROC curve, learning curves, classification report, the
 study figures (misclassified test images, augmented training images, class distribution per split), and the
-test predictions themselves (labels and probabilities: analysis/ bootstraps CIs from them without a replay).
+test predictions themselves (labels and probabilities: analysis/ bootstraps CIs from them without a replay), and
+the best weights' validation predictions (analysis/ selects ensembles from them without a replay).
 
 Written next to the final checkpoint, so they travel with it to shared storage and the driver can log
 them to MLflow without the worker ever talking to the tracking server.
@@ -8,6 +9,7 @@ them to MLflow without the worker ever talking to the tracking server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +21,14 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report  # noqa: E402
 
-from trainables.tracking.names import GAN_ARTIFACTS, OOF_PREDICTIONS, PREDICTIONS, REPORT_ARTIFACTS, STUDY_ARTIFACTS  # noqa: E402
+from trainables.tracking.names import (  # noqa: E402
+    GAN_ARTIFACTS,
+    OOF_PREDICTIONS,
+    PREDICTIONS,
+    REPORT_ARTIFACTS,
+    STUDY_ARTIFACTS,
+    VAL_PREDICTIONS,
+)
 from trainables.training.metrics import confusion, predictions  # noqa: E402
 
 GRID = 16  # images per grid
@@ -57,6 +66,31 @@ def write_oof_predictions(directory: str | Path, task: str, class_names, oof: di
     np.savez_compressed(path, **{name: values.numpy() for name, values in oof.items()}, task=np.array(task),
                         class_names=np.array(list(class_names)))
     return path
+
+
+def write_val_predictions(directory: str | Path, task: str, class_names, kept: dict, config: dict,
+                          dataset_meta: dict) -> Path:
+    """Keep a single-split trial's best weights' validation predictions (`kept`: "index" into the development pool,
+    "labels", "logits", "epoch"), with its config and input description (JSON) to tell which trials share a split."""
+    meta = {k: v for k, v in dataset_meta.items() if k != "mean_image"}
+    if dataset_meta.get("mean_image") is not None:  # a per-pixel mean: trials agree on it or not
+        meta["mean_image_sha1"] = hashlib.sha1(dataset_meta["mean_image"].numpy().tobytes()).hexdigest()
+    path = Path(directory) / VAL_PREDICTIONS
+    np.savez_compressed(path, index=kept["index"].numpy(), labels=kept["labels"].numpy(),
+                        logits=kept["logits"].numpy(), epoch=np.array(int(kept["epoch"])), task=np.array(task),
+                        class_names=np.array(list(class_names)), config=np.array(json.dumps(config, default=str)),
+                        inputs=np.array(json.dumps(meta, default=str)))
+    return path
+
+
+def read_val_predictions(path: str | Path) -> dict:
+    """{"task", "class_names", "index", "labels", "logits", "epoch", "config", "inputs"} from a VAL_PREDICTIONS file
+    (plain arrays and JSON: no pickle is loaded)."""
+    with np.load(path, allow_pickle=False) as kept:
+        return {"task": str(kept["task"]), "class_names": [str(c) for c in kept["class_names"]],
+                "index": kept["index"], "labels": kept["labels"], "logits": kept["logits"],
+                "epoch": int(kept["epoch"]), "config": json.loads(str(kept["config"])),
+                "inputs": json.loads(str(kept["inputs"]))}
 
 
 def read_test_predictions(path: str | Path) -> dict:

@@ -102,6 +102,9 @@ class Epoch:
     train_examples: dict | None = None  # final epoch: augmented training images ("images", "labels", "copy")
     split_labels: dict | None = None  # final epoch: the labels of each split, for the class distribution
     synthetic: dict | None = None  # every epoch, with synthetic_pct: the GAN's samples, losses and summary
+    # every epoch of a single-split trial: the best weights' validation predictions so far ({"index" into the
+    # development pool, "labels", "logits", "epoch"}); on the final epoch those of the weights that scored test
+    val_predictions: dict | None = None
 
 
 def pick_device(choice: str) -> torch.device:
@@ -234,11 +237,10 @@ def predict_logits(model, loader, device, amp: bool = False) -> tuple[np.ndarray
 
 
 def evaluate(model, criterion, loader, device, task, class_names, amp: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics incl. loss, labels, probabilities) for one split."""
+    """(metrics incl. loss, labels, logits) for one split (logits: what a temperature is fitted on later)."""
     logits, labels = predict_logits(model, loader, device, amp)
     loss = float(criterion(torch.from_numpy(logits), _targets(torch.from_numpy(labels), task)).item())
-    probs = probabilities(task, logits)
-    return {"loss": loss, **classification_metrics(task, labels, probs, class_names)}, labels, probs
+    return {"loss": loss, **classification_metrics(task, labels, probabilities(task, logits), class_names)}, labels, logits
 
 
 def eval_loader(images: ImageSet, batch_size: int, device: torch.device, normalization: Normalization = HALF) -> DataLoader:
@@ -354,6 +356,7 @@ class SplitRun:
         self.optimizer = build_optimizer(config, self.model)
         self.schedule = build_schedule(config, self.optimizer, len(self.train_loader))
         self.best_score, self.best_epoch, self.best_state = None, 0, None
+        self.best_val: dict | None = None  # the best weights' validation predictions (`best_predictions`)
         self.step = 0
         self.metric_key = config["metric"].removeprefix("val_")
         self.cpu_criterion = self.criterion.cpu() if device.type == "cpu" else copy.deepcopy(self.criterion).cpu()
@@ -369,6 +372,7 @@ class SplitRun:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.best_score, self.best_epoch, self.best_state = saved["best_score"], saved["best_epoch"], best_weights(saved)
+        self.best_val = saved.get("val_predictions")  # None in a checkpoint from before trials kept them
         return saved["epoch"] + 1
 
     def start_at(self, epoch: int) -> None:
@@ -391,15 +395,19 @@ class SplitRun:
         # on the augmented (and re-sampled) training batches, in train mode: a cheap gap monitor, not a score
         train_metrics = classification_metrics(task, train_labels, probabilities(task, train_logits),
                                                self.dataset.class_names)
-        val_metrics, _, _ = evaluate(self.model, self.cpu_criterion, self.val_loader, self.device, task,
-                                     self.dataset.class_names, self.amp)
+        val_metrics, val_labels, val_logits = evaluate(self.model, self.cpu_criterion, self.val_loader, self.device,
+                                                       task, self.dataset.class_names, self.amp)
         score = val_metrics.get(self.metric_key, float("nan"))
-        if _better(score, self.best_score, config["mode"]):
-            self.best_score, self.best_epoch = score, epoch
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        if self.best_state is None:  # no epoch scored yet (NaN metric): the first epoch's weights stand in
+        # no epoch scored yet (NaN metric): the first epoch's weights stand in
+        if _better(score, self.best_score, config["mode"]) or self.best_state is None:
+            if _better(score, self.best_score, config["mode"]):
+                self.best_score = score
             self.best_epoch = epoch
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            # these very weights' validation predictions, kept from this pass: no extra pass, no test image
+            self.best_val = {"index": torch.from_numpy(np.asarray(self.val_index, np.int64)),
+                             "labels": torch.from_numpy(np.ascontiguousarray(val_labels)),
+                             "logits": torch.from_numpy(val_logits), "epoch": epoch}
         return {"epoch": epoch, "train_loss": train_loss, "train_acc": train_metrics["acc"],
                 "train_auc": train_metrics["auc"], **{f"val_{k}": v for k, v in val_metrics.items()},
                 "best_epoch": self.best_epoch,
@@ -413,8 +421,10 @@ class SplitRun:
 
     def score(self, images: ImageSet) -> tuple[dict, np.ndarray, np.ndarray]:
         """(metrics, labels, probabilities) of the current weights on `images` (call `load_best` first)."""
-        return evaluate(self.model, self.cpu_criterion, eval_loader(images, 512, self.device, self.normalization),
-                        self.device, self.dataset.task, self.dataset.class_names, self.amp)
+        metrics, labels, logits = evaluate(self.model, self.cpu_criterion,
+                                           eval_loader(images, 512, self.device, self.normalization), self.device,
+                                           self.dataset.task, self.dataset.class_names, self.amp)
+        return metrics, labels, probabilities(self.dataset.task, logits)
 
     def val_logits(self) -> np.ndarray:
         """Validation logits of the current weights (the best ones at the end: out-of-fold predictions)."""
