@@ -9,6 +9,7 @@ session beside the other searches (tests/conftest.py); the export runs in-proces
 """
 
 import contextlib
+import fcntl
 import io
 import shutil
 import sys
@@ -29,7 +30,10 @@ pytestmark = pytest.mark.integration
 
 @background_job()
 def old_layout_resumed(started, tmp: Path) -> SimpleNamespace:
-    """The fixture search put back where it was made, with this machine's data root, then `tune.py --resume`d."""
+    """The fixture search put back where it was made, with this machine's data root, then `tune.py --resume`d.
+    The place is one per machine: a lock keeps a second test run there out until the test has cleaned up."""
+    lock = open(f"{WHERE_IT_WAS_MADE}.lock", "w")  # held until the test has cleaned up
+    fcntl.flock(lock, fcntl.LOCK_EX)
     shutil.rmtree(WHERE_IT_WAS_MADE, ignore_errors=True)
     shutil.copytree(FIXTURE, WHERE_IT_WAS_MADE)
     state_file = WHERE_IT_WAS_MADE / "results" / "old-layout" / "medtune_search.yaml"
@@ -37,12 +41,13 @@ def old_layout_resumed(started, tmp: Path) -> SimpleNamespace:
     state["space"]["fixed"]["data_root"] = str(started.data_root)  # where this machine keeps the data
     state_file.write_text(yaml.safe_dump(state, sort_keys=False))
     env = {k: v for k, v in started.env.items() if k != "MLFLOW_TRACKING_URI"}  # the search's own store, as saved
-    return started.run([sys.executable, str(REPO / "tune.py"), "--storage", str(WHERE_IT_WAS_MADE / "results"),
-                        "--resume", "old-layout", "--no-report"], cwd=WHERE_IT_WAS_MADE, timeout=900, env=env)
+    resumed = started.run([sys.executable, str(REPO / "tune.py"), "--storage", str(WHERE_IT_WAS_MADE / "results"),
+                           "--resume", "old-layout", "--no-report"], cwd=WHERE_IT_WAS_MADE, timeout=900, env=env)
+    return SimpleNamespace(resumed=resumed, lock=lock)
 
 
 def test_a_search_from_the_previous_layout_resumes_and_exports(old_layout_resumed, tmp_path):
-    resumed = old_layout_resumed
+    resumed = old_layout_resumed.resumed
     try:
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "3 trials: 3 completed" in resumed.stdout
@@ -62,3 +67,4 @@ def test_a_search_from_the_previous_layout_resumes_and_exports(old_layout_resume
         assert (tmp_path / "model" / "model.safetensors").exists()
     finally:
         shutil.rmtree(WHERE_IT_WAS_MADE, ignore_errors=True)
+        old_layout_resumed.lock.close()
