@@ -1,9 +1,21 @@
-"""Shared fixtures: tiny in-memory datasets, and the real data (a failure under CI when missing)."""
+"""Shared fixtures: tiny in-memory datasets, the real data (a failure under CI when missing), and the slow work
+(real searches, servers) that the suite starts together before its first test and reads at its end."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,11 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(os.environ.get("MEDTUNE_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+def data_path(relative: str) -> Path:
+    """Where a real dataset under the shared data folder is (MedMNIST files: under MEDTUNE_DATA_ROOT when set)."""
+    if relative.endswith(".npz") and os.environ.get("MEDTUNE_DATA_ROOT"):
+        return Path(os.environ["MEDTUNE_DATA_ROOT"]) / Path(relative).name
+    return TEST_DATA / relative
+
+
 def real_data(relative: str) -> Path:
     """Path of a real dataset under the shared data folder; missing data fails under CI, skips elsewhere."""
-    path = TEST_DATA / relative
-    if relative.endswith(".npz") and os.environ.get("MEDTUNE_DATA_ROOT"):
-        path = Path(os.environ["MEDTUNE_DATA_ROOT"]) / Path(relative).name
+    path = data_path(relative)
     if not path.exists():
         message = f"real data {path} is missing (set MEDTUNE_TEST_DATA / MEDTUNE_DATA_ROOT)"
         if os.environ.get("CI") == "true":
@@ -70,6 +87,106 @@ def toy():
     return toy_dataset
 
 
+# --- slow work started together: the real searches and servers -------------------------------------------
+
+BACKGROUND: dict[str, Callable] = {}  # fixture name -> its work, registered by `background_job`
+RAY_SLOTS = 3  # background searches at once: each starts Ray, so more would only queue for the 2 cores
+
+
+def background_job(needs_data: bool = True, ray: bool = True):
+    """Turn `work(started: Background, folder: Path) -> value` into a session fixture of the same name whose
+    value is computed in a thread started before the first test (see `started`). Work in a thread runs
+    processes only (`started.run`/`started.popen`), never project code in-process: the tests in the main thread
+    monkeypatch it. `needs_data`: the fixture skips (fails under CI) without the MedMNIST data, as
+    `medmnist_root` does; `ray`: the work starts Ray, so it takes one of RAY_SLOTS."""
+    def register(work: Callable) -> Callable:
+        BACKGROUND[work.__name__] = work
+        work.needs_data, work.ray = needs_data, ray
+
+        @pytest.fixture(scope="session", name=work.__name__)
+        def fixture(request, started):
+            if needs_data:
+                request.getfixturevalue("medmnist_root")
+            return started.result(work.__name__)
+
+        fixture.__doc__ = work.__doc__
+        return fixture
+
+    return register
+
+
+class Background:
+    """Threads running the registered work the selected tests need; `result(name)` waits for one."""
+
+    def __init__(self, tmp_path_factory, data_root: Path):
+        self.data_root, self.env = data_root, dict(os.environ)  # as the session started: tests change os.environ
+        self._factory, self._lock, self._procs, self._futures = tmp_path_factory, threading.Lock(), [], {}
+        self._pools = {True: ThreadPoolExecutor(RAY_SLOTS, "ray-job"), False: ThreadPoolExecutor(4, "job")}
+
+    def start(self, name: str) -> None:
+        if name != "mlflow_template":
+            self.start("mlflow_template")  # first: others wait for it, and must not hold every thread meanwhile
+        with self._lock:
+            if name not in self._futures:
+                work = BACKGROUND[name]
+                self._futures[name] = self._pools[work.ray].submit(work, self, self._factory.mktemp(name))
+
+    def result(self, name: str):
+        self.start(name)
+        return self._futures[name].result()
+
+    def popen(self, command, **kwargs) -> subprocess.Popen:
+        """A process in a session of its own, ended with everything it started if the suite ends first."""
+        proc = subprocess.Popen(command, start_new_session=True, **{"env": self.env, **kwargs})
+        self._procs.append(proc)
+        return proc
+
+    def run(self, command, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+        """`subprocess.run(command, capture_output=True, text=True)` through `popen`."""
+        proc = self.popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            stderr += f"\n(killed after {timeout} s)"
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+    def stop(self) -> None:
+        """Wait for the work under way (a failed run with -x ends it: its processes are killed first)."""
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        for proc in self._procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def started(request, tmp_path_factory):
+    """Starts, before the first test, the background work (`background_job`) that the selected tests read:
+    the real searches then run beside each other and beside the quick tests, which run first (see
+    `pytest_collection_modifyitems`). `-m "not integration"` selects none of the searches, so none starts."""
+    background = Background(tmp_path_factory, data_path("medmnist/pneumoniamnist.npz").parent)
+    has_data = (background.data_root / "pneumoniamnist.npz").exists()
+    wanted = {name for item in request.session.items for name in item.fixturenames if name in BACKGROUND}
+    for name in sorted(wanted, key=list(BACKGROUND).index):  # in the order they were registered
+        if has_data or not BACKGROUND[name].needs_data:
+            background.start(name)
+    yield background
+    background.stop()
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k have deselected
+def pytest_collection_modifyitems(items):
+    """The tests that wait for background work run last, so the quick ones run while it is under way."""
+    items.sort(key=lambda item: any(name in BACKGROUND for name in item.fixturenames))
+
+
 # --- one real search, shared by every test that only reads its results ----------------------------------
 
 # Minimises validation loss (a min-mode search end to end); one lr diverges (a trial that fails alone);
@@ -101,67 +218,85 @@ points_to_evaluate:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server over HTTP (artifacts proxied by the server), as teams run one."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+@background_job(needs_data=False, ray=False)
+def mlflow_template(started: Background, folder: Path) -> Path:
+    """An empty MLflow SQLite store with every table built: MLflow builds one with some 60 migrations, seconds of
+    CPU each time, so stores are copies of this one (`new_mlflow_store`). Cost: one process, about 10 s."""
+    db = folder / "mlflow.db"
+    done = started.run([sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({f'sqlite:///{db}'!r}).search_experiments()"],
+                       timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not build an MLflow store: {done.stderr[-3000:]}")
+    return db
 
-    folder = tmp_path_factory.mktemp("mlflow-server")
+
+def new_mlflow_store(started: Background, db: Path) -> str:
+    """The URI of a fresh, empty SQLite MLflow store at `db` (a copy of `mlflow_template`)."""
+    shutil.copyfile(started.result("mlflow_template"), db)
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(started, mlflow_template) -> Callable[[Path], str]:
+    """`mlflow_store(folder)`: the URI of a fresh, empty SQLite MLflow store in `folder`, in milliseconds."""
+    return lambda folder: new_mlflow_store(started, Path(folder) / "mlflow.db")
+
+
+# MLflow 3's server-side job runner (8 more processes, each importing MLflow) serves features medtune never calls
+NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def start_mlflow_server(started: Background, folder: Path) -> str:
+    """A real MLflow tracking server over HTTP (artifacts proxied by the server), as teams run one; it lives
+    until the session ends. Returns its URL."""
     port = free_port()
-    server = subprocess.Popen(
+    new_mlflow_store(started, folder / "server.db")
+    server = started.popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
          str(folder / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**started.env, **NO_SERVER_JOBS})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    deadline = time.time() + 180
+    while server.poll() is None and time.time() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
+                return url
         except OSError:
             time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    raise RuntimeError(f"mlflow server did not start (exit code {server.poll()})")
+
+
+@background_job()
+def shared_search_run(started: Background, tmp: Path) -> SimpleNamespace:
+    """`python tune.py --ensemble 3 --tta` on SHARED_SPACE against an MLflow server named only by
+    MLFLOW_TRACKING_URI (no flag). Cost: the server and a 6-trial search, about 2 minutes on 2 quiet cores."""
+    uri = start_mlflow_server(started, tmp)
+    (tmp / "shared.yaml").write_text(SHARED_SPACE)
+    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "shared.yaml"), "--name", "shared",
+               "--seed", "1", "--storage", str(tmp / "results"), "--data-root", str(started.data_root),
+               "--ensemble", "3", "--tta"]
+    result = started.run(command, cwd=tmp, timeout=900, env={**started.env, "MLFLOW_TRACKING_URI": uri})
+    return SimpleNamespace(tmp=tmp, uri=uri, result=result)
 
 
 @pytest.fixture(scope="session")
-def shared_search(tmp_path_factory, medmnist_root, mlflow_server):
-    """`python tune.py --ensemble 3 --tta` on SHARED_SPACE against the HTTP server named only by
-    MLFLOW_TRACKING_URI (no flag)."""
-    import subprocess
-    import sys
-    from types import SimpleNamespace
-
+def shared_search(shared_search_run, medmnist_root):
+    """The shared search's output, its MLflow runs (parent, trials, winner) and its folders."""
     import mlflow
 
-    tmp = tmp_path_factory.mktemp("shared-search")
-    (tmp / "shared.yaml").write_text(SHARED_SPACE)
-    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "shared.yaml"), "--name", "shared",
-               "--seed", "1", "--storage", str(tmp / "results"), "--data-root", str(medmnist_root),
-               "--ensemble", "3", "--tta"]
-    result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server})
+    tmp, uri, result = shared_search_run.tmp, shared_search_run.uri, shared_search_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("medtune").experiment_id], max_results=1000)
     parent = next(r for r in found if r.data.tags.get("medtune.role") == "search"
                   and r.data.tags.get("medtune.search") == "shared")
     trials = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    return SimpleNamespace(tmp=tmp, stdout=result.stdout, uri=mlflow_server, client=client, parent=parent,
+    return SimpleNamespace(tmp=tmp, stdout=result.stdout, uri=uri, client=client, parent=parent,
                            trials=trials, storage=tmp / "results", data_root=medmnist_root, name="shared",
                            winner=client.get_run(parent.data.tags["medtune.best_run_id"]))

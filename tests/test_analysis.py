@@ -1,9 +1,10 @@
 """After the search: pick, report, export, register and use the winner.
 
-Two real tiny searches run once per module, side by side (one Ray start each): PneumoniaMNIST in float32
-(3 trials, for ranking, report and export) and BreastMNIST under CPU bf16 autocast (1 trial, the path of
-every GPU trial). Multi-class and multi-label winners, and min-mode ranking, are searches logged by hand
-from `iterate_epochs` on in-memory toy data: the same checkpoint and the same MLflow layout, no Ray.
+The integration tests read the suite's shared real search on PneumoniaMNIST in float32 (tests/conftest.py,
+started with the session), and a BreastMNIST trial trained in-process under CPU bf16 autocast (the path of
+every GPU trial; about 10 s), logged as tune.py logs a search. Multi-class and multi-label winners, and
+min-mode ranking, are searches logged by hand from `iterate_epochs` on in-memory toy data: the same
+checkpoint and the same MLflow layout, no Ray.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -45,7 +47,7 @@ from trainables.training.split_run import build_model, eval_loader, predict_logi
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-integration = pytest.mark.integration  # trains real tiny searches (module fixture `searches`)
+integration = pytest.mark.integration  # reads the shared real search or trains on the real data
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 # One trial evaluated under bf16 autocast on the CPU: the same code path a CUDA trial takes (precision auto on a
@@ -70,14 +72,14 @@ def search(shared_search):
 
 
 @pytest.fixture(scope="module")
-def bf16_search(tmp_path_factory, medmnist_root):
+def bf16_search(tmp_path_factory, medmnist_root, mlflow_store):
     """A real bf16 trial on BreastMNIST (the trial loop a Ray trial runs), logged as tune.py logs a search."""
     tmp = tmp_path_factory.mktemp("bf16")
     config = resolve_config({**BF16, "data_root": str(medmnist_root)})
     data = load_dataset("breastmnist", image_size=28, data_root=str(medmnist_root))
     *_, last = iterate_epochs(config, data)
     save_checkpoint(last.state, tmp / "checkpoint")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp)
     log_search(uri, "bf16", [{"trial_id": "bf160001", "metrics": last.metrics, "params": {"lr": BF16["lr"]},
                               "checkpoint": tmp / "checkpoint"}],
                {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [BF16["lr"]]}}})
@@ -228,8 +230,17 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
     assert json.loads((tmp_path / "decision.json").read_text()) == json.loads((exported[0] / "decision.json").read_text())
 
 
+@pytest.fixture
+def process_tracking_uri_restored():
+    """--register sets MLflow's process-wide tracking URI, and with it MLFLOW_TRACKING_URI, which every later
+    child process would inherit (a resume elsewhere would be refused for logging to another store)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow.set_tracking_uri(before)
+
+
 @integration
-def test_register_puts_a_model_version_in_the_registry(search, tmp_path):
+def test_register_puts_a_model_version_in_the_registry(search, tmp_path, process_tracking_uri_restored):
     code, stdout, stderr = run_main(export, "--search", search.parent.info.run_id, "--tracking-uri", search.uri,
                                     "--out", tmp_path, "--n-resamples", 20, "--target-sensitivity", "0.95",
                                     "--register", "pneumonia-cnn")
@@ -341,9 +352,9 @@ TOY = {"dataset": "imagefolder:/toy", "image_size": 16, "model": "simple_cnn", "
 
 
 @pytest.fixture(scope="module")
-def toy_store(tmp_path_factory) -> str:
-    """One MLflow store for the hand-logged searches (creating a sqlite store costs seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('toy_store') / 'mlflow.db'}"
+def toy_store(tmp_path_factory, mlflow_store) -> str:
+    """One MLflow store for the hand-logged searches."""
+    return mlflow_store(tmp_path_factory.mktemp("toy_store"))
 
 
 def toy_winner(tmp_path, monkeypatch, task: str, uri: str | None = None, config: dict | None = None,
@@ -397,7 +408,14 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
     assert (prep["task"], prep["class_names"], prep["image_size"], prep["normalize"]) == (task, names, 16, normalize)
     assert (out / "mean_image.safetensors").exists() == (normalize == "mean_image")
     decision = json.loads((out / "decision.json").read_text())
-    assert decision["threshold"] is None and decision["temperature"] > 0
+    # the temperature is the one the winner's validation split gives, recomputed here from the exported weights
+    trial_inputs = Normalization.from_meta(toy.state["dataset"])  # as the trial prepared its images
+    assert trial_inputs.name == normalize
+    _, val_index = train_val_indices(toy.data, TOY["split_ratio"], TOY["seed"])
+    val_logits, val_labels = predict_logits(load_model(out), eval_loader(toy.data.dev.subset(val_index), 512, CPU,
+                                                                          trial_inputs), CPU)
+    assert decision["threshold"] is None
+    assert decision["temperature"] == pytest.approx(fit_temperature(val_logits, val_labels, task), rel=1e-6)
     # the card names the winner's searched values, its variant (the architecture) included
     assert metrics["searched"] == {"lr": TOY["lr"], "variant": "small_cnn"}
     assert f"Searched values: lr={TOY['lr']}, variant=small_cnn." in (out / "model_card.md").read_text()
@@ -408,8 +426,6 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
     code, stdout, stderr = run_main(predict, "--model", out, "--json", *paths)
     assert code == 0, stderr
     rows = [json.loads(line) for line in stdout.splitlines()]
-    trial_inputs = Normalization.from_meta(toy.state["dataset"])  # as the trial prepared its images
-    assert trial_inputs.name == normalize
     with torch.no_grad():
         logits = load_model(out)(trial_inputs(torch.from_numpy(images).permute(0, 3, 1, 2))).numpy()
     expected = calibrated(logits, task, decision["temperature"])

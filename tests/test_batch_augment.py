@@ -1,8 +1,6 @@
 """Batched augmentation on the device (trainables/augment/batched.py): per-image draws, seeding, the same
 distributions as the per-sample path, and a trial that trains with it."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -75,7 +73,6 @@ def test_a_trial_trains_with_batched_augmentation_and_minority_copies(toy):
               "augment": "hflip+rotation+jitter", "minority_aug_pct": 50, "augment_device": "batch"}
     runs = [list(iterate_epochs(config, toy())) for _ in range(2)]
     final = runs[0][-1]
-    assert all(math.isfinite(e.metrics["train_loss"]) for e in runs[0])
     assert final.metrics["train_images"] > 128  # the copies are in
     assert final.train_examples["images"].dtype == np.uint8 and final.train_examples["copy"].any()
     assert [e.metrics["train_loss"] for e in runs[0]] == [e.metrics["train_loss"] for e in runs[1]]  # seeded

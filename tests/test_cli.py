@@ -1,4 +1,5 @@
-"""tune.py's promises on bad input: one line, exit 2, nothing written, before Ray starts (in-process calls)."""
+"""tune.py's promises on bad input: one line, exit 2, nothing written, before Ray starts (in-process calls; one
+real process for the exit code)."""
 
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import background_job
 
 import tune
 from trainables.tracking.mlflow_runs import adopt_credentials, without_credentials
@@ -90,9 +92,16 @@ def test_a_wrong_type_or_range_in_a_space_file_is_named_before_ray_starts(capsys
     assert_nothing_written(in_tmp)
 
 
-def test_exit_code_and_single_line_in_a_real_process(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "tune.py"), "--space", "smoke", "--set", "lr=abc"],
-                            cwd=tmp_path, capture_output=True, text=True)
+@background_job(needs_data=False, ray=False)
+def tune_py_refusing_a_value(started, tmp: Path) -> subprocess.CompletedProcess:
+    """`python tune.py --space smoke --set lr=abc` in a process of its own. Cost: one process, about 10 s of
+    imports on 2 quiet cores, run beside the in-process tests from the session's start (tests/conftest.py)."""
+    return started.run([sys.executable, str(REPO / "tune.py"), "--space", "smoke", "--set", "lr=abc"], cwd=tmp,
+                       timeout=300)
+
+
+def test_exit_code_and_single_line_in_a_real_process(tune_py_refusing_a_value):
+    result = tune_py_refusing_a_value
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Invalid lr 'abc'" in result.stderr
 
 

@@ -5,8 +5,9 @@ every `ray start` line is parsed by Ray's own CLI; every tune.py command by tune
 KubeRay manifests, the SLURM script and the MLflow server recipe are checked for the keys and settings
 their tools need. The MLflow start script is also run: it refuses unsafe settings, and (where MLflow's
 auth extra is installed) starts a server that turns away requests without a login. The SLURM script is run
-with stand-ins for SLURM, `ray` and the search (its token's life), and each KubeRay NetworkPolicy is
-evaluated against the pods KubeRay makes (who reaches the head, on which port).
+with stand-ins for SLURM, `ray` and the search (its token's life), the launchers' node commands with stand-ins
+for `ray` and `pip`, and each KubeRay NetworkPolicy is evaluated against the pods KubeRay makes (who reaches
+the head, on which port).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 import yaml
+from conftest import NO_SERVER_JOBS, background_job
 from local_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,14 +204,57 @@ def test_every_ray_start_line_parses_with_rays_cli():
             pytest.fail(f"{where}: `ray start {' '.join(args)}` is rejected by Ray's CLI: {error}")
 
 
+# `ray up` runs each launcher command on a node as `bash --login -c -i 'source ~/.bashrc && (command)'`; these
+# stand-ins note what the commands call (`lspci` shows no NVIDIA card: GCP's wait for the driver returns at once).
+LAUNCHER_STANDINS = {
+    "ray": '#!/usr/bin/env bash\necho "ray ${RAY_AUTH_MODE:-unset} $*" >> "$STANDIN_LOG"\n',
+    "pip": '#!/usr/bin/env bash\necho "pip $*" >> "$STANDIN_LOG"\n',
+    "lspci": '#!/usr/bin/env bash\necho "00:02.0 VGA compatible controller: Cirrus Logic GD 5446"\n',
+}
+
+
+def run_node_commands(config: dict, kind: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A fresh node's home (token and code as `file_mounts` copy them), then the node's launcher commands in
+    `ray up`'s order, twice (a `ray up` on a running cluster runs setup again); (home, the stand-ins' notes)."""
+    home, bin_dir, log = tmp_path / kind, tmp_path / "bin", tmp_path / f"{kind}.calls"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in LAUNCHER_STANDINS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (home / ".ray").mkdir(parents=True)
+    (home / "medtune").mkdir()
+    (home / ".ray" / "auth_token").write_text("0" * 64)
+    (home / ".ray" / "auth_token").chmod(0o644)
+    (home / ".bashrc").write_text("# the image's own profile\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "STANDIN_LOG": str(log), "RAY_HEAD_IP": "10.0.0.5"}
+    for _ in range(2):
+        for key in ("initialization_commands", "setup_commands", f"{kind}_setup_commands", f"{kind}_start_ray_commands"):
+            for command in config.get(key) or []:
+                done = subprocess.run(["bash", "-c", f"source ~/.bashrc && ({command})"], env=env, capture_output=True,
+                                      text=True, timeout=60)
+                assert done.returncode == 0, f"{kind}: {key}: {command}\n{done.stderr}"
+    return home, log.read_text().splitlines()
+
+
 @pytest.mark.parametrize("provider", sorted(LAUNCHER))
-def test_launcher_shell_commands_parse(provider):
+def test_launcher_commands_on_a_node_make_the_token_private_and_start_ray_with_token_auth(provider, tmp_path):
+    """Every setup and start command runs; the token ends 600, the profile turns token auth on once however often
+    setup runs (so `ray stop`, `ray exec` and the autoscaler's own calls use it), the code is installed from the
+    mounted copy, and `ray start` runs after `ray stop` with token auth: the head on 6379, a worker at the head."""
     config = load(LAUNCHER[provider])
-    for key in ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands"):
-        for command in config.get(key) or []:
-            done = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
-            assert done.returncode == 0, f"{provider}:{key}: {command}\n{done.stderr}"
+    for kind in ("head", "worker"):
+        home, calls = run_node_commands(config, kind, tmp_path)
+        assert stat.S_IMODE((home / ".ray" / "auth_token").stat().st_mode) == 0o600
+        assert (home / ".bashrc").read_text().splitlines().count("export RAY_AUTH_MODE=token") == 1
+        assert calls.count(f"pip install -q -e {home}/medtune") == 2
+        rays = [call.split() for call in calls if call.startswith("ray ")]
+        assert [words[2] for words in rays] == ["stop", "start"] * 2, calls
+        assert all(words[1] == "token" for words in rays), "ray runs without RAY_AUTH_MODE=token"
+        start = rays[1][3:]
+        if kind == "head":
+            assert "--head" in start and "--port=6379" in start and not any(w.startswith("--address") for w in start)
+        else:
+            assert "--address=10.0.0.5:6379" in start and "--head" not in start
 
 
 # --- KubeRay ------------------------------------------------------------------------------------
@@ -475,12 +520,6 @@ def test_ray_versions_agree_with_the_installed_ray():
 
 
 # --- SLURM --------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_shell_scripts_parse(script):
-    done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
 
 def test_sbatch_starts_head_then_workers_with_a_private_token():
     text = SBATCH.read_text()
@@ -791,36 +830,38 @@ def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
         return 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flask_wtf") is None,
-                    reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
-def test_server_script_starts_mlflow_that_requires_a_login_and_proxies_artifacts(tmp_path):
-    """The real script and basic_auth.ini; only the databases are SQLite files here instead of PostgreSQL."""
+@background_job(needs_data=False, ray=False)
+def auth_server(started, tmp_path: Path) -> SimpleNamespace:
+    """cluster/mlflow/start_mlflow_server.sh with the real basic_auth.ini (only its databases are SQLite files
+    here instead of PostgreSQL): the HTTP status of the API without a login, with a wrong and with the right
+    one, then what the tune.py driver does, as a user the admin created. Cost: an MLflow server with its auth
+    app, about 20 s on 2 quiet cores, started with the session beside the searches (tests/conftest.py)."""
+    if importlib.util.find_spec("flask_wtf") is None:
+        return None
     ini = (MLFLOW / "basic_auth.ini").read_text().replace("postgresql+psycopg:///mlflow_auth",
                                                          f"sqlite:///{tmp_path / 'auth.db'}")
     (tmp_path / "basic_auth.ini").write_text(ini)
     port = free_port()
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
+           "PYTHONPATH": started.env.get("PYTHONPATH", ""), "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
            "MLFLOW_WORKERS": "1", "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
            "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-for-the-test",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"}
-    server = subprocess.Popen(["bash", str(MLFLOW / "start_mlflow_server.sh")], env=env, cwd=tmp_path,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", **NO_SERVER_JOBS}
+    with open(tmp_path / "server.log", "w") as log:
+        server = started.popen(["bash", str(MLFLOW / "start_mlflow_server.sh")], env=env, cwd=tmp_path, stdout=log,
+                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while http_status(f"{url}/health") != 200:
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            if server.poll() is not None or time.time() > deadline:
+                return SimpleNamespace(up=False, log=(tmp_path / "server.log").read_text()[-3000:])
             time.sleep(1)
         api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert http_status(api) == 401
-        assert http_status(api, ("admin", "wrong")) == 401
-        assert http_status(api, ("admin", "admin-password-for-the-test")) == 200
-
-        # what the tune.py driver does, as a user the admin created: a run with an artifact, proxied
+        statuses = [http_status(api), http_status(api, ("admin", "wrong")),
+                    http_status(api, ("admin", "admin-password-for-the-test"))]
         code = f"""
 import os, mlflow
 from mlflow.server.auth.client import AuthServiceClient
@@ -833,11 +874,10 @@ open("report.json", "w").write("{{}}")
 client.log_artifact(run.info.run_id, "report.json")
 print("ARTIFACT_URI=" + run.info.artifact_uri)
 """
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "ARTIFACT_URI=mlflow-artifacts:/" in done.stdout  # clients only see the server's proxy
-        assert list((tmp_path / "artifacts").rglob("report.json"))
+        client = started.run([sys.executable, "-c", code], cwd=tmp_path, timeout=300,
+                             env={**started.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+        return SimpleNamespace(up=True, statuses=statuses, client=client,
+                               stored=list((tmp_path / "artifacts").rglob("report.json")))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -845,6 +885,17 @@ print("ARTIFACT_URI=" + run.info.artifact_uri)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("flask_wtf") is None,
+                    reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
+def test_server_script_starts_mlflow_that_requires_a_login_and_proxies_artifacts(auth_server):
+    assert auth_server.up, auth_server.log
+    assert auth_server.statuses == [401, 401, 200]  # no login, a wrong password, the admin's
+    assert auth_server.client.returncode == 0, auth_server.client.stderr[-3000:]
+    assert "ARTIFACT_URI=mlflow-artifacts:/" in auth_server.client.stdout  # clients only see the server's proxy
+    assert auth_server.stored  # the artifact went through the server to its artifact store
 
 
 def test_no_secret_is_committed_in_cluster():

@@ -4,7 +4,9 @@ from trainables.config import DEFAULTS, resolve_config
 from trainables.errors import UserError
 
 
-def test_defaults_resolve_unchanged():
+def test_the_defaults_a_space_checks_are_the_ones_a_trial_runs():
+    """DEFAULTS is built without validation (no registry imports); search spaces check a key they do not set at
+    DEFAULTS' value, so a validator that changed a default would have them check another value than trials use."""
     assert resolve_config({}) == DEFAULTS
 
 

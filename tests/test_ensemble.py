@@ -43,7 +43,7 @@ TRIALS = [("trial_a", {"lr": 3e-3}, 0.99), ("trial_b", {"lr": 3e-3, "split_ratio
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
+def search(tmp_path_factory, mlflow_store):
     data = toy_dataset("binary", n_dev=200, n_test=80)
     tmp = tmp_path_factory.mktemp("ensemble")
     logged, states = [], {}
@@ -56,7 +56,7 @@ def search(tmp_path_factory):
         states[trial_id] = last.state
         logged.append({"trial_id": trial_id, "metrics": {**last.metrics, "best_val_auc": score},
                        "params": {"lr": changes["lr"]}, "checkpoint": tmp / trial_id})
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp)
     log_search(uri, "ens", logged, {"metric": "val_auc", "mode": "max", "params": {"lr": {"choice": [1e-3, 3e-3, 1e-2]}}})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)

@@ -36,13 +36,13 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def cv_search(tmp_path_factory):
+def cv_search(tmp_path_factory, mlflow_store):
     torch.set_num_threads(1)
     data = noisy(toy_dataset("binary", n_dev=180, n_test=80))
     tmp = tmp_path_factory.mktemp("fold_ensemble")
     *_, last = iterate_epochs(resolve_config(CONFIG), data)
     save_checkpoint(last.state, tmp / "trial_cv")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp)
     # a second, single-split trial ranked next: a CV winner's ensemble must not take it
     logged = [{"trial_id": "trial_cv", "metrics": {**last.metrics, "best_val_auc": 0.99}, "params": {"lr": 3e-3},
                "checkpoint": tmp / "trial_cv"},

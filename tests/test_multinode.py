@@ -1,26 +1,36 @@
-"""A real search on a real two-node Ray cluster (head + one more node on this machine), storage on a shared dir.
+"""A real search on a real two-node Ray cluster, started by cluster/slurm.sbatch as SLURM would run it.
 
-The nodes are separate `ray start` processes with their own raylet, resources (1 CPU each) and node address,
-joined with token authentication on. tune.py joins with --address like it would a cloud cluster; each trial's
-result.json (written by Ray Tune on the node that ran it) names that node's address, and the driver-side
-MLflow callback must have one nested run per trial, whichever node ran it.
+srun and scontrol are stand-ins that start every "node" on this machine; each node is a separate `ray start`
+with its own raylet, resources (1 CPU each) and address (the head at this host's address, the worker at a
+loopback address of its own, as srun on another machine would give it), joined with token authentication on.
+tune.py joins with --address; each trial's result.json (written by Ray Tune on the node that ran it) names
+that node's address, and the driver-side MLflow callback must have one nested run per trial, whichever node
+ran it. While the search runs, a driver with the job's token asks the cluster for its nodes and one with a
+wrong token is turned away.
+
+Cost: two Ray nodes, a 2-trial search and two extra drivers, about a minute on 2 quiet cores, started with the
+session beside the other searches (tests/conftest.py).
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
-from local_cluster import LocalCluster, _pids_in_sessions, free_port
+from conftest import REPO, background_job, new_mlflow_store
+from local_cluster import _pids_in_sessions, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
+JOB = "4242"
 
 TINY = """\
 description: tiny real search across two nodes
@@ -35,36 +45,98 @@ params:
   lr: {choice: [0.3, 0.1]}
 """
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: drop srun's own options, run the command here (every "node" is this machine). A `ray start`
+# that names no address of its own gets its node's (FAKE_NODE_IP_<node>), as it would on that machine.
+node=
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in -w|--nodelist) node=$2; shift 2 ;; -N|-n) shift 2 ;; *) shift ;; esac
+done
+ip_var=FAKE_NODE_IP_${node//-/_}
+if [[ $1 == ray && $2 == start && " $* " != *" --node-ip-address="* && -n ${!ip_var:-} ]]; then
+  exec "$@" "--node-ip-address=${!ip_var}"
+fi
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: `scontrol show hostnames LIST` for a comma-separated LIST
+[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
+"""
+NODES = "result = [dict(id=n['NodeID'], ip=n['NodeManagerAddress'], cpu=n['Resources'].get('CPU')) for n in ray.nodes() if n['Alive']]"
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    cluster = LocalCluster(nodes=2, cpus_per_node=1, log_dir=tmp_path_factory.mktemp("ray-logs"))
-    sessions = set()
-    try:
-        cluster.start()
-        sessions = {proc.pid for proc in cluster._procs}
-        yield cluster
-    finally:
-        cluster.stop()
-    assert not _pids_in_sessions(sessions), "Ray processes of the test cluster outlived it"
+
+def driver(started, address: str, code: str, **env):
+    """A fresh Ray driver joining `address` in token mode (RAY_AUTH_TOKEN in `env`) that prints `code`'s `result`."""
+    script = (f"import json, ray\nray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)\n"
+              f"{code}\nprint('RESULT=' + json.dumps(result))\n")
+    return started.popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**started.env, "RAY_AUTH_MODE": "token", **env})
 
 
-@pytest.fixture(scope="module")
-def search(cluster, tmp_path_factory, medmnist_root):
-    tmp = tmp_path_factory.mktemp("multinode")
-    shared = tmp / "shared"  # the "shared filesystem": every node writes its trials' results and checkpoints here
+@background_job()
+def slurm_search(started, tmp: Path) -> SimpleNamespace:
+    """cluster/slurm.sbatch as job 4242 on node-a,node-b, with the stand-ins; once both nodes are up, one driver
+    with the job's token and one with a wrong token join while the search runs."""
+    shims = tmp / "bin"
+    shims.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
     (tmp / "tiny.yaml").write_text(TINY)
-    # A driver holding the wrong token must be refused; it retries for ~20 s, so it waits alongside the search.
-    intruder = subprocess.Popen([sys.executable, "-c", f"import ray; ray.init(address={cluster.address!r})"],
-                                env={**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    command = [sys.executable, str(REPO / "tune.py"), "--space", str(tmp / "tiny.yaml"), "--name", "multinode", "--no-report",
-               "--address", cluster.address, "--storage", str(shared), "--data-root", str(medmnist_root),
-               "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--seed", "3"]
-    result = subprocess.run(command, cwd=tmp, env=cluster.env, capture_output=True, text=True, timeout=900)
-    intruder_output, _ = intruder.communicate(timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp, shared / "multinode", result.stdout, (intruder.returncode, intruder_output)
+    new_mlflow_store(started, tmp / "mlflow.db")
+    ray_tmp = tempfile.mkdtemp(prefix="mtslurm-", dir="/tmp")  # short: Ray's socket paths live under it
+    port = free_port()
+    env = {**started.env, "PATH": f"{shims}:{started.env['PATH']}", "RAY_TMPDIR": ray_tmp,
+           "SLURM_JOB_ID": JOB, "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1",
+           "FAKE_NODE_IP_node_b": "127.0.0.2", "MEDTUNE_VENV": sys.prefix, "MEDTUNE_SHARED": str(tmp / "shared"),
+           "RAY_PORT": str(port), "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "tiny.yaml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "SLURM_GPUS_PER_TASK",
+                 "MEDTUNE_HEAD_IP"):
+        env.pop(name, None)
+    log = tmp / f"medtune-{JOB}.out"  # a file, not a pipe: the Ray nodes outlive the script and hold it open
+    with open(log, "w") as handle:
+        job = started.popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5",
+                             "--no-report"], cwd=tmp, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    asked, intruder, left_over = None, None, []
+    try:
+        deadline = time.time() + 900
+        while job.poll() is None and time.time() < deadline:
+            if asked is None and "2 Ray nodes up" in log.read_text():
+                (token,) = (tmp / "shared").glob(f".ray-auth-*/{JOB}.*/auth_token")
+                address = re.search(r"Ray head on node-a \((\S+:\d+)\)", log.read_text())[1]
+                asked = driver(started, address, NODES, RAY_AUTH_TOKEN=token.read_text().strip())
+                # the wrong token: Ray retries for ~20 s before it gives up
+                intruder = driver(started, address, "result = 'joined'", RAY_AUTH_TOKEN="0" * 64)
+            time.sleep(0.5)
+        job.wait(timeout=max(1.0, deadline - time.time()))
+        nodes = asked.communicate(timeout=300)[0] if asked else "the nodes never came up"
+        refused = intruder.communicate(timeout=300)[0] if intruder else ""
+    finally:  # what SLURM does at the end of a job: end every step (the `ray start --block` nodes)
+        sessions = {job.pid}
+        for pid in _pids_in_sessions(sessions):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for _ in range(100):  # gone, or zombies waiting for init
+            left_over = [pid for pid in _pids_in_sessions(sessions) if not dead(pid)]
+            if not left_over:
+                break
+            time.sleep(0.1)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result = next((json.loads(line[7:]) for line in nodes.splitlines() if line.startswith("RESULT=")), None)
+    return SimpleNamespace(tmp=tmp, returncode=job.returncode, output=log.read_text(), search_dir=tmp / "shared" / "results" / "slurm",
+                           nodes=result, nodes_output=nodes[-3000:],
+                           intruder=(intruder.returncode if intruder else None, refused), left_over=left_over)
+
+
+def dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
 
 
 def trial_nodes(search_dir: Path) -> dict[str, str]:
@@ -78,95 +150,44 @@ def trial_nodes(search_dir: Path) -> dict[str, str]:
     return {trial: ips.pop() for trial, ips in nodes.items()}
 
 
-def test_the_cluster_has_two_nodes_with_their_own_resources(cluster):
-    nodes = cluster.query("result = [dict(id=n['NodeID'], ip=n['NodeManagerAddress'], cpu=n['Resources'].get('CPU'), "
-                          "labels=n['Labels']) for n in ray.nodes() if n['Alive']]")
-    assert len(nodes) == 2
-    assert len({n["id"] for n in nodes}) == 2 and len({n["ip"] for n in nodes}) == 2
+def test_the_job_runs_the_search_and_removes_its_token_and_its_nodes(slurm_search):
+    assert slurm_search.returncode == 0, slurm_search.output[-4000:]
+    assert "2 Ray nodes up" in slurm_search.output and "2 trials:" in slurm_search.output
+    assert not list((slurm_search.tmp / "shared").glob(".ray-auth-*/*")), "the job's token outlived it"
+    assert not slurm_search.left_over, "Ray processes of the job outlived it"
+
+
+def test_the_cluster_has_two_nodes_with_their_own_resources(slurm_search):
+    nodes = slurm_search.nodes
+    assert nodes is not None, slurm_search.nodes_output
+    assert len(nodes) == 2 and len({n["id"] for n in nodes}) == 2 and len({n["ip"] for n in nodes}) == 2
     assert [n["cpu"] for n in nodes] == [1.0, 1.0]
-    assert sorted(n["labels"]["medtune-node"] for n in nodes) == ["node0", "node1"]
 
 
-def test_trials_ran_on_both_nodes(cluster, search):
-    _, search_dir, _, _ = search
-    ran_on = trial_nodes(search_dir)
-    alive = cluster.query("result = [n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]")
+def test_trials_ran_on_both_nodes(slurm_search):
+    ran_on = trial_nodes(slurm_search.search_dir)
+    alive = {n["ip"] for n in slurm_search.nodes or []}
     assert len(ran_on) == 2  # two trials at once, one CPU per node: one on each
-    assert set(ran_on.values()) == set(alive), f"trials by node: {ran_on}, nodes: {alive}"
+    assert set(ran_on.values()) == alive, f"trials by node: {ran_on}, nodes: {alive}"
 
 
-def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(search):
-    tmp, search_dir, stdout, _ = search
-    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(slurm_search):
+    client = mlflow.MlflowClient(f"sqlite:///{slurm_search.tmp / 'mlflow.db'}")
     found = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
     parents = [r for r in found if r.data.tags.get("medtune.role") == "search"]
     children = [r for r in found if r.data.tags.get("medtune.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    ran_on = trial_nodes(search_dir)
-    assert {c.data.tags["medtune.trial_id"] for c in children} == set(ran_on)
+    assert {c.data.tags["medtune.trial_id"] for c in children} == set(trial_nodes(slurm_search.search_dir))
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all(c.info.status == "FINISHED" and "val_auc" in c.data.metrics for c in children)
     completed = [c for c in children if c.data.tags.get("medtune.outcome") == "completed"]
-    assert completed and "2 trials:" in stdout
+    assert completed
     for run in completed:  # the driver read each trial's figures from shared storage, whichever node wrote them
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"confusion_matrix.png", "roc_curve.png"} <= artifacts
-        assert Path(run.data.tags["medtune.checkpoint"]).is_relative_to(search_dir)
+        assert Path(run.data.tags["medtune.checkpoint"]).is_relative_to(slurm_search.search_dir)
 
 
-def test_a_driver_with_the_wrong_token_is_refused(search):
-    *_, (returncode, output) = search
+def test_a_driver_with_the_wrong_token_is_refused(slurm_search):
+    returncode, output = slurm_search.intruder
     assert returncode != 0 and "Authentication token is missing or incorrect" in output, output[-2000:]
-
-
-FAKE_SRUN = """#!/usr/bin/env bash
-# srun stand-in: drop srun's own options, run the command here (every "node" is this machine)
-while [[ $# -gt 0 && $1 == -* ]]; do
-  case $1 in -w|--nodelist|-N|-n) shift 2 ;; *) shift ;; esac
-done
-exec "$@"
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-# scontrol stand-in: `scontrol show hostnames LIST` for a comma-separated LIST
-[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
-"""
-
-
-def test_slurm_script_runs_a_search_on_a_two_node_allocation(tmp_path, medmnist_root):
-    """cluster/slurm.sbatch as sbatch would run it, with srun/scontrol stand-ins that start every node here."""
-    shims = tmp_path / "bin"
-    shims.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
-    (tmp_path / "tiny.yaml").write_text(TINY)
-    ray_tmp = tempfile.mkdtemp(prefix="mtslurm-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "RAY_TMPDIR": ray_tmp,
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1",
-           "MEDTUNE_VENV": sys.prefix, "MEDTUNE_SHARED": str(tmp_path / "shared"), "RAY_PORT": str(free_port()),
-           "MEDTUNE_DATA_ROOT": str(medmnist_root), "MEDTUNE_SPACE": str(tmp_path / "tiny.yaml"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "SLURM_GPUS_PER_TASK"):
-        env.pop(name, None)
-    log = tmp_path / "medtune-4242.out"  # a file, not a pipe: the Ray nodes outlive the script and hold it open
-    with open(log, "w") as handle:
-        job = subprocess.Popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5", "--no-report"],
-                               cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        job.wait(timeout=900)
-    finally:  # what SLURM does at the end of a job: end every step (the `ray start --block` nodes)
-        for pid in _pids_in_sessions({job.pid}):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    output = log.read_text()
-    assert job.returncode == 0, output[-4000:]
-    assert "2 Ray nodes up" in output and "2 trials:" in output
-    assert not list((tmp_path / "shared").glob(".ray-auth-*/*")), "the job's token outlived it"
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert sum(r.data.tags.get("medtune.role") == "trial" for r in runs) == 2
-    assert (tmp_path / "shared" / "results" / "slurm").is_dir()

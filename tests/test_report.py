@@ -30,9 +30,9 @@ LEAKS = {"leak_dup_images": 2, "leak_dup_copies": 4, "leak_dup_cross_split": 1, 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One sqlite store for this module's searches (creating one costs seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('report_store') / 'mlflow.db'}"
+def store(tmp_path_factory, mlflow_store) -> str:
+    """One sqlite store for this module's searches."""
+    return mlflow_store(tmp_path_factory.mktemp("report_store"))
 
 
 def predictions_file(folder, seed: int, n: int = 120):

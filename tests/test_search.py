@@ -1,4 +1,7 @@
-"""End to end: real searches on PneumoniaMNIST through tune.py, Ray Tune and an MLflow server over HTTP."""
+"""End to end: real searches on PneumoniaMNIST through tune.py, Ray Tune and an MLflow server over HTTP.
+
+Cost: the suite's shared search (tests/conftest.py) and a killed-and-resumed one, both started with the session
+and run beside each other; one trial trained in-process."""
 
 import os
 import re
@@ -7,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
+from conftest import background_job, new_mlflow_store
 
 from search_spaces import load_space
 from trainables.tracking.names import ARTIFACTS as TRIAL_ARTIFACTS
@@ -102,8 +107,10 @@ def test_completed_trials_hold_curves_test_metrics_and_plots_on_the_server(share
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         # incl. misclassified test images, augmented training images; the GAN's files come with synthetic_pct only
         assert set(TRIAL_ARTIFACTS) - set(GAN_ARTIFACTS) <= artifacts
-        assert run.data.metrics["params_total"] == run.data.metrics["params_trainable"] > 0
-        assert run.data.metrics["flops_per_image"] > 0 and "train_auc" in run.data.metrics
+        # simple_cnn at 28 px, 2 classes: conv 1->32, conv 32->64 (pooled to 4x4), linear 1024->2
+        assert run.data.metrics["params_total"] == run.data.metrics["params_trainable"] == 10 * 32 + 289 * 64 + 1025 * 2
+        assert run.data.metrics["flops_per_image"] == 2 * (28 * 28 * 32 * 9 + 14 * 14 * 64 * 32 * 9 + 1024 * 2)
+        assert "train_auc" in run.data.metrics
         assert run.data.params["stem"] == "auto" and run.data.params["stem_resolved"] == "fixed"  # simple_cnn: no choice
     local = client.download_artifacts(shared_search.winner.info.run_id, "roc_curve.png", str(shared_search.tmp))
     assert Path(local).read_bytes()[:4] == b"\x89PNG"  # proxied through the server
@@ -142,14 +149,16 @@ def test_a_finished_trial_keeps_one_checkpoint_with_its_best_weights_only(shared
         assert state["best_epoch"] <= 2 and state["precision"] == "fp32"
 
 
-def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_root):
-    space = tmp_path / "resumable.yaml"
+@background_job()
+def killed_and_resumed(started, tmp: Path) -> SimpleNamespace:
+    """A 3-trial search whose driver and Ray are SIGKILLed once a trial has ended, then `--resume`d.
+    Cost: two tune.py runs of about a minute each on 2 quiet cores, beside the shared search."""
+    space = tmp / "resumable.yaml"
     space.write_text(TINY.format(num_samples=3, max_t=2, lr="{loguniform: [1.0e-3, 0.3]}"))
-    driver = subprocess.Popen(tune_cmd(tmp_path, medmnist_root, "--space", str(space), "--name", "resumable",
-                                       "--no-report"),
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    deadline, seen = time.time() + 300, []
+    new_mlflow_store(started, tmp / "mlflow.db")
+    driver = started.popen(tune_cmd(tmp, started.data_root, "--space", str(space), "--name", "resumable", "--no-report"),
+                           cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, seen = time.time() + 600, []
     for line in driver.stdout:
         seen.append(line)
         if "completed" in line or "stopped early" in line or time.time() > deadline:
@@ -157,14 +166,18 @@ def test_sigkilled_search_resumes_without_repeating_a_config(tmp_path, medmnist_
     time.sleep(2)  # let a second trial get going, then pull the plug on the driver and its Ray processes
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    assert any("completed" in line or "stopped early" in line for line in seen), "".join(seen)[-3000:]
-
-    resume = [a for a in tune_cmd(tmp_path, medmnist_root, "--resume", "resumable", "--no-report") if a != str(medmnist_root)]
+    resume = [a for a in tune_cmd(tmp, started.data_root, "--resume", "resumable", "--no-report")
+              if a != str(started.data_root)]
     resume.remove("--data-root")  # the search keeps its own: a resume refuses flags that would change it
-    resumed = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(tmp=tmp, before_the_kill="".join(seen), resumed=started.run(resume, cwd=tmp, timeout=900))
+
+
+def test_sigkilled_search_resumes_without_repeating_a_config(killed_and_resumed):
+    before, resumed = killed_and_resumed.before_the_kill, killed_and_resumed.resumed
+    assert "completed" in before or "stopped early" in before, before[-3000:]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "3 trials:" in resumed.stdout
-    _, parents, children = local_runs(tmp_path)
+    _, parents, children = local_runs(killed_and_resumed.tmp)
     trial_ids = [c.data.tags["medtune.trial_id"] for c in children]
     lrs = [c.data.params["lr"] for c in children if c.info.status != "KILLED"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -58,9 +58,22 @@ def test_only_minority_classes_get_generated_images_in_the_stated_counts():
     assert dict(zip(*np.unique(made.labels, return_counts=True))) == {1: 6, 2: 3}  # 30 % of 20 and of 10, none of a
     assert made.images.shape == (9, 16, 16, 1) and made.images.dtype == np.uint8  # the trial's size, not the GAN's
     assert made.metrics["synthetic_images"] == 9
-    assert 0.0 <= made.metrics["gan_c2st_acc"] <= 1.0 and 0.0 <= made.metrics["gan_c2st_coarse_acc"] <= 1.0
+    assert {"gan_c2st_acc", "gan_c2st_coarse_acc"} <= set(made.metrics)  # what they measure: the test below
     assert resolve_config({**FAST, "synthetic_pct": 0})["synthetic_pct"] == 0
     assert synthetic.synthetic_training_images(data.dev, resolve_config(FAST), data, torch.device("cpu")) is None
+
+
+def test_the_two_sample_test_is_chance_for_one_distribution_and_sees_texture_only_on_pixels():
+    """gan_c2st_acc ~0.5 when generated images are drawn like the real ones, ~1 when they differ; the coarse
+    score (4x4 block means) is blind to a texture that leaves every block's mean alone."""
+    rng = np.random.default_rng(0)
+    real, alike = (rng.integers(60, 196, (200, 8, 8, 1)) for _ in range(2))
+    checkers = np.indices((8, 8)).sum(0)[..., None] % 2 * 80 - 40  # +-40 in a checkerboard: every block mean 0
+    textured = alike + checkers
+    assert abs(synthetic.c2st_accuracy(real.astype(np.uint8), alike.astype(np.uint8), 0) - 0.5) < 0.1
+    assert synthetic.c2st_accuracy(real.astype(np.uint8), textured.astype(np.uint8), 0) > 0.95
+    coarse = [synthetic.block_means(images.astype(np.uint8)) for images in (real, textured)]
+    assert coarse[0].shape == (200, 2, 2, 1) and abs(synthetic.c2st_accuracy(*coarse, 0) - 0.5) < 0.1
 
 
 def test_concurrent_trials_build_the_generator_once_and_share_it(gan_runs):
@@ -152,7 +165,8 @@ def test_a_finished_trial_writes_the_gan_report_for_mlflow(monkeypatch):
     assert all(set(GAN_ARTIFACTS) <= set(files) for files in written)  # an ASHA-stopped trial's last checkpoint too
     assert written[-1]["gan_samples.png"][:4] == b"\x89PNG" and written[-1]["gan_losses.png"][:4] == b"\x89PNG"
     summary = json.loads(written[-1]["gan_training.json"])
-    assert len(summary["history"]["g_loss"]) == len(summary["history"]["d_loss"]) > 0
+    steps = TINY_GAN["gan_epochs"] * (128 // TINY_GAN["gan_batch_size"])  # 128 training images, whole batches
+    assert len(summary["history"]["g_loss"]) == len(summary["history"]["d_loss"]) == steps  # one entry per step
     assert summary["settings"]["image_size"] == 28 and summary["built_by_this_trial"] is True
     for metrics in reported:  # every epoch carries them, so MLflow shows them whichever epoch ASHA stops at
         assert {"synthetic_images", "gan_train_seconds", "gan_c2st_acc", "gan_c2st_coarse_acc"} <= set(metrics)

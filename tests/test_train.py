@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, background_job
 from sklearn.metrics import roc_auc_score
 
 import trainables.train as train_cli
@@ -284,9 +285,15 @@ def test_cli_bad_value_is_one_line_and_exit_2(capsys, argv, expected):
     assert err.count("\n") == 1 and expected in err
 
 
-def test_cli_exit_code_in_a_real_process():
-    result = subprocess.run([sys.executable, "-m", "trainables.train", "--set", "model=resnet19"],
-                            capture_output=True, text=True)
+@background_job(needs_data=False, ray=False)
+def train_cli_refusing_a_model(started, tmp) -> subprocess.CompletedProcess:
+    """`python -m trainables.train --set model=resnet19` in a process of its own. Cost: one process, about 10 s of
+    imports on 2 quiet cores, run beside the in-process tests from the session's start (tests/conftest.py)."""
+    return started.run([sys.executable, "-m", "trainables.train", "--set", "model=resnet19"], cwd=REPO, timeout=300)
+
+
+def test_cli_exit_code_in_a_real_process(train_cli_refusing_a_model):
+    result = train_cli_refusing_a_model
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Unknown model 'resnet19'" in result.stderr
 
 
@@ -310,31 +317,41 @@ def test_constant_schedule_with_warmup_ramps_then_stays_flat():
 
 @pytest.fixture(scope="module")
 def one_epoch():
-    """(the toy binary data, its 1-epoch trial counting the model's forward batch sizes), run once for several tests."""
+    """(the toy binary data, its 1-epoch trial counting the model's forward batch sizes, the training pass's own
+    (logits, labels)), run once for several tests."""
     from conftest import toy_dataset
 
-    data, forwards = toy_dataset(), []
-    real_build = loop.build_model
+    data, forwards, passes = toy_dataset(), [], []
+    real_build, real_pass = loop.build_model, loop.train_one_epoch
 
     def counting_build(config, dataset):
         model = real_build(config, dataset)
         model.register_forward_hook(lambda module, args, out: forwards.append(len(args[0])))
         return model
 
-    loop.build_model = counting_build
+    def recording_pass(*args, **kwargs):
+        passes.append(real_pass(*args, **kwargs))
+        return passes[-1]
+
+    loop.build_model, loop.train_one_epoch = counting_build, recording_pass
     try:
         (epoch,) = iterate_epochs({**FAST, "epochs": 1}, data)
     finally:
-        loop.build_model = real_build
-    return data, epoch, forwards
+        loop.build_model, loop.train_one_epoch = real_build, real_pass
+    (_, _, logits, labels), = passes
+    return data, epoch, forwards, (logits, labels)
 
 
 def test_train_metrics_come_from_the_training_pass_itself(one_epoch):
-    data, epoch, forwards = one_epoch
+    from trainables.training.metrics import classification_metrics
+
+    data, epoch, forwards, (logits, labels) = one_epoch
     n_train, n_val = int((~data.official_val).sum()), int(data.official_val.sum())
     # one image for the FLOP count, the training pass (drop_last), one validation and one test batch: no extra pass
     assert forwards == [1] + [32] * (n_train // 32) + [n_val, len(data.test)]
-    assert 0 <= epoch.metrics["train_acc"] <= 1 and 0 <= epoch.metrics["train_auc"] <= 1
+    # the train metrics are those of the pass's own outputs (in train mode, as the weights moved), not a re-scoring
+    own = classification_metrics("binary", labels, probabilities("binary", logits))
+    assert (epoch.metrics["train_acc"], epoch.metrics["train_auc"]) == pytest.approx((own["acc"], own["auc"]))
 
 
 def test_trial_reports_its_parameter_count_and_flops_from_the_first_epoch(one_epoch):
