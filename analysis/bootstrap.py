@@ -40,8 +40,9 @@ def bootstrap_ci(statistic: Callable[..., np.ndarray | float], *samples: np.ndar
     return low, high
 
 
-def metric_names(task: str) -> list[str]:
-    """The metrics that get an interval, per task."""
+def interval_metric_names(task: str) -> list[str]:
+    """The metrics that get an interval, per task (a few of `trainables.training.metrics.metric_names`, which lists
+    every metric a trial logs)."""
     if task == "binary":
         return ["acc", "balanced_acc", "auc", "sensitivity", "specificity"]
     if task == "multiclass":
@@ -50,7 +51,7 @@ def metric_names(task: str) -> list[str]:
 
 
 def core_metrics(task: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """`metric_names(task)` as a vector; the same definitions as trainables.training.metrics (acc matches exactly)."""
+    """`interval_metric_names(task)` as a vector; the same definitions as trainables.training.metrics (acc matches exactly)."""
     y_pred = predictions(task, probs, threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one class in a resample: recall undefined -> NaN / 0
@@ -76,7 +77,7 @@ def metrics_with_ci(task: str, labels: np.ndarray, probs: np.ndarray, threshold:
 
     low, high = bootstrap_ci(statistic, index, n_resamples=n_resamples, confidence=confidence, seed=seed)
     return {name: {"value": float(v), "low": float(lo), "high": float(hi)}
-            for name, v, lo, hi in zip(metric_names(task), point, low, high)}
+            for name, v, lo, hi in zip(interval_metric_names(task), point, low, high)}
 
 
 def format_ci(entry: dict, digits: int = 3) -> str:

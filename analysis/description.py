@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from analysis import runs
-from analysis.bootstrap import format_ci, metric_names, metrics_with_ci
+from analysis.bootstrap import format_ci, interval_metric_names, metrics_with_ci
 from trainables.data.leaks import format_leak_report
 from trainables.tracking.names import (
     PREDICTIONS,
@@ -276,7 +276,7 @@ def winner_tests(board: Leaderboard) -> list[tuple[str, str]]:
     cis = board.cis.get(board.winner.info.run_id) if board.winner is not None else None
     if not cis:
         return []
-    return [(LABELS.get(n, n), format_ci(cis[n])) for n in metric_names(task_of(board)) if n in cis]
+    return [(LABELS.get(n, n), format_ci(cis[n])) for n in interval_metric_names(task_of(board)) if n in cis]
 
 
 def handover_section(board: Leaderboard) -> list[str]:

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy import stats
-from sklearn import metrics as skm
 
 from analysis import runs
 from analysis.calibration import calibrated, fit_temperature, nll_of_probs
@@ -42,7 +41,7 @@ from analysis.ensemble_model import Ensemble, Flipped, flip_shift
 from analysis.replay import Replay, replay
 from trainables.errors import UserError
 from trainables.tracking.ranking import rank
-from trainables.training.metrics import classification_metrics
+from trainables.training.metrics import classification_metrics, safe_auc
 
 N_RESAMPLES = 1000  # paired bootstrap resamples of the validation split for the SE of a score difference
 SPLIT_KEYS = ("dataset", "image_size", "split_ratio", "split_version", "seed", "skip_bad_images")
@@ -144,7 +143,7 @@ def scorer(metric: str, task: str):
     if name == "loss":
         return (lambda labels, probs: nll_of_probs(probs, labels, task)), "NLL"
     if name == "auc" and task == "binary":
-        return (lambda labels, probs: float(skm.roc_auc_score(labels, probs[:, 1]))), "AUC"
+        return (lambda labels, probs: safe_auc(labels, probs[:, 1])), "AUC"
     if name == "acc" and task != "multilabel":
         return (lambda labels, probs: float(np.mean(probs.argmax(axis=1) == labels))), "accuracy"
     return (lambda labels, probs: classification_metrics(task, labels, probs)[name]), name

@@ -44,12 +44,12 @@ def test_auc_is_nan_when_validation_has_one_class():
 def test_sensitivity_and_specificity_are_nan_where_a_class_is_missing_the_same_in_logs_and_intervals():
     """One rule (metrics.binary_rates) for the logged metric and the bootstrap: a split without negatives has no
     specificity (NaN, not 0, which would read as 'every negative missed')."""
-    from analysis.bootstrap import core_metrics, metric_names
+    from analysis.bootstrap import core_metrics, interval_metric_names
 
     labels, probs = np.array([1, 1, 1, 1]), np.array([[0.2, 0.8], [0.6, 0.4], [0.1, 0.9], [0.3, 0.7]])
     logged = classification_metrics("binary", labels, probs)
     assert np.isnan(logged["specificity"]) and np.isnan(logged["auc"])
-    interval = dict(zip(metric_names("binary"), core_metrics("binary", labels, probs)))
+    interval = dict(zip(interval_metric_names("binary"), core_metrics("binary", labels, probs)))
     assert interval["sensitivity"] == 0.75 and np.isnan(interval["specificity"])
 
 
