@@ -259,6 +259,7 @@ class MlflowServer:
     def __init__(self, started: Background, folder: Path):
         self.started, self.folder, self.port = started, folder, free_port()
         self.url, self.process = f"http://127.0.0.1:{self.port}", None
+        folder.mkdir(parents=True, exist_ok=True)
         new_mlflow_store(started, folder / "server.db")
 
     def start(self) -> MlflowServer:
