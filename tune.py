@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -128,12 +129,13 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
     from trainables.tracking.mlflow_runs import (
         MLflowTrialCallback,
-        close_search,
-        flat_params,
         get_experiment_id,
         numeric_metrics,
+        search_client,
+        search_params,
         search_tags,
         start_search_run,
+        winner_metrics,
     )
 
     quiet_libraries(args.debug)
@@ -145,25 +147,21 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     check_synthetic(space, datasets)
     check_folds(space, datasets, seed)
     leak_metrics, leak_detail = check_leaks(space, datasets, seed)
-    client = check_tracking(tracking_uri)  # after the data: a local store is created by this check
-    tracking_uri = client.tracking_uri  # without credentials: they stay in this process's environment
+    tracking_uri = check_tracking(tracking_uri).tracking_uri  # without credentials: they stay in this process
+    mlflow = search_client(tracking_uri, storage, name)  # every write from here on survives the server going away
 
     gpu = start_ray(args.address, space, args.debug)
     try:
-        if not resuming:  # only once Ray is up: a failed join must not leave a search behind
+        mlflow.flush(wait=True)  # what an earlier run of the search left queued goes first
+        experiment_id = mlflow.attempt(get_experiment_id)  # needed at once: retried, then one line (nothing trained)
+        parent_id = mlflow.attempt(start_search_run, experiment_id, name, search_tags(space.name, space.dataset, seed))
+        if not resuming:  # only once Ray is up and the parent run exists: a failed start must not leave a search behind
             write_state(args.storage, name, {"space": space.as_dict(), "space_name": space.name, "seed": seed,
                                              "tracking_uri": tracking_uri})
-        experiment_id = get_experiment_id(client)
-        parent_id = start_search_run(client, experiment_id, name, search_tags(space, seed))
-        if not resuming:
-            client.log_dict(parent_id, space.as_dict(), "search_space.yaml")
-            client.log_dict(parent_id, leak_detail, "leak_report.json")
-            client.log_batch(parent_id, metrics=numeric_metrics(leak_metrics, 0))
-            client.log_batch(parent_id, params=flat_params({"space": space.name, "dataset": space.dataset,
-                                                            "num_samples": space.num_samples or "until the budget",
-                                                            "time_budget_s": space.time_budget, "max_t": space.max_t,
-                                                            "cv_folds": space.cv_folds,
-                                                            "metric": space.metric, "mode": space.mode, "seed": seed}))
+            mlflow.log_dict(parent_id, space.as_dict(), "search_space.yaml")
+            mlflow.log_dict(parent_id, leak_detail, "leak_report.json")
+            mlflow.log_batch(parent_id, metrics=numeric_metrics(leak_metrics, 0),
+                             params=search_params({**space.as_dict(), "name": space.name}, seed))
         trainable = make_trainable(space, datasets, gpu)
         if resuming:
             tuner = restore_tuner(space, name, storage, trainable)
@@ -176,23 +174,35 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         used, spent = budget_spent(read_state(args.storage, name), space.time_budget, time.time() - started)
         ranked = rank_results(results, space.metric, space.mode, space.max_t, spent)
         best = ranked[0] if ranked else None
-        live = {r.metrics.get("trial_id") for r in results if r.metrics}
-        best_run = close_search(client, parent_id, best.metrics.get("trial_id") if best else None,
-                                best.metrics if best else {}, live)
+        live = sorted(r.metrics.get("trial_id") for r in results if r.metrics)
+        best_run = mlflow.call("close_search", parent_id, best.metrics.get("trial_id") if best else None,
+                               winner_metrics(best.metrics) if best else {}, live)
         print_summary(ranked, results, space.searched_keys(), space.metric, space.max_t, budget_spent=spent,
                       budget=budget_line(space.time_budget, used) if space.time_budget else None)
-        if best is not None and (args.ensemble > 1 or args.tta):  # first: the description shows the hand-over
-            print_ensemble(client, parent_id, args.ensemble, args.tta, args.data_root, args.ensemble_rule)
-        publish(client, parent_id, report=not args.no_report)  # the run's description; reports/<name>/report.html
+        logged = mlflow.flush(wait=True)  # the server's last chance: it had the retry window again
+        if logged and best is not None and (args.ensemble > 1 or args.tta):  # first: the description shows the hand-over
+            print_ensemble(mlflow.client, parent_id, args.ensemble, args.tta, args.data_root, args.ensemble_rule)
+        if logged:  # the run's description; reports/<name>/report.html
+            logged = publish(mlflow, parent_id, report=not args.no_report)
         print(f"\nresults:  {storage}/{name}")
         if best is not None and best.checkpoint is not None:
             print(f"best checkpoint: {best.checkpoint.path}")
         print(f"MLflow:   {tracking_uri} (parent run {parent_id}, best trial run {best_run})")
         print_where(tracking_uri, experiment_id, parent_id)
+        if not logged:
+            missing = f"{len(mlflow.queue)} calls queued in {mlflow.queue_file()}" if mlflow.queue else "the description"
+            print(f"MLflow did not get everything ({missing}); the results are in Ray storage. Once MLflow answers, "
+                  f"log them with:\n  {sync_command(name, args.storage, not args.no_report)}")
     finally:
         ray.shutdown()
     ended = [result_outcome(r, space.max_t, spent) for r in results]
     return 0 if any(e != FAILED for e in ended) else 1  # every trial failed: say so to scripts too
+
+
+def sync_command(name: str, storage: str, report: bool) -> str:
+    """The one command that logs to MLflow what a search left in Ray storage (analysis.sync)."""
+    return (f"python -m analysis.sync --search {shlex.quote(name)} --storage {shlex.quote(storage_root(storage))}"
+            + ("" if report else " --no-report"))
 
 
 def main(argv=None) -> int:

@@ -89,17 +89,20 @@ def print_summary(ranked: list, results, searched: list[str], metric: str, max_t
 
 # --- after the table: the search's page in MLflow, the study report, where to look -------------------
 
-def publish(client, parent_id: str, report: bool) -> None:
-    """Write the parent run's description and (unless `report` is False) the study report. Neither may fail the
-    search: trained trials are worth more than a page, so a problem is one line and the search's exit code stands."""
+def publish(mlflow, parent_id: str, report: bool) -> bool:
+    """Write the parent run's description and (unless `report` is False) the study report, each retried for the
+    search's MLflow retry window (`mlflow`: its ResilientClient). Neither may fail the search: trained trials are
+    worth more than a page, so a problem is one line and the search's exit code stands. Whether the description
+    was written (`analysis.sync` writes one that is missing)."""
     from analysis.description import write_description
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars between our lines
-    board = _never_fails("description", lambda: write_description(client, parent_id))
+    board = _never_fails("description", lambda: mlflow.attempt(write_description, parent_id))
     if report:
         from analysis.report import report_after_search
 
-        _never_fails("report", lambda: report_after_search(client, parent_id, board))
+        _never_fails("report", lambda: mlflow.attempt(report_after_search, parent_id, board))
+    return board is not None
 
 
 def print_ensemble(client, parent_id: str, k: int, tta: bool, data_root: str | None, rule: str = "select") -> None:

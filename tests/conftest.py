@@ -251,25 +251,54 @@ def mlflow_store(started, mlflow_template) -> Callable[[Path], str]:
 NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def start_mlflow_server(started: Background, folder: Path) -> str:
-    """A real MLflow tracking server over HTTP (artifacts proxied by the server), as teams run one; it lives
-    until the session ends. Returns its URL."""
-    port = free_port()
-    new_mlflow_store(started, folder / "server.db")
-    server = started.popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
-         str(folder / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**started.env, **NO_SERVER_JOBS})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while server.poll() is None and time.time() < deadline:
+class MlflowServer:
+    """A real MLflow tracking server over HTTP (a SQLite store, artifacts proxied by the server), as teams run one,
+    on a port of its own; it lives until `stop` or the session's end. A test may stop it and start it again on the
+    same store (a pod restarted), or pause and resume it (a hung server)."""
+
+    def __init__(self, started: Background, folder: Path):
+        self.started, self.folder, self.port = started, folder, free_port()
+        self.url, self.process = f"http://127.0.0.1:{self.port}", None
+        folder.mkdir(parents=True, exist_ok=True)
+        new_mlflow_store(started, folder / "server.db")
+
+    def start(self) -> MlflowServer:
+        self.process = self.started.popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
+             str(self.folder / "server-artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**self.started.env, **NO_SERVER_JOBS})
+        deadline = time.time() + 180
+        while self.process.poll() is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not start (exit code {self.process.poll()})")
+
+    def pause(self) -> None:
+        """Stop its processes where they are (SIGSTOP): connections are accepted and never answered, as a hung
+        server or a stalled proxy does."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """End the server and its workers (a session of their own: `Background.popen`)."""
+        os.killpg(self.process.pid, signal.SIGCONT)  # a paused server ends too
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return url
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server did not start (exit code {server.poll()})")
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_mlflow_server(started: Background, folder: Path) -> str:
+    """A real MLflow tracking server that lives until the session ends. Returns its URL."""
+    return MlflowServer(started, folder).start().url
 
 
 @background_job()

@@ -2,7 +2,10 @@
 
 One experiment ("medtune"), one parent run per search, one nested run per trial. The callback runs on
 the driver: trials on other machines never talk to the tracking server. Tags below are the contract
-that `tune.py`, the callback and `analysis/` share.
+that `tune.py`, the callback and `analysis/` share. Everything a search writes goes through one
+`ResilientClient` per search (`search_client`), so a tracking server that goes away never stops the trials;
+the operations it may queue (`OPERATIONS`: make a trial's run, log a checkpoint's files, close the search) are
+here, and `analysis.sync` replays the same ones from Ray storage.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from ray.tune import Callback
+from ray.tune import Callback, Checkpoint
 
 from trainables.tracking.names import ARTIFACTS as TRIAL_ARTIFACTS
 from trainables.tracking.names import (
@@ -41,6 +44,7 @@ from trainables.tracking.names import (
     VAL_PREDICTIONS,
 )
 from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported_failure
+from trainables.tracking.resilient import ResilientClient, scoped_env
 from trainables.tracking.state import BudgetClock, record_budget
 
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
@@ -89,21 +93,21 @@ def adopt_credentials(uri: str) -> str:
 
 
 def check_tracking_uri(uri: str) -> MlflowClient:
-    """A client (for `uri` without credentials) that has answered once; ConnectionError with the reason otherwise."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    """A client (for `uri` without credentials) that has answered once; ConnectionError with the reason otherwise.
+    The probe fails fast (no retries, 10 s) and leaves MLflow's own settings to every later call."""
     uri = adopt_credentials(uri)
     client = MlflowClient(uri)
     try:
-        client.search_experiments(max_results=1)
+        with scoped_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+            client.search_experiments(max_results=1)
     except Exception as error:  # MlflowException, requests errors, sqlalchemy errors
         raise ConnectionError(f"{type(error).__name__}: {str(error).splitlines()[0][:160]}") from error
     return client
 
 
-def search_tags(space, seed: int) -> dict:
+def search_tags(space_name: str, dataset: str, seed: int) -> dict:
     """The parent run's tags: space, dataset, seed, medtune version and the git commit when there is one."""
-    tags = {TAG_SPACE: space.name, TAG_DATASET: space.dataset, TAG_SEED: str(seed),
+    tags = {TAG_SPACE: space_name, TAG_DATASET: dataset, TAG_SEED: str(seed),
             TAG_VERSION: importlib.metadata.version("medtune")}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -170,12 +174,21 @@ def start_search_run(client: MlflowClient, experiment_id: str, search: str, tags
     return run.info.run_id
 
 
+def search_params(space: dict, seed: int) -> list[Param]:
+    """The parent run's params, from the space as `SearchSpace.as_dict` states it (and the state file keeps it)."""
+    return flat_params({"space": space.get("name", ""), "dataset": space["dataset"],
+                        "num_samples": space.get("num_samples") or "until the budget",
+                        "time_budget_s": space.get("time_budget"), "max_t": space["scheduler"]["max_t"],
+                        "cv_folds": space.get("cv_folds", 1), "metric": space["metric"], "mode": space["mode"],
+                        "seed": seed})
+
+
 def flat_params(config: dict) -> list[Param]:
     return [Param(key, str(value)[:6000]) for key, value in sorted(config.items())]
 
 
-def numeric_metrics(result: dict, step: int) -> list[Metric]:
-    now = int(time.time() * 1000)
+def numeric_metrics(result: dict, step: int, timestamp_ms: int | None = None) -> list[Metric]:
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     return [Metric(key, float(value), now, step) for key, value in result.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _RAY_BOOKKEEPING
             and not (isinstance(value, float) and math.isinf(value))]
@@ -184,6 +197,41 @@ def numeric_metrics(result: dict, step: int) -> list[Metric]:
 def checkpoint_uri(checkpoint) -> str:
     kind = getattr(checkpoint.filesystem, "type_name", "local")
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+# --- what the search's ResilientClient may queue: named operations that find before they create ---------------
+
+def find_trial_run(client: MlflowClient, parent_id: str, trial_id: str, experiment_id: str | None = None):
+    """The run of Ray trial `trial_id` under the parent run; None when there is none."""
+    experiment_id = experiment_id or client.get_run(parent_id).info.experiment_id
+    runs = client.search_runs([experiment_id], f"tags.`{PARENT}` = '{parent_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def create_trial_run(client: MlflowClient, parent_id: str, search: str, trial_id: str, run_name: str,
+                     params: list[Param]) -> str:
+    """The trial's run id: found by its trial id (a resumed or replayed trial), else created with its params."""
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    existing = find_trial_run(client, parent_id, trial_id, experiment_id)
+    if existing is not None:
+        return existing.info.run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        PARENT: parent_id, TAG_SEARCH: search, TAG_ROLE: "trial", TAG_TRIAL: trial_id})
+    client.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def log_checkpoint_files(client: MlflowClient, run_id: str, uri: str) -> int:
+    """Log the report files a trial's checkpoint folder holds (`uri`: local or s3://, gs://); how many there were."""
+    logged = 0
+    with Checkpoint(uri).as_directory() as directory:
+        # written by trainables.training.figures (OOF: CV trials; validation: single-split, stopped ones too)
+        for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS, VAL_PREDICTIONS):
+            if (Path(directory) / name).exists():
+                client.log_artifact(run_id, str(Path(directory) / name))
+                logged += 1
+    return logged
 
 
 class MLflowTrialCallback(Callback):
@@ -206,18 +254,15 @@ class MLflowTrialCallback(Callback):
     def setup(self, **info):  # after set_state on a resume: the clock is already restored
         if not hasattr(self, "budget"):  # a callback pickled before the clock existed: this run's time only
             self.budget = BudgetClock(getattr(self, "time_budget_s", None))
-        self.client = MlflowClient(self.tracking_uri)
-        parent = self.client.get_run(self.parent_run_id)
-        for run in trial_runs(self.client, parent):  # a resumed search finds its trials' runs again
-            self._runs[run.data.tags.get(TAG_TRIAL, "")] = run.info.run_id
+        self.client = search_client(self.tracking_uri, getattr(self, "storage", None), self.search)
+        self.client.flush()  # what an earlier run of the search left queued goes first
 
     def _run_id(self, trial) -> str:
+        """The trial's run (found again on a resume, by its trial id); a placeholder while MLflow is away."""
         if trial.trial_id not in self._runs:
-            parent = self.client.get_run(self.parent_run_id)
-            run = self.client.create_run(parent.info.experiment_id, run_name=str(trial), tags={
-                PARENT: self.parent_run_id, TAG_SEARCH: self.search, TAG_ROLE: "trial", TAG_TRIAL: trial.trial_id})
-            self._runs[trial.trial_id] = run.info.run_id
-            self.client.log_batch(run.info.run_id, params=flat_params(trial.config))
+            self._runs[trial.trial_id] = self.client.call(
+                "create_trial_run", self.parent_run_id, self.search, trial.trial_id, str(trial),
+                flat_params(trial.config), placeholder=f"pending:{trial.trial_id}")
         return self._runs[trial.trial_id]
 
     def on_step_begin(self, iteration, trials, **info):
@@ -275,14 +320,10 @@ class MLflowTrialCallback(Callback):
         """Tag how the trial ended, log its report files and checkpoint URI, and finish its run."""
         run_id = self._run_id(trial)
         tags = [RunTag(TAG_OUTCOME, ended)]
-        checkpoint = trial.checkpoint
-        if checkpoint is not None:
-            tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(checkpoint)))
-            with checkpoint.as_directory() as directory:
-                # written by trainables.training.figures (OOF: CV trials; validation: single-split, stopped ones too)
-                for name in (*TRIAL_ARTIFACTS, OOF_PREDICTIONS, VAL_PREDICTIONS):
-                    if (Path(directory) / name).exists():
-                        self.client.log_artifact(run_id, str(Path(directory) / name))
+        if trial.checkpoint is not None:
+            uri = checkpoint_uri(trial.checkpoint)
+            tags.append(RunTag(TAG_CHECKPOINT, uri))
+            self.client.call("log_checkpoint_files", run_id, uri)  # read when logged: the folder outlives an outage
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, status="FINISHED")
 
@@ -297,21 +338,42 @@ class MLflowTrialCallback(Callback):
         self.client.set_terminated(run_id, status="FAILED")
 
 
-def close_search(client: MlflowClient, parent_run_id: str, best_trial_id: str | None, best_metrics: dict,
-                 live_trial_ids: set[str]) -> str | None:
-    """Name the winner on the parent, end runs of trials Ray no longer knows, end the parent run."""
-    parent = client.get_run(parent_run_id)
+def winner_metrics(metrics: dict) -> dict:
+    """What the parent run keeps of the winner's last result: its validation and test numbers."""
+    return {key: value for key, value in metrics.items() if key.startswith(("val_", "test_", "best_"))
+            and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def close_search(client: MlflowClient, parent_id: str, best_trial_id: str | None, best_metrics: dict,
+                 live_trial_ids) -> str | None:
+    """Name the winner on the parent, end runs of trials Ray no longer knows, end the parent run. Idempotent: what
+    is already so is not written again (a replayed queue and `analysis.sync` call it too)."""
+    parent = client.get_run(parent_id)
     best_run_id = None
     for run in trial_runs(client, parent):
         trial_id = run.data.tags.get(TAG_TRIAL)
         if trial_id == best_trial_id:
             best_run_id = run.info.run_id
-            client.set_tag(best_run_id, TAG_IS_BEST, "true")
+            if run.data.tags.get(TAG_IS_BEST) != "true":
+                client.set_tag(best_run_id, TAG_IS_BEST, "true")
         if run.info.status == "RUNNING":  # killed mid-trial and not resumed: never leave it RUNNING
             client.set_terminated(run.info.run_id, status="KILLED" if trial_id not in live_trial_ids else "FINISHED")
-    if best_run_id:
-        client.set_tag(parent_run_id, TAG_BEST_RUN, best_run_id)
-        client.log_batch(parent_run_id, metrics=numeric_metrics(
-            {k: v for k, v in best_metrics.items() if k.startswith(("val_", "test_", "best_"))}, 0))
-    client.set_terminated(parent_run_id, status="FINISHED")
+    if best_run_id and parent.data.tags.get(TAG_BEST_RUN) != best_run_id:
+        client.set_tag(parent_id, TAG_BEST_RUN, best_run_id)
+        client.log_batch(parent_id, metrics=numeric_metrics(winner_metrics(best_metrics), 0))
+    if parent.info.status != "FINISHED":
+        client.set_terminated(parent_id, status="FINISHED")
     return best_run_id
+
+
+OPERATIONS = {"create_trial_run": create_trial_run, "log_checkpoint_files": log_checkpoint_files,
+              "close_search": close_search}
+_CLIENTS: dict[tuple, ResilientClient] = {}
+
+
+def search_client(tracking_uri: str, storage: str | None, search: str) -> ResilientClient:
+    """The one ResilientClient of search `search` in this process (tune.py and the callback share its queue)."""
+    key = (tracking_uri, storage, search)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = ResilientClient(tracking_uri, storage, search, OPERATIONS)
+    return _CLIENTS[key]

@@ -1,5 +1,6 @@
 """A search's state file beside Ray's own (`<storage>/<name>/medtune_search.yaml`): what `--resume` needs, and
-the one record of the time budget spent (`BudgetClock`, `record_budget`, `budget_spent`).
+the one record of the time budget spent (`BudgetClock`, `record_budget`, `budget_spent`). Beside it, the MLflow calls
+queued while the tracking server is away (`mlflow_queue.jsonl`, one JSON record a line, read by `read_queue`).
 
 Local folders, s3:// and gs:// alike, through pyarrow (as Ray stores results). Every storage failure is a
 UserError that says which kind it is (permission, credentials, missing bucket, unreachable), checked before
@@ -16,6 +17,7 @@ import yaml
 from trainables.errors import UserError
 
 STATE_FILE = "medtune_search.yaml"
+QUEUE_FILE = "mlflow_queue.jsonl"  # what MLflow has not got yet (trainables.tracking.resilient)
 _KINDS = (  # (words in the storage library's message, what the user should do)
     (("accessdenied", "access denied", "permission", "forbidden", "403", "read-only file system"),
      "permission denied; use a location you can write to, or ask for write access"),
@@ -88,13 +90,67 @@ def read_state(storage: str, name: str) -> dict | None:
 
 
 def write_state(storage: str, name: str, state: dict) -> None:
-    fs, path = _location(storage, f"{name}/{STATE_FILE}")
+    _write(storage, f"{name}/{STATE_FILE}", yaml.safe_dump(state, sort_keys=False).encode())
+
+
+def _write(storage: str, relative: str, data: bytes) -> None:
+    fs, path = _location(storage, relative)
     try:
         fs.create_dir(path.rsplit("/", 1)[0])
         with fs.open_output_stream(path) as handle:
-            handle.write(yaml.safe_dump(state, sort_keys=False).encode())
+            handle.write(data)
     except OSError as error:
         raise storage_error(storage, error) from error
+
+
+def queue_path(storage: str, name: str) -> str:
+    return f"{storage_root(storage).rstrip('/')}/{name}/{QUEUE_FILE}"
+
+
+def read_queue(storage: str, name: str) -> list[str]:
+    """The queued records of search `name`, oldest first (a line cut short by a crash mid-write is dropped)."""
+    fs, path = _location(storage, f"{name}/{QUEUE_FILE}")
+    try:
+        with fs.open_input_stream(path) as handle:
+            lines = handle.read().decode().split("\n")
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        if "not found" in str(error).lower() or "no such file" in str(error).lower():
+            return []
+        raise storage_error(storage, error) from error
+    return [line for line in lines[:-1] if line]  # every complete record ends with a newline
+
+
+def append_queue(storage: str, name: str, record: str) -> None:
+    """Add one record (a line of JSON) at the end: appended where the storage can, else the file is rewritten."""
+    fs, path = _location(storage, f"{name}/{QUEUE_FILE}")
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0])
+        with fs.open_append_stream(path) as handle:
+            handle.write(f"{record}\n".encode())
+        return
+    except NotImplementedError:  # object stores (s3://, gs://) cannot append
+        pass
+    except OSError as error:
+        if "not supported" not in str(error).lower() and "not implemented" not in str(error).lower():
+            raise storage_error(storage, error) from error
+    write_queue(storage, name, [*read_queue(storage, name), record])
+
+
+def write_queue(storage: str, name: str, records: list[str]) -> None:
+    """Replace the queue with `records`; an empty queue is no file."""
+    if records:
+        _write(storage, f"{name}/{QUEUE_FILE}", "".join(f"{record}\n" for record in records).encode())
+        return
+    fs, path = _location(storage, f"{name}/{QUEUE_FILE}")
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        if "not found" not in str(error).lower() and "no such file" not in str(error).lower():
+            raise storage_error(storage, error) from error
 
 
 class BudgetClock:
