@@ -49,6 +49,7 @@ from analysis.reproduction import change_text, precision_change, reproduction, r
 from analysis.summary import publish
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH
+from trainables.tracking.resilient import ResilientClient
 from trainables.tracking.searched import searched_keys
 from trainables.training.metrics import classification_metrics, probabilities
 
@@ -170,7 +171,7 @@ def export(args) -> int:
         return 1
     if choice is not None:  # the search's description shows what was handed over, members and weights
         record_on_search(client, parent.info.run_id, choice)
-        publish(client, parent.info.run_id, report=False)
+        publish(ResilientClient(client.tracking_uri), parent.info.run_id, report=False)
     if args.register:
         version = model_registry.register(out, module, client.tracking_uri, trial, metrics["search"], args.register, metrics)
         print(f"registered: {args.register} version {version} (MLflow Model Registry at {client.tracking_uri})")
