@@ -2,7 +2,8 @@
 
 Ray pickled that search's MLflow callback as `analysis.tracking.MLflowTrialCallback`; the fixture is such a search,
 made by that commit's tune.py (3 simple_cnn trials of 2 epochs on PneumoniaMNIST: one finished, one killed with
-SIGKILL after its first epoch, one not started). Its pickles hold the absolute paths it was made at
+SIGKILL after its first epoch, one not started). Only what a resume reads is kept: the finished trial's
+report files (derived from the test split) are left out, and the MLflow store is gzipped. Its pickles hold the absolute paths it was made at
 (/tmp/medtune-old-layout), as every saved search does, so the test puts it back there.
 Cost: one resumed search (Ray start, 2 trials of 2 epochs), about a minute on 2 quiet cores, started with the
 session beside the other searches (tests/conftest.py); the export runs in-process.
@@ -10,6 +11,7 @@ session beside the other searches (tests/conftest.py); the export runs in-proces
 
 import contextlib
 import fcntl
+import gzip
 import io
 import shutil
 import sys
@@ -35,7 +37,9 @@ def old_layout_resumed(started, tmp: Path) -> SimpleNamespace:
     lock = open(f"{WHERE_IT_WAS_MADE}.lock", "w")  # held until the test has cleaned up
     fcntl.flock(lock, fcntl.LOCK_EX)
     shutil.rmtree(WHERE_IT_WAS_MADE, ignore_errors=True)
-    shutil.copytree(FIXTURE, WHERE_IT_WAS_MADE)
+    shutil.copytree(FIXTURE, WHERE_IT_WAS_MADE, ignore=shutil.ignore_patterns("mlflow.db.gz"))
+    with gzip.open(FIXTURE / "mlflow.db.gz") as packed:  # a mostly empty SQLite store: 976 KiB as is, 26 KiB packed
+        (WHERE_IT_WAS_MADE / "mlflow.db").write_bytes(packed.read())
     state_file = WHERE_IT_WAS_MADE / "results" / "old-layout" / "medtune_search.yaml"
     state = yaml.safe_load(state_file.read_text())
     state["space"]["fixed"]["data_root"] = str(started.data_root)  # where this machine keeps the data
