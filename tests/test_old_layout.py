@@ -3,8 +3,8 @@
 Ray pickled that search's MLflow callback as `analysis.tracking.MLflowTrialCallback`; the fixture is such a search,
 made by that commit's tune.py (3 simple_cnn trials of 2 epochs on PneumoniaMNIST: one finished, one killed with
 SIGKILL after its first epoch, one not started). Only what a resume reads is kept: the finished trial's
-report files (derived from the test split) are left out, and the MLflow store is gzipped. Its pickles hold the absolute paths it was made at
-(/tmp/medtune-old-layout), as every saved search does, so the test puts it back there.
+report files (derived from the test split) are left out, and the MLflow store is gzipped. Its pickles hold the
+absolute paths it was made at (/tmp/medtune-old-layout), as every saved search does, so the test puts it back there.
 Cost: one resumed search (Ray start, 2 trials of 2 epochs), about a minute on 2 quiet cores, started with the
 session beside the other searches (tests/conftest.py); the export runs in-process.
 """
