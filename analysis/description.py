@@ -90,10 +90,7 @@ def leaderboard_order(trials: list, objective: str, mode: str) -> list:
 
 def kept_predictions(client, run) -> dict | None:
     """The test predictions a finished trial kept; None for a trial logged before trials kept them."""
-    if PREDICTIONS not in {a.path for a in client.list_artifacts(run.info.run_id)}:
-        return None
-    with tempfile.TemporaryDirectory() as directory:
-        return read_test_predictions(client.download_artifacts(run.info.run_id, PREDICTIONS, directory))
+    return runs.kept_file(client, run, PREDICTIONS, read_test_predictions)
 
 
 def trial_cis(client, run, n_resamples: int = CI_RESAMPLES) -> tuple[dict | None, int | None]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,9 +75,9 @@ class Candidate:
 def kept_validation(client, run) -> dict | None:
     """The validation predictions a trial kept: its MLflow artifact, else its local checkpoint folder; None when
     it kept none (a trial from before trials kept them, or a cross-validated one: those keep out-of-fold ones)."""
-    if VAL_PREDICTIONS in {a.path for a in client.list_artifacts(run.info.run_id)}:
-        with tempfile.TemporaryDirectory() as directory:
-            return read_val_predictions(client.download_artifacts(run.info.run_id, VAL_PREDICTIONS, directory))
+    logged = runs.kept_file(client, run, VAL_PREDICTIONS, read_val_predictions)
+    if logged is not None:
+        return logged
     local = Path(run.data.tags.get(TAG_CHECKPOINT) or "/nonexistent") / VAL_PREDICTIONS
     return read_val_predictions(local) if "://" not in str(local) and local.is_file() else None
 

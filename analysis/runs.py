@@ -181,3 +181,11 @@ def _download(uri: str, directory: str) -> str:
                         "credentials or pass --checkpoint DIR with a local copy") from error
     return directory
 
+
+def kept_file(client, run, name: str, read: Callable[[str], dict]) -> dict | None:
+    """`read(path)` of the file `name` a trial logged to its run (its test or validation predictions); None when the
+    run has no such artifact (a trial logged before trials kept it)."""
+    if name not in {a.path for a in client.list_artifacts(run.info.run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as directory:
+        return read(client.download_artifacts(run.info.run_id, name, directory))
