@@ -1,6 +1,7 @@
 """tune.py's promises on bad input: one line, exit 2, nothing written, before Ray starts (in-process calls; one
 real process for the exit code)."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from conftest import background_job
 
 import tune
 from trainables.tracking.mlflow_runs import adopt_credentials, without_credentials
-from trainables.tracking.state import read_state, write_state
+from trainables.tracking.state import read_state, storage_error, write_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,6 +186,19 @@ def test_storage_problems_are_named_as_such(capsys, in_tmp):
     assert code == 2 and err.count("\n") == 1 and "Cannot use --storage" in err and "a file is in the way" in err
     code, err = run_tune(capsys, "--resume", "old", "--storage", in_tmp / "a_file" / "results")
     assert code == 2 and "No search named" not in err and "a file is in the way" in err
+
+
+@pytest.mark.parametrize(("number", "words", "advice"), [
+    (errno.ENOTDIR, "Not a directory", "a file is in the way"),
+    (errno.ENOSPC, "No space left on device", "the storage is full"),
+    (errno.EROFS, "Read-only file system", "the storage is read-only"),
+    (errno.EACCES, "Permission denied", "permission denied"),
+])
+def test_a_storage_failure_is_named_by_its_kind_not_by_digits_in_its_path(number, words, advice):
+    # A search folder's timestamp (smoke-20261207-071403) once read as HTTP 403: the path must not classify the error.
+    path = "/results/smoke-20261207-071403/medtune_search.yaml"
+    for error in (OSError(number, words, path), OSError(f"{words}: '{path}'")):
+        assert advice in str(storage_error("/results", error))
 
 
 def test_unreachable_object_storage_is_named(capsys, in_tmp):

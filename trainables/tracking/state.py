@@ -9,6 +9,8 @@ Ray starts.
 
 from __future__ import annotations
 
+import errno
+import re
 import uuid
 from pathlib import Path
 
@@ -18,17 +20,22 @@ from trainables.errors import UserError
 
 STATE_FILE = "medtune_search.yaml"
 QUEUE_FILE = "mlflow_queue.jsonl"  # what MLflow has not got yet (trainables.tracking.resilient)
-_KINDS = (  # (words in the storage library's message, what the user should do)
-    (("accessdenied", "access denied", "permission", "forbidden", "403", "read-only file system"),
+_KINDS = (  # (errno values, words in the storage library's message, what the user should do)
+    ({errno.ENOSPC, errno.EDQUOT}, ("no space left", "quota exceeded", "disk full"),
+     "the storage is full; free space (or raise the quota), then `tune.py --resume NAME` goes on where it stopped"),
+    ({errno.EROFS}, ("read-only file system",),
+     "the storage is read-only; remount it writable or pass another --storage, then resume with `tune.py --resume NAME`"),
+    ({errno.EACCES, errno.EPERM}, ("accessdenied", "access denied", "permission", "forbidden", "403"),
      "permission denied; use a location you can write to, or ask for write access"),
-    (("credential", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken", "security token",
-      "unauthenticated", "401"),
+    (set(), ("credential", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken", "security token",
+             "unauthenticated", "401"),
      "the cloud credentials were refused or are missing; set them (e.g. AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)"),
-    (("nosuchbucket", "bucket does not exist", "bucket not found", "the specified bucket"),
+    (set(), ("nosuchbucket", "bucket does not exist", "bucket not found", "the specified bucket"),
      "the bucket does not exist; create it or fix the name"),
-    (("not a directory", "file exists"),
+    ({errno.ENOTDIR, errno.EEXIST}, ("not a directory", "file exists"),
      "a file is in the way; pass a folder path"),
-    (("connection", "resolve", "timed out", "curl", "unreachable", "network"),
+    ({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT},
+     ("connection", "resolve", "timed out", "curl", "unreachable", "network"),
      "the storage is unreachable; check the address and the network"),
 )
 
@@ -37,10 +44,22 @@ def storage_root(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
+def _message(error: OSError) -> str:
+    """The library's words without the paths it quotes: a path or a timestamp in it (`smoke-20261207-071403`)
+    must not read as a status code."""
+    return re.sub(r"\S*[/\\]\S*", " ", str(error)).lower()
+
+
+def _says(message: str, word: str) -> bool:
+    """A status code counts as a whole number only ("403", not the 403 of "071403")."""
+    return re.search(rf"(?<!\d){word}(?!\d)" if word.isdigit() else re.escape(word), message) is not None
+
+
 def storage_error(storage: str, error: OSError) -> UserError:
     """One line naming the storage, the kind of failure and the fix."""
-    text = str(error).lower()
-    advice = next((fix for words, fix in _KINDS if any(w in text for w in words)),
+    message = _message(error)
+    advice = next((fix for numbers, words, fix in _KINDS
+                   if error.errno in numbers or any(_says(message, word) for word in words)),
                   "check the --storage location and your access to it")
     detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
     return UserError(f"Cannot use --storage {storage}: {advice} ({type(error).__name__}: {detail})")
