@@ -3,9 +3,10 @@
     python -m analysis.description --search smoke-20261121-101500     # rewrite it (tune.py does, at every end)
 
 The UI shows it under the run's name: the leaderboard by validation (test metrics with 95 % CIs beside it,
-reported, never used to choose), the winner's config, how the trials ended, the leak report and the commands
-that export the winner. The CIs are bootstraps over the test predictions each finished trial keeps
-(trainables.training.figures.PREDICTIONS), so writing the page needs neither the checkpoints nor the data.
+reported, never used to choose), the winner's weakest subgroup (analysis.subgroups), the winner's config, how the
+trials ended, the leak report and the commands that export the winner. The CIs are bootstraps over the test
+predictions each finished trial keeps (trainables.training.figures.PREDICTIONS: with the test images' attributes,
+sex / age / view, where the dataset has them), so writing the page needs neither the checkpoints nor the data.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from analysis import runs
 from analysis.bootstrap import format_ci, interval_metric_names, metrics_with_ci
+from analysis.subgroups import weakest_group, weakest_text
 from trainables.data.leaks import format_leak_report
 from trainables.tracking.names import (
     PREDICTIONS,
@@ -39,6 +41,7 @@ from trainables.training.figures import read_test_predictions
 
 UNFINISHED = "unfinished"  # no outcome tag: killed mid-trial and not resumed
 TAG_TEST_CI = "medtune.test_ci95"  # on a finished trial's run: its bootstrap CIs (JSON), computed once
+TAG_WEAKEST = "medtune.weakest_subgroup"  # on the winner's run: its weakest subgroup's row (JSON), computed once
 TOP = 10  # leaderboard rows
 CI_TRIALS = 3  # finished trials that get bootstrap CIs (the others show logged values): ~4 s each on 624 images
 CI_RESAMPLES = 1000
@@ -67,6 +70,7 @@ class Leaderboard:
     n_resamples: int = CI_RESAMPLES
     leak: str = ""  # the leak report, as the terminal showed it
     handover: dict | None = None  # what tune.py --ensemble / analysis.export last handed over (TAG_HANDOVER)
+    weakest: dict | None = None  # the winner's weakest test subgroup (analysis.subgroups.weakest_group), if any
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -150,7 +154,27 @@ def read_leaderboard(client, parent, ci_trials: int = CI_TRIALS, n_resamples: in
         cis, n_test = trial_cis(client, run, n_resamples)
         if cis is not None:
             board.cis[run.info.run_id], board.n_test = cis, n_test
+    if board.winner is not None and outcome_of(board.winner) == COMPLETED:
+        board.weakest = winner_weakest(client, board.winner, n_resamples)
     return board
+
+
+def winner_weakest(client, run, n_resamples: int = CI_RESAMPLES) -> dict | None:
+    """The winner's weakest test subgroup from its kept predictions and the test images' attributes (None for a
+    dataset without attributes, or a trial from before trials kept them); kept on the run (TAG_WEAKEST)."""
+    try:
+        cached = json.loads(run.data.tags.get(TAG_WEAKEST) or "{}")
+    except ValueError:  # a damaged tag: compute again
+        cached = {}
+    if cached.get("n_resamples") == n_resamples:
+        return cached.get("row")
+    kept = kept_predictions(client, run)
+    if kept is None:
+        return None
+    row = weakest_group(kept["task"], kept["class_names"], kept["labels"], kept["probs"], kept["attributes"],
+                        n_resamples)
+    client.set_tag(run.info.run_id, TAG_WEAKEST, json.dumps({"n_resamples": n_resamples, "row": row}))
+    return row
 
 
 def handover_of(parent) -> dict | None:
@@ -207,6 +231,9 @@ def headline(board: Leaderboard) -> list[str]:
         shown = [n for n in ("auc", "acc") if n in cis]
         line.append("Test (reported, never used to choose): " +
                     ", ".join(f"{LABELS[n]} {format_ci(cis[n])}" for n in shown) + " (95 % CI).")
+    if board.weakest is not None:
+        line.append(f"Weakest test subgroup (reported, never used to choose; groups under 30 images are not scored): "
+                    f"{weakest_text(board.weakest)}.")
     return line
 
 

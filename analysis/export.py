@@ -35,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-from analysis import model_registry, runs, scoring
+from analysis import model_registry, robustness, runs, scoring
 from analysis.bootstrap import N_RESAMPLES, format_ci
+from analysis.calibration import calibrated
 from analysis.ensemble import N_RESAMPLES as N_RESAMPLES_CHOICE
 from analysis.ensemble import figures_after_choice, figures_line
 from analysis.ensemble_model import ENSEMBLE, MEMBERS
@@ -46,6 +47,7 @@ from analysis.model_files import FILES, architecture, preprocessing, save_ensemb
 from analysis.predict import FORMAT, load_model
 from analysis.replay import replay
 from analysis.reproduction import change_text, precision_change, reproduction, reproduction_text
+from analysis.subgroups import subgroup_report, weakest_text
 from analysis.summary import publish
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH
@@ -154,7 +156,14 @@ def export(args) -> int:
         "calibration": {"val": scoring.calibration_report(val_logits, val_labels, task, decision["temperature"]),
                         "test": scoring.calibration_report(scored["logits"], scored["labels"], task, decision["temperature"])},
         "bootstrap": {"n_resamples": args.n_resamples, "confidence": 0.95, "method": "percentile", "seed": args.seed},
+        # reported, never used to choose: per subgroup (analysis.subgroups) and under corruptions (analysis.robustness)
+        "subgroups": subgroup_report(task, names, scored["labels"], calibrated(scored["logits"], task, decision["temperature"]),
+                                     decision["threshold"], rep.test.attributes, args.n_resamples, args.seed,
+                                     "the exported model's calibrated probabilities at its decision rule"),
+        "robustness": robustness.robustness_report(lambda images: rep.logits(shipped, images)[0], rep.test, task,
+                                                   decision, args.seed),
     }
+    robustness.write_plot(metrics["robustness"], out)
     if choice is not None:  # after the choice: every variant's test figures, reported, never used to choose
         metrics["ensemble"] = {**json.loads((out / ENSEMBLE).read_text()), "test_after_choice": figures_after_choice(choice)}
     (out / "decision.json").write_text(json.dumps(decision, indent=2))
@@ -191,6 +200,10 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
           f"{metrics['calibration']['test']['ece_after']:.4f}")
     print(f"reproduces the logged test metrics: {reproduction_text(repro)}")
     print(f"precision change: {change_text(metrics['precision_change'])}")
+    groups = metrics["subgroups"]
+    low = next((r for r in groups["groups"] if groups.get("weakest") == {"attribute": r["attribute"], "group": r["group"]}), None)
+    print(f"subgroups: weakest {weakest_text(low)}" if low else f"subgroups: none scored ({groups.get('note') or 'all too small'})")
+    print(f"robustness: {robustness.summary_text(metrics['robustness'])}")
     ensemble = metrics.get("ensemble")
     if ensemble is not None:
         print(figures_line(ensemble["test_after_choice"], ensemble["variant"]))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from analysis.bootstrap import format_ci
 from analysis.calibration import ECE_BINS
 from analysis.reproduction import change_text, reproduction_text
+from analysis.robustness import card_section as robustness_section
+from analysis.subgroups import card_section as subgroup_section
 from trainables.tracking.text import markdown_table
 
 
@@ -121,6 +123,8 @@ seed {metrics['bootstrap']['seed']}); computed with the exported float32 model (
 
 Precision change: {change_text(metrics['precision_change'])}.
 
+{subgroup_section(metrics['subgroups'], prep['task'])}
+{robustness_section(metrics['robustness'])}
 ## Decision threshold
 
 {('Threshold ' + format(decision['threshold'], '.4f') + ' on the calibrated probability of `' + decision['positive_class']
@@ -159,7 +163,7 @@ error ({ECE_BINS} equal-width bins, top label):
 `model.json` (the network: `trainables.models.create_model` name and arguments), `model.safetensors` (its
 float32 state dict), `model.ts` (the same network as TorchScript, for other runtimes: normalised float32
 (N, C, H, W) -> logits), `preprocessing.json`{_mean_image_file(prep)}, `decision.json` (temperature, threshold),
-`config.json` (the trial config), `metrics.json` (every number above).
+`config.json` (the trial config), `metrics.json` (every number above), `robustness.png` (the plot above).
 Predict: `python -m analysis.predict --model <this folder> IMAGE...`.
 """
 

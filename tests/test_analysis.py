@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 import analysis.replay
 import analysis.reproduction
 import analysis.scoring
-from analysis import best, export, model_files, predict, report, runs
+from analysis import best, export, model_files, predict, report, robustness, runs
 from analysis.bootstrap import bootstrap_ci, metrics_with_ci
 from analysis.calibration import calibrated, choose_threshold, expected_calibration_error, fit_temperature, nll
 from analysis.predict import load_model
@@ -357,11 +357,12 @@ def toy_store(tmp_path_factory, mlflow_store) -> str:
     return mlflow_store(tmp_path_factory.mktemp("toy_store"))
 
 
-def toy_winner(tmp_path, monkeypatch, task: str, uri: str | None = None, config: dict | None = None,
+def toy_winner(tmp_path, monkeypatch, task: str, uri: str | None = None, config: dict | None = None, data=None,
                **state_changes) -> argparse.Namespace:
-    """A one-trial search on toy data: real `iterate_epochs` checkpoint and metrics, logged as tune.py does
-    (when `uri` is given); replay's dataset loader answers with the toy data (and records how it was asked)."""
-    data = toy_dataset(task, n_dev=200, n_test=80)
+    """A one-trial search on toy data (`data`, else `toy_dataset(task)`): real `iterate_epochs` checkpoint and
+    metrics, logged as tune.py does (when `uri` is given); replay's dataset loader answers with the toy data (and
+    records how it was asked)."""
+    data = data if data is not None else toy_dataset(task, n_dev=200, n_test=80)
     *_, last = iterate_epochs(resolve_config(TOY | (config or {})), data)
     state = {**last.state, **state_changes}
     save_checkpoint(state, tmp_path / "checkpoint")
@@ -646,3 +647,46 @@ def test_temperature_recovers_a_known_temperature_and_threshold_rules():
     y, p = np.array([0, 0, 0, 0, 1, 1, 1, 1]), np.array([0.1, 0.2, 0.6, 0.65, 0.4, 0.7, 0.8, 0.9])
     assert choose_threshold(y, p)[0] == 0.7  # Youden's J: sensitivity 3/4 + specificity 1 - 1 beats 1 + 1/2 - 1
     assert choose_threshold(y, p, target_sensitivity=1.0)[0] == 0.4
+
+
+# --- robustness of the exported winner (analysis.robustness; subgroups: tests/test_subgroups.py) ----------
+
+@integration
+def test_exported_card_reports_robustness_that_falls_with_severity(search, exported):
+    """The shared search's winner (a 2-epoch CNN on PneumoniaMNIST) as exported: severity 0 is the clean test
+    score, and on average over the corruptions the harshest severity scores a lower AUC than the mildest. Cost: the
+    export's 31 passes over 624 images (a few seconds of the module's export fixture), then reading files."""
+    out, stdout = exported
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = metrics["robustness"]
+    table = report["table"]
+    assert list(table) == list(robustness.CORRUPTIONS) and all(len(rows) == 6 for rows in table.values())
+    logits, labels, _ = exported_test_logits(out, search)
+    clean = robustness.figures("binary", labels, logits, json.loads((out / "decision.json").read_text()))
+    assert all(rows[0]["auc"] == clean["auc"] and rows[0]["acc"] == clean["acc"] for rows in table.values())
+    harsh, mild = np.mean([rows[5]["auc"] for rows in table.values()]), np.mean([rows[1]["auc"] for rows in table.values()])
+    assert harsh < mild < clean["auc"] + 0.01
+    assert report["mean_relative_drop"]["auc"] > 0
+    card = (out / "model_card.md").read_text()
+    assert "## Robustness to image corruptions" in card and f"| gaussian_noise | {clean['auc']:.3f} / " in card
+    assert (out / robustness.PLOT).stat().st_size > 10_000 and f"]({robustness.PLOT})" in card
+    assert "## Subgroups\n\nNot reported: the dataset carries no per-image attributes" in card  # MedMNIST has none
+    assert "robustness: mean relative drop under corruption: AUC" in stdout
+
+
+def exported_test_logits(out, search):
+    """(logits, labels, replay) of the exported model on the winner's test split."""
+    rep = replay(runs.checkpoint_state(search.winner))
+    return (*analysis.replay.logits_of(load_model(out), rep.test, rep.normalization), rep)
+
+
+@integration
+def test_severity_zero_leaves_the_predictions_of_a_real_model_unchanged(search, exported):
+    """Severity 0 goes through each corruption's code path (tensor round trip, the neutral parameter) and must
+    give the clean predictions exactly. Cost: 9 passes of the exported CNN over 624 images; about 2 s."""
+    out, _ = exported
+    clean_logits, _, rep = exported_test_logits(out, search)
+    model = load_model(out)
+    for name in robustness.CORRUPTIONS:
+        images = dataclasses.replace(rep.test, images=robustness.corrupt(rep.test.images, name, 0))
+        assert np.array_equal(analysis.replay.logits_of(model, images, rep.normalization)[0], clean_logits), name

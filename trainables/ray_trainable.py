@@ -72,7 +72,8 @@ def _report_epochs(config: dict, dataset, resume: dict | None) -> None:
                 write_study_figures(directory, dataset.task, dataset.class_names, test_images=dataset.test.images,
                                     test_labels=epoch.test_labels, test_probs=epoch.test_probs,
                                     train_examples=epoch.train_examples, split_labels=epoch.split_labels)
-                write_test_predictions(directory, dataset.task, dataset.class_names, epoch.test_labels, epoch.test_probs)
+                write_test_predictions(directory, dataset.task, dataset.class_names, epoch.test_labels, epoch.test_probs,
+                                       dataset.test.attributes)
                 if "oof" in epoch.state:
                     write_oof_predictions(directory, dataset.task, dataset.class_names, epoch.state["oof"])
             tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))

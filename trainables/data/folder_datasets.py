@@ -35,6 +35,9 @@ nih_chestxray14:PATH  the NIH ChestX-ray14 release: PATH is its folder or its la
                      csv=FILE    the label CSV, relative to PATH or absolute (when it is not in PATH)
                      no_finding=zeros|label   zeros (default): "No Finding" = all 14 labels 0; label: keep it
                                  as a 15th label, `No Finding`, after the 14 findings
+                   Subgroup attributes (trainables.data.attributes), where the table has the columns: `sex`
+                   (Patient Gender), `age` (Patient Age: integers in the release, `060Y` strings in the Kaggle
+                   sample) and `view` (View Position: PA / AP).
 csv:FILE           one row per image. Options (column names):
                      image=COL   image path, relative to the CSV's folder or absolute (default `image`)
                      label=COL   one column: single-label, classes = its sorted values;
@@ -42,6 +45,8 @@ csv:FILE           one row per image. Options (column names):
                      group=COL   patient / lesion ID: hold-outs and train/val splits never share one
                      split=COL   train / val / test per row: fixed splits instead of a hold-out (a val of any
                                  size is kept: the column is the user's own choice)
+                     subgroups=A,B   columns the export reports test metrics per value of (an age column in
+                                 bands): e.g. HAM10000's `subgroups=sex,age,localization`
                    e.g. `csv:/data/ham/meta.csv?image=file&label=dx&group=lesion_id`.
 
 Every hold-out is stratified by label and, where the data has groups (patient IDs), keeps each patient whole:
@@ -60,6 +65,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import pandas as pd
 
+from trainables.data.attributes import NIH_ATTRIBUTES, read_attributes, subgroup_columns
 from trainables.data.image_cache import cached_images
 from trainables.data.registry import MIN_IMAGE_SIZE, Dataset, ImageSet, register_dataset
 from trainables.data.splits import SPLIT_VERSION, holdout
@@ -107,6 +113,7 @@ class _Table:
     test: np.ndarray | None  # bool per row; None: make a hold-out
     val: np.ndarray | None = None  # bool per row: the official validation split
     notes: tuple[str, ...] = ()  # one line per decision the user did not spell out
+    attributes: dict[str, np.ndarray] | None = None  # per row: sex, age, view... (trainables.data.attributes)
 
 
 # --- spec parsing ---------------------------------------------------------------------------------
@@ -186,7 +193,8 @@ def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_si
 
     def part(rows):
         groups = None if table.groups is None else table.groups[rows]
-        return ImageSet(_take(cached.images, rows), table.labels[rows], groups)
+        attributes = None if not table.attributes else {k: v[rows] for k, v in table.attributes.items()}
+        return ImageSet(_take(cached.images, rows), table.labels[rows], groups, attributes)
 
     official_val = None if table.val is None or not table.val[dev_rows].any() else table.val[dev_rows]
     files = np.asarray(table.files, dtype=object)
@@ -450,10 +458,14 @@ def nih_table_file(location: Path, options: dict) -> tuple[Path, Path]:
 def _read_nih_csv(file: Path) -> pd.DataFrame:
     columns = ["Image Index", "Finding Labels", "Patient ID"]
     try:
-        return pd.read_csv(file, usecols=columns)
+        table = pd.read_csv(file, usecols=lambda name: name in columns or name in NIH_ATTRIBUTES.values())
     except (ValueError, UnicodeDecodeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__  # pandas ends some with \n
         raise UserError(f"{file} is not an NIH label table ({reason}); it needs columns {columns}") from error
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{file} is not an NIH label table (no column {missing[0]!r}); it needs columns {columns}")
+    return table
 
 
 def _nih_test_rows(root: Path, names: pd.Series, table_name: str) -> np.ndarray | None:
@@ -474,8 +486,9 @@ def read_nih(location: Path, options: dict | None = None) -> _Table:
     root, file = nih_table_file(location, options)
     table = _read_nih_csv(file)
     names = table["Image Index"].astype(str)
+    attributes = read_attributes(table, {k: c for k, c in NIH_ATTRIBUTES.items() if c in table.columns}, str(file))
     return _Table(_nih_image_paths(root, names), multi_hot(table["Finding Labels"], nih_label_names(options)),
-                  table["Patient ID"].to_numpy(), _nih_test_rows(root, names, file.name))
+                  table["Patient ID"].to_numpy(), _nih_test_rows(root, names, file.name), attributes=attributes)
 
 
 @register_dataset("nih_chestxray14")
@@ -531,13 +544,14 @@ def read_csv_table(file: Path, options: dict) -> tuple[tuple[str, ...], _Table]:
             raise UserError(f"{file}: column {split!r} has {wrong[0]!r}; use train, val or test")
         test, val = (where == "test").to_numpy(), (where == "val").to_numpy()
     groups = table[group].astype(str).to_numpy() if group else None
-    return class_names, _Table(files, labels, groups, test, val)
+    attributes = read_attributes(table, subgroup_columns(options.get("subgroups"), table, str(file)), str(file))
+    return class_names, _Table(files, labels, groups, test, val, attributes=attributes)
 
 
 @register_dataset("csv")
 def load_csv(*, path: str | None, image_size: int, data_root: Path, skip_bad_images: bool = False,
              split_version: int = SPLIT_VERSION) -> FileDataset:
-    file, options = parse_spec("csv", path, data_root, extra=("image", "label", "group", "split"))
+    file, options = parse_spec("csv", path, data_root, extra=("image", "label", "group", "split", "subgroups"))
     class_names, table = read_csv_table(file, options)
     return assemble(file.stem, class_names, table, image_size=image_size, options=options,
                     skip_bad_images=skip_bad_images, split_version=split_version)

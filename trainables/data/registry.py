@@ -24,13 +24,16 @@ class ImageSet:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int64 class index, or (N, L) uint8 0/1 for multi-label
     groups: np.ndarray | None = None  # patient/lesion ID per image: splits never share one
+    # per-image attributes for subgroup reports ({"sex": ..., "age": ...}; trainables.data.attributes); None: none
+    attributes: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> ImageSet:
         groups = None if self.groups is None else self.groups[index]
-        return ImageSet(self.images[index], self.labels[index], groups)
+        attributes = None if self.attributes is None else {k: v[index] for k, v in self.attributes.items()}
+        return ImageSet(self.images[index], self.labels[index], groups, attributes)
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,18 @@ def write_trial_figures(directory: str | Path, task: str, class_names, labels: n
     return paths
 
 
+ATTRIBUTE = "attribute_"  # prefix of the per-image attribute arrays in a PREDICTIONS file
+
+
 def write_test_predictions(directory: str | Path, task: str, class_names, labels: np.ndarray,
-                           probs: np.ndarray) -> Path:
+                           probs: np.ndarray, attributes: dict[str, np.ndarray] | None = None) -> Path:
     """Keep the finished trial's test labels and probabilities (as evaluated: same dtype), so a confidence interval
-    for any test metric is a bootstrap over this file, not a replay of the checkpoint on the data."""
+    for any test metric is a bootstrap over this file, not a replay of the checkpoint on the data; with the test
+    images' attributes (sex, age, view: trainables.data.attributes), so are the subgroup figures."""
     path = Path(directory) / PREDICTIONS
-    np.savez_compressed(path, labels=labels, probs=probs, task=np.array(task), class_names=np.array(list(class_names)))
+    kept = {f"{ATTRIBUTE}{name}": values for name, values in (attributes or {}).items()}
+    np.savez_compressed(path, labels=labels, probs=probs, task=np.array(task), class_names=np.array(list(class_names)),
+                        **kept)
     return path
 
 
@@ -94,10 +100,12 @@ def read_val_predictions(path: str | Path) -> dict:
 
 
 def read_test_predictions(path: str | Path) -> dict:
-    """{"task", "class_names", "labels", "probs"} from a PREDICTIONS file (plain arrays: no pickle is loaded)."""
+    """{"task", "class_names", "labels", "probs", "attributes"} from a PREDICTIONS file (plain arrays: no pickle is
+    loaded); "attributes" is {} for a dataset without them or a file from before trials kept them."""
     with np.load(path, allow_pickle=False) as kept:
         return {"task": str(kept["task"]), "class_names": [str(c) for c in kept["class_names"]],
-                "labels": kept["labels"], "probs": kept["probs"]}
+                "labels": kept["labels"], "probs": kept["probs"],
+                "attributes": {k[len(ATTRIBUTE):]: kept[k] for k in kept.files if k.startswith(ATTRIBUTE)}}
 
 
 def _confusion_figure(task, names, labels, probs, split):
