@@ -215,23 +215,21 @@ def card_section(report: dict, task: str) -> str:
     low = next((r for r in report["groups"] if report["weakest"] and r["attribute"] == report["weakest"]["attribute"]
                 and r["group"] == report["weakest"]["group"]), None)
     flagged = [group_name(r) for r in report["groups"] if r["scored"] and r["below_overall"]]
-    multilabel = (f"Multi-label: each group's macro AUC is over the labels with at least {report['min_positives']} "
+    small = (f"A group of fewer than {report['min_images']} images"
+             + ("" if task == "multilabel" else f", or with a class under {report['min_positives']} images")
+             + " is listed but not scored.")
+    multilabel = (f" Multi-label: each group's macro AUC is over the labels with at least {report['min_positives']} "
                   "positives (and one negative) in it, compared with the overall macro AUC over the same labels "
-                  "(`labels_scored` in metrics.json). ") if task == "multilabel" else ""
+                  "(`labels_scored` in metrics.json).") if task == "multilabel" else ""
     boot = report["bootstrap"]
-    return f"""## Subgroups
-
-Test metrics per group of {', '.join(f'`{a}`' for a in report['attributes'])}, from {report['rule']}; 95 %
-percentile bootstrap intervals over each group's images ({boot['n_resamples']} resamples, seed {boot['seed']}).
-Age is in fixed 20-year bands ({', '.join(report['age_bands'])}), the bands chest X-ray fairness audits report
-(Seyyed-Kalantari et al., Nature Medicine 2021), fixed before any data was seen so that cards compare across
-searches; bands cut at the test split's own quantiles would move with every split. A group of fewer than
-{report['min_images']} images{'' if task == 'multilabel' else f", or with a class under {report['min_positives']} images"}
-is listed but not scored. {multilabel}A flag marks a group whose CI lies wholly below the overall figure; with
-{len(report['groups'])} groups some intervals miss by chance, so a flag asks for a closer look on more data, it
-proves nothing by itself. Nothing was chosen on subgroups.
-
-{overall_line}{chr(10).join(markdown_table(['attribute', 'group', 'images', *[NAMES[k] for k in shown], 'flag'], rows))}
-
-Weakest scored group (lowest AUC): {weakest_text(low) if low else 'none scored'}. Flagged: {', '.join(flagged) or 'none'}.
-"""
+    intro = (f"Test metrics per group of {', '.join(f'`{a}`' for a in report['attributes'])}, from {report['rule']}; "
+             f"95 % percentile bootstrap intervals over each group's images ({boot['n_resamples']} resamples, seed "
+             f"{boot['seed']}). Age is in fixed 20-year bands ({', '.join(report['age_bands'])}), the bands chest X-ray "
+             "fairness audits report (Seyyed-Kalantari et al., Nature Medicine 2021), fixed before any data was seen "
+             "so that cards compare across searches; bands cut at the test split's own quantiles would move with every "
+             f"split. {small}{multilabel} A flag marks a group whose CI lies wholly below the overall figure; with "
+             f"{len(report['groups'])} groups some intervals miss by chance, so a flag asks for a closer look on more "
+             "data, it proves nothing by itself. Nothing was chosen on subgroups.")
+    table = chr(10).join(markdown_table(["attribute", "group", "images", *[NAMES[k] for k in shown], "flag"], rows))
+    return (f"## Subgroups\n\n{intro}\n\n{overall_line}{table}\n\nWeakest scored group (lowest AUC): "
+            f"{weakest_text(low) if low else 'none scored'}. Flagged: {', '.join(flagged) or 'none'}.\n")
