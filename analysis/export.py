@@ -47,7 +47,8 @@ from analysis.model_files import FILES, architecture, preprocessing, save_ensemb
 from analysis.predict import FORMAT, load_model
 from analysis.replay import replay
 from analysis.reproduction import change_text, precision_change, reproduction, reproduction_text
-from analysis.subgroups import subgroup_report, weakest_text
+from analysis.subgroups import subgroup_report
+from analysis.subgroups import summary_line as subgroup_line
 from analysis.summary import publish
 from trainables.errors import UserError
 from trainables.tracking.names import TAG_SEARCH
@@ -200,9 +201,7 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
           f"{metrics['calibration']['test']['ece_after']:.4f}")
     print(f"reproduces the logged test metrics: {reproduction_text(repro)}")
     print(f"precision change: {change_text(metrics['precision_change'])}")
-    groups = metrics["subgroups"]
-    low = next((r for r in groups["groups"] if groups.get("weakest") == {"attribute": r["attribute"], "group": r["group"]}), None)
-    print(f"subgroups: weakest {weakest_text(low)}" if low else f"subgroups: none scored ({groups.get('note') or 'all too small'})")
+    print(f"subgroups: {subgroup_line(metrics['subgroups'])}")
     print(f"robustness: {robustness.summary_text(metrics['robustness'])}")
     ensemble = metrics.get("ensemble")
     if ensemble is not None:

@@ -32,6 +32,7 @@ from trainables.tracking.text import markdown_table
 # 60-80, 80+), so cards of different searches and datasets compare; bands from the test split's own quantiles
 # would move with every split. (upper bound, exclusive; label)
 AGE_BANDS = ((20.0, "<20"), (40.0, "20-39"), (60.0, "40-59"), (80.0, "60-79"), (math.inf, "80+"))
+MAX_AGE = 120.0  # above it an age is an entry error (the full NIH table has a few of 148-414 years): band unknown
 MIN_IMAGES = 30
 MIN_POSITIVES = 5
 SHOWN = {"binary": ("auc", "acc", "sensitivity", "specificity"), "multiclass": ("auc", "acc", "balanced_acc"),
@@ -44,8 +45,8 @@ NO_ATTRIBUTES = ("the dataset carries no per-image attributes (sex, age, view), 
 
 
 def age_band(years: float) -> str:
-    """The AGE_BANDS label of an age in years; MISSING for NaN."""
-    if math.isnan(years):
+    """The AGE_BANDS label of an age in years; MISSING for NaN and for an impossible age (< 0 or > MAX_AGE)."""
+    if math.isnan(years) or not 0 <= years <= MAX_AGE:
         return MISSING
     return next(label for upper, label in AGE_BANDS if years < upper)
 
@@ -183,6 +184,20 @@ def subgroup_report(task: str, names, labels: np.ndarray, probs: np.ndarray, thr
             "bootstrap": {"n_resamples": n_resamples, "confidence": CONFIDENCE, "seed": seed}}
 
 
+def reported_weakest(report: dict) -> dict | None:
+    """The weakest group's row of a subgroup_report, None when none was scored."""
+    named = report.get("weakest")
+    return next((r for r in report["groups"] if named == {"attribute": r["attribute"], "group": r["group"]}), None)
+
+
+def summary_line(report: dict) -> str:
+    """One line for the export's printed summary."""
+    low = reported_weakest(report)
+    if low is not None:
+        return f"weakest {weakest_text(low)}"
+    return report.get("note") or f"no group of {MIN_IMAGES}+ images to score"
+
+
 def group_name(row: dict) -> str:
     return f"{row['attribute']} {row['group']}"
 
@@ -212,8 +227,7 @@ def card_section(report: dict, task: str) -> str:
     overall = next((r["overall"] for r in report["groups"] if r["scored"] and task != "multilabel"), None)
     overall_line = ("Overall, the same rule: " + ", ".join(f"{NAMES[k]} {v:.3f}" for k, v in overall.items()) + ".\n\n"
                     if overall else "")
-    low = next((r for r in report["groups"] if report["weakest"] and r["attribute"] == report["weakest"]["attribute"]
-                and r["group"] == report["weakest"]["group"]), None)
+    low = reported_weakest(report)
     flagged = [group_name(r) for r in report["groups"] if r["scored"] and r["below_overall"]]
     small = (f"A group of fewer than {report['min_images']} images"
              + ("" if task == "multilabel" else f", or with a class under {report['min_positives']} images")

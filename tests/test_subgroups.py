@@ -41,8 +41,8 @@ def test_age_strings_parse_as_dicom_ages_and_bad_ones_are_one_line():
     assert np.isnan(ages[5:]).all()
     with pytest.raises(UserError, match=r"t.csv row 2: age 'sixty' is neither .* DICOM age string like 060Y"):
         parse_age(pd.Series(["060Y", "sixty"]), "t.csv")
-    assert [age_band(a) for a in (0, 19.9, 20, 39, 40, 59.5, 60, 79, 80, 101, np.nan)] == \
-        ["<20", "<20", "20-39", "20-39", "40-59", "40-59", "60-79", "60-79", "80+", "80+", "unknown"]
+    assert [age_band(a) for a in (0, 19.9, 20, 39, 40, 59.5, 60, 79, 80, 101, np.nan, 414, -1)] == \
+        ["<20", "<20", "20-39", "20-39", "40-59", "40-59", "60-79", "60-79", "80+", "80+", "unknown", "unknown", "unknown"]
 
 
 @pytest.mark.integration
