@@ -27,9 +27,10 @@ adjust_contrast / adjust_brightness share); JPEG quality 50-7. Where this depart
 - noise goes back to uint8 by torchvision's `to_dtype` (MedMNIST-C truncates with numpy): a fraction of a grey
   level; grey images are JPEG-encoded as grey (MedMNIST-C encodes RGB, then converts to grey).
 
-Cost: (1 + len(CORRUPTIONS) x 5) forward passes over the test split, 31; a single ResNet-18 (ImageNet
-stem, 28 px) on PneumoniaMNIST takes RESNET18_SECONDS on 2 CPU cores, and any other model scales with its FLOPs
-per image (`flops_per_image`, logged per trial) and with the number of ensemble members and TTA passes.
+Cost: (1 + len(CORRUPTIONS) x 5) forward passes over the test split, 31; a single ResNet-18 (ImageNet stem, 28 px)
+on PneumoniaMNIST's 624 images takes 44 s of CPU time on 2 threads (bench/robustness_cost.py, median of 5), so
+under a minute on 2 free cores; any other model scales with its FLOPs per image (`flops_per_image`, logged per
+trial), with the number of ensemble members and TTA passes, and with the size of the test split.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from trainables.data.registry import ImageSet
 from trainables.tracking.text import markdown_table
 
 SEVERITIES = (1, 2, 3, 4, 5)
-RESNET18_SECONDS = "about 20 s"  # measured: see the README's export section
+RESNET18_SECONDS = "44 s of CPU time"  # bench/robustness_cost.py, median of 5: wall <= CPU time on 2 free cores
 PLOT = "robustness.png"
 METRICS = ("auc", "acc")
 # name -> (parameter at severities 1-5, the parameter that changes nothing: severity 0)
@@ -197,6 +198,6 @@ export gives the same figures. Cells: AUC / accuracy.
 ![AUC and accuracy against severity]({PLOT})
 
 The corruptions cost {1 + len(report['table']) * len(SEVERITIES)} passes over the test split ({report['seconds']:.0f} s
-here); a single ResNet-18 at 28 px takes {RESNET18_SECONDS} on 2 CPU cores for PneumoniaMNIST's 624 images, other
-models scale with their FLOPs per image and the number of ensemble members.
+here); a single ResNet-18 at 28 px takes {RESNET18_SECONDS} on 2 threads for PneumoniaMNIST's 624 images, other
+models scale with their FLOPs per image, the number of ensemble members and the size of the test split.
 """
