@@ -3,11 +3,12 @@
     python -m analysis.predict --model exported/ chest1.jpeg chest2.png
     python -m analysis.predict --model exported/ --batch-size 256 scans/*.png
 
-One line per image: path, predicted label, then the calibrated probability of every class. The image
-goes through the preprocessing the model was trained with (preprocessing.json: mode, size, bilinear
-resize, mean/std), then the model, temperature scaling and the validation-chosen threshold. Files are read
-and classified `--batch-size` at a time and each batch is printed before the next is read, so a folder of
-any size needs the memory of one batch.
+One line per image: path, predicted label, then the calibrated probability of every class. The image (PNG, JPEG,
+... or DICOM, told apart by content: analysis.image_files) goes through the preprocessing the model was trained with
+(preprocessing.json: mode, size, bilinear resize, mean/std), then the model, temperature scaling and the
+validation-chosen threshold. Files are read and
+classified `--batch-size` at a time and each batch is printed before the next is read, so a folder of any size
+needs the memory of one batch.
 
 Loading executes nothing from the folder: the model is built by medtune's own registry from its name and
 constructor arguments (model.json), and the weights are plain tensors (model.safetensors). The folder's
@@ -32,8 +33,8 @@ from safetensors.torch import load_file
 
 from analysis import runs
 from analysis.ensemble_model import load_ensemble, read_manifest
+from analysis.image_files import read_image
 from analysis.preprocessing import exported_normalization
-from trainables.data.image_cache import READ_ERRORS, decode_image
 from trainables.errors import UserError
 from trainables.models import create_model
 from trainables.training.metrics import probabilities
@@ -67,7 +68,7 @@ class Architecture(BaseModel):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Predict the class of image files with an exported medtune model.")
     parser.add_argument("--model", required=True, help="folder written by `python -m analysis.export`")
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM, ...)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"images read and classified at a time (default {BATCH_SIZE})")
@@ -116,13 +117,10 @@ class ExportedModel:
         self.model = load_model(folder)
         self.normalization = exported_normalization(folder, self.prep)
 
-    def tensor(self, path: str | Path) -> torch.Tensor:
-        """One image file -> normalised float (C, H, W), exactly as the training images were prepared."""
-        try:
-            pixels = decode_image(path, int(self.prep["image_size"]), self.prep["mode"])
-        except READ_ERRORS as error:
-            raise UserError(f"Cannot read image {path} ({type(error).__name__}: {str(error)[:120]}); "
-                            "pass a readable image file (PNG, JPEG, ...)") from error
+    def tensor(self, path: str | Path | bytes) -> torch.Tensor:
+        """One image file (a path, or its bytes) -> normalised float (C, H, W), exactly as the training images were
+        prepared."""
+        pixels = read_image(path, int(self.prep["image_size"]), self.prep["mode"])
         return self.normalization(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))
 
     def predict(self, paths: Sequence, batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, list]:
