@@ -132,9 +132,13 @@ def stored_range(ds) -> tuple[int, int]:
 
 
 def voi_range(apply_voi_lut, values: np.ndarray, ds) -> tuple[float, float]:
-    """The VOI transform's output range, from pydicom itself: what values far below and far above every pixel map
-    to (a window's y_min and y_max, PS3.3 C.11.2.1.2; a VOI LUT's first and last entries). So the window, not the
-    image's own extremes, sets black and white, as on a viewer."""
+    """The VOI transform's output range, so the window or LUT, not the image's own extremes, sets black and white,
+    as on a viewer: a VOI LUT's entries span 0 to 2^n - 1 for n-bit entries (PS3.3 C.11.2.1.1; pydicom applies a
+    valid LUT in preference to a window); a window's y_min and y_max are what pydicom maps values far below and far
+    above it to (PS3.3 C.11.2.1.2, whichever of LINEAR, LINEAR_EXACT or SIGMOID)."""
+    lut = ds.get("VOILUTSequence")
+    if lut and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None:
+        return 0.0, float(2 ** int(lut[0].LUTDescriptor[2]) - 1)
     far = int(max(abs(float(np.min(values))), abs(float(np.max(values))), 1.0)) * 1000 + 1
     with np.errstate(over="ignore"):  # SIGMOID's exp at the far ends
         ends = np.asarray(apply_voi_lut(np.array([-far, far], np.int64), ds), np.float64)

@@ -64,8 +64,8 @@ def test_a_dicom_of_a_pngs_pixels_predicts_what_the_png_does_in_both_photometric
 def test_a_16_bit_dicom_with_rescale_and_window_is_the_windowed_8_bit_image(tmp_path):
     """Stored values s, rescale 4 s - 1024 (Hounsfield-like), window centre 3040.5 width 4081 (LINEAR: values
     1000..5080 onto black..white): equal to the 8-bit image the window shows, computed here by the standard's
-    formula, and dark or bright values beyond the window clip. Without a window, a 16-bit image is stretched
-    min-to-max, as the training images' cache stretches a 16-bit PNG."""
+    formula, and dark or bright values beyond the window clip. A VOI LUT's entries map onto 0..255 by their bit depth.
+    Without either, a 16-bit image is stretched min-to-max, as the training images' cache stretches a 16-bit PNG."""
     rng = np.random.default_rng(0)
     shown = rng.integers(0, 256, (20, 24)).astype(np.uint8)
     stored = (506 + 4 * shown.astype(np.int64)).astype(np.uint16)  # 4 * stored - 1024 = 1000 + 16 * shown
@@ -82,6 +82,15 @@ def test_a_16_bit_dicom_with_rescale_and_window_is_the_windowed_8_bit_image(tmp_
     folder = hand_export(tmp_path / "export")
     Image.fromarray(expected).save(tmp_path / "windowed.png")
     assert predicted(folder, path) == predicted(folder, tmp_path / "windowed.png")
+    # a VOI LUT instead of the window (12-bit input, 16-bit entries, a square-root curve): its 0..65535 onto 0..255
+    twelve = rng.integers(0, 4096, (16, 16)).astype(np.uint16)
+    curve = np.round(65535 * np.sqrt(np.arange(4096) / 4095)).astype(np.uint16)
+    lut = Dataset()
+    lut.LUTDescriptor, lut.LUTData = [4096, 0, 16], curve.tolist()
+    lut["LUTData"].VR = "US"
+    lutted = dicom(tmp_path / "lut.dcm", twelve, bits=12, VOILUTSequence=[lut])
+    shown = np.round(curve[twelve] * (255 / 65535)).astype(np.uint8)
+    assert np.array_equal(read_image(lutted, 16, "L")[..., 0], shown)
     # no window, 12 bits used of 16: stretched like a 16-bit PNG
     deep = rng.integers(100, 4000, (16, 16)).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")  # PIL writes a 16-bit greyscale PNG
