@@ -5,6 +5,7 @@ rescale slope/intercept and a window -- become the same model input as the PNG t
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -126,3 +127,13 @@ def test_dicom_without_pixels_compressed_without_a_decoder_or_multi_frame_is_one
     assert "install one (" in run_main(predict, "--model", folder, jpeg_ls)[2]
     with pytest.raises(UserError, match="Cannot read image the image bytes"):
         read_image(b"neither a PNG nor DICOM" * 10, 16, "L")
+
+
+def test_dicom_without_pydicom_names_the_extra(tmp_path, monkeypatch):
+    """`pip install -e .` alone: PNG still reads, a DICOM file is one line naming the export extra."""
+    path = dicom(tmp_path / "a.dcm", np.zeros((8, 8), np.uint8))
+    png = write_pngs(np.zeros((1, 8, 8, 1), np.uint8), tmp_path / "png")[0]
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # `import pydicom` now fails as if it were not installed
+    with pytest.raises(UserError, match=r"reading DICOM needs pydicom \(pip install -e '\.\[export\]'\)"):
+        read_image(path, 8, "L")
+    assert read_image(png, 8, "L").shape == (8, 8, 1)
