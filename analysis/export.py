@@ -1,4 +1,4 @@
-"""Export the winner of a search: weights, TorchScript, preprocessing, threshold, temperature, model card.
+"""Export the winner of a search: weights, TorchScript, ONNX, preprocessing, threshold, temperature, model card.
 
     python -m analysis.export --search smoke-20261121-101500 --out exported/
     python -m analysis.export --search NAME --out DIR --target-sensitivity 0.95 --register pneumonia-cnn
@@ -23,7 +23,8 @@ chosen on out-of-fold predictions, its threshold fitted on them (analysis.ensemb
 
 This module is the command's flow only. What is fitted and scored: analysis.scoring; the folder's files:
 analysis.model_files; the replay checks: analysis.reproduction; the card's text: analysis.model_card;
---register: analysis.model_registry.
+--register: analysis.model_registry; model.onnx and its check against the PyTorch model on validation (with the
+`export` extra installed; a file that does not match fails the export): analysis.onnx_model.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.handover import DEFAULT_MEMBERS, RULES, choose_handover, record_on_search
 from analysis.model_card import model_card
 from analysis.model_files import FILES, architecture, preprocessing, save_ensemble, save_model, write_manifest
+from analysis.onnx_model import ONNX_FILE, export_onnx, onnx_text
 from analysis.predict import FORMAT, load_model
 from analysis.replay import replay
 from analysis.reproduction import change_text, precision_change, reproduction, reproduction_text
@@ -140,6 +142,9 @@ def export(args) -> int:
         trial_logits, _ = rep.trial_logits(rep.test)
     replayed = classification_metrics(task, scored["labels"], probabilities(task, trial_logits), names)
 
+    # model.onnx: the shipped network with its calibration, checked against it on validation (skipped without the extra)
+    onnx = export_onnx(shipped, prep, decision, out, rep.val, rep.normalization)
+
     key, _ = runs.selection(parent, space)
     logged = trial.data.metrics
     metrics = {
@@ -154,6 +159,7 @@ def export(args) -> int:
         "calibration": {"val": scoring.calibration_report(val_logits, val_labels, task, decision["temperature"]),
                         "test": scoring.calibration_report(scored["logits"], scored["labels"], task, decision["temperature"])},
         "bootstrap": {"n_resamples": args.n_resamples, "confidence": 0.95, "method": "percentile", "seed": args.seed},
+        "onnx": onnx,
     }
     if choice is not None:  # after the choice: every variant's test figures, reported, never used to choose
         metrics["ensemble"] = {**json.loads((out / ENSEMBLE).read_text()), "test_after_choice": figures_after_choice(choice)}
@@ -167,6 +173,10 @@ def export(args) -> int:
         mismatch = [k for k, v in metrics["reproduced"]["metrics"].items() if v["match"] is False]
         print(f"error: the best checkpoint replayed on {rep.replayed} does not reproduce the trial's logged test "
               f"{', '.join(mismatch)} (different data or a different checkpoint?); see {out}/metrics.json"
+              + ("; not registered" if args.register else ""), file=sys.stderr)
+        return 1
+    if not onnx.get("ok", True):  # skipped (no extra) is fine; written but wrong, or not writable, is not
+        print(f"error: {ONNX_FILE} {onnx_text(onnx)}; the PyTorch files in {out}/ are complete, see metrics.json"
               + ("; not registered" if args.register else ""), file=sys.stderr)
         return 1
     if choice is not None:  # the search's description shows what was handed over, members and weights
@@ -196,6 +206,8 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
         print(figures_line(ensemble["test_after_choice"], ensemble["variant"]))
     files = FILES if ensemble is None else (*FILES, ENSEMBLE) if ensemble["network"] == "single" else \
         (ENSEMBLE, f"{MEMBERS}/", *FILES[2:])
+    print(f"{ONNX_FILE}: {onnx_text(metrics['onnx'])}")
+    files = (*files, *metrics["onnx"].get("files", []))
     print(f"wrote {out}/ ({', '.join(files)}) in {metrics['export_seconds']:.1f}s")
 
 
