@@ -62,7 +62,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder to write (created; existing export files are replaced)")
     parser.add_argument("--target-sensitivity", type=float,
                         help="binary tasks: pick the threshold reaching this validation sensitivity (default: Youden's J)")
-    parser.add_argument("--register", metavar="MODEL_NAME", help="also register the model in the MLflow Model Registry")
+    parser.add_argument("--register", metavar="MODEL_NAME",
+                        help="also register the served model (MLflow pyfunc: image bytes in) in the Model Registry")
+    parser.add_argument("--alias", default=model_registry.ALIAS,
+                        help=f"the registry alias the new version gets (default {model_registry.ALIAS})")
     parser.add_argument("--data-root", help="where the dataset lives now (default: the trial's data_root)")
     parser.add_argument("--checkpoint", help="the trial's checkpoint dir, when it moved from its logged location")
     parser.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples for the CIs")
@@ -108,7 +111,7 @@ def export(args) -> int:
     prep = preprocessing(state, rep, out)
     (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))  # load_model reads it for an ensemble
     if choice is not None and choice.network == "ensemble":
-        module = save_ensemble(choice, out)
+        save_ensemble(choice, out)
         oof = choice.threshold_data()  # a cross-validated winner's fold models: out-of-fold, not a shared split
         val_logits, val_labels = oof[:2] if oof else rep.logits(choice.module(), rep.val)  # log-probabilities
         # one more temperature, on the ensemble's output (the members were calibrated one by one before averaging)
@@ -124,7 +127,7 @@ def export(args) -> int:
         decision["fitted_on"] = (f"out-of-fold predictions of the {len(state['folds'])} fold models ({len(val_labels)} "
                                  "development images)" if "oof" in state
                                  else f"the validation split ({len(val_labels)} images)")
-        module = save_model(rep.model, architecture(rep), out)
+        save_model(rep.model, architecture(rep), out)
         if choice is None:
             (out / ENSEMBLE).unlink(missing_ok=True)
         else:
@@ -183,8 +186,11 @@ def export(args) -> int:
         record_on_search(client, parent.info.run_id, choice)
         publish(ResilientClient(client.tracking_uri), parent.info.run_id, report=False)
     if args.register:
-        version = model_registry.register(out, module, client.tracking_uri, trial, metrics["search"], args.register, metrics)
-        print(f"registered: {args.register} version {version} (MLflow Model Registry at {client.tracking_uri})")
+        version = model_registry.register(out, prep, client.tracking_uri, trial, metrics["search"], args.register,
+                                          metrics, args.alias)
+        print(f"registered: {args.register} version {version}, alias {args.alias} (MLflow Model Registry at "
+              f"{client.tracking_uri}); serve it with: mlflow models serve -m 'models:/{args.register}@{args.alias}' "
+              "--env-manager local")
     return 0
 
 

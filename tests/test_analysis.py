@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -232,33 +231,6 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
     assert len(seen) == 1 and np.array_equal(seen[0], real.dev.labels[val_index])
     # ...but the threshold and the temperature did not move at all
     assert json.loads((tmp_path / "decision.json").read_text()) == json.loads((exported[0] / "decision.json").read_text())
-
-
-@pytest.fixture
-def process_tracking_uri_restored():
-    """--register sets MLflow's process-wide tracking URI, and with it MLFLOW_TRACKING_URI, which every later
-    child process would inherit (a resume elsewhere would be refused for logging to another store)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(before)
-
-
-@integration
-def test_register_puts_a_model_version_in_the_registry(search, tmp_path, process_tracking_uri_restored):
-    code, stdout, stderr = run_main(export, "--search", search.parent.info.run_id, "--tracking-uri", search.uri,
-                                    "--out", tmp_path, "--n-resamples", 20, "--target-sensitivity", "0.95",
-                                    "--register", "pneumonia-cnn")
-    assert code == 0, stdout + stderr
-    versions = search.client.search_model_versions("name='pneumonia-cnn'")
-    assert len(versions) == 1 and versions[0].run_id == search.winner.info.run_id
-    assert versions[0].tags["medtune.search"] == search.name
-    mlflow.set_tracking_uri(search.uri)
-    module = mlflow.pytorch.load_model("models:/pneumonia-cnn/1")
-    example = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.equal(module(example), load_model(tmp_path)(example))
-    decision = json.loads((tmp_path / "decision.json").read_text())
-    assert "sensitivity >= 0.95" in decision["threshold_rule"]
 
 
 # --- user errors: one line, exit 2 -------------------------------------------------------------------
