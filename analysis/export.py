@@ -1,4 +1,4 @@
-"""Export the winner of a search: weights, TorchScript, preprocessing, threshold, temperature, model card.
+"""Export the winner of a search: weights, TorchScript, ONNX, preprocessing, threshold, temperature, model card.
 
     python -m analysis.export --search smoke-20261121-101500 --out exported/
     python -m analysis.export --search NAME --out DIR --target-sensitivity 0.95 --register pneumonia-cnn
@@ -23,7 +23,8 @@ chosen on out-of-fold predictions, its threshold fitted on them (analysis.ensemb
 
 This module is the command's flow only. What is fitted and scored: analysis.scoring; the folder's files:
 analysis.model_files; the replay checks: analysis.reproduction; the card's text: analysis.model_card;
---register: analysis.model_registry.
+--register: analysis.model_registry; model.onnx and its check against the PyTorch model on validation (with the
+`export` extra installed; a file that does not match fails the export): analysis.onnx_model.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from analysis.ensemble_model import ENSEMBLE, MEMBERS
 from analysis.handover import DEFAULT_MEMBERS, RULES, choose_handover, record_on_search
 from analysis.model_card import model_card
 from analysis.model_files import FILES, architecture, preprocessing, save_ensemble, save_model, write_manifest
+from analysis.onnx_model import ONNX_FILE, export_onnx, onnx_text
 from analysis.predict import FORMAT, load_model
 from analysis.replay import replay
 from analysis.reproduction import change_text, precision_change, reproduction, reproduction_text
@@ -63,7 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder to write (created; existing export files are replaced)")
     parser.add_argument("--target-sensitivity", type=float,
                         help="binary tasks: pick the threshold reaching this validation sensitivity (default: Youden's J)")
-    parser.add_argument("--register", metavar="MODEL_NAME", help="also register the model in the MLflow Model Registry")
+    parser.add_argument("--register", metavar="MODEL_NAME",
+                        help="also register the served model (MLflow pyfunc: image bytes in) in the Model Registry")
+    parser.add_argument("--alias", default=model_registry.ALIAS,
+                        help=f"the registry alias the new version gets (default {model_registry.ALIAS})")
     parser.add_argument("--data-root", help="where the dataset lives now (default: the trial's data_root)")
     parser.add_argument("--checkpoint", help="the trial's checkpoint dir, when it moved from its logged location")
     parser.add_argument("--n-resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples for the CIs")
@@ -109,7 +114,7 @@ def export(args) -> int:
     prep = preprocessing(state, rep, out)
     (out / "preprocessing.json").write_text(json.dumps(prep, indent=2))  # load_model reads it for an ensemble
     if choice is not None and choice.network == "ensemble":
-        module = save_ensemble(choice, out)
+        save_ensemble(choice, out)
         oof = choice.threshold_data()  # a cross-validated winner's fold models: out-of-fold, not a shared split
         val_logits, val_labels = oof[:2] if oof else rep.logits(choice.module(), rep.val)  # log-probabilities
         # one more temperature, on the ensemble's output (the members were calibrated one by one before averaging)
@@ -125,7 +130,7 @@ def export(args) -> int:
         decision["fitted_on"] = (f"out-of-fold predictions of the {len(state['folds'])} fold models ({len(val_labels)} "
                                  "development images)" if "oof" in state
                                  else f"the validation split ({len(val_labels)} images)")
-        module = save_model(rep.model, architecture(rep), out)
+        save_model(rep.model, architecture(rep), out)
         if choice is None:
             (out / ENSEMBLE).unlink(missing_ok=True)
         else:
@@ -143,6 +148,9 @@ def export(args) -> int:
         trial_logits, _ = rep.trial_logits(rep.test)
     replayed = classification_metrics(task, scored["labels"], probabilities(task, trial_logits), names)
 
+    # model.onnx: the shipped network with its calibration, checked against it on validation (skipped without the extra)
+    onnx = export_onnx(shipped, prep, decision, out, rep.val, rep.normalization)
+
     key, _ = runs.selection(parent, space)
     logged = trial.data.metrics
     metrics = {
@@ -157,6 +165,7 @@ def export(args) -> int:
         "calibration": {"val": scoring.calibration_report(val_logits, val_labels, task, decision["temperature"]),
                         "test": scoring.calibration_report(scored["logits"], scored["labels"], task, decision["temperature"])},
         "bootstrap": {"n_resamples": args.n_resamples, "confidence": 0.95, "method": "percentile", "seed": args.seed},
+        "onnx": onnx,
         # reported, never used to choose: per subgroup (analysis.subgroups) and under corruptions (analysis.robustness)
         "subgroups": subgroup_report(task, names, scored["labels"], calibrated(scored["logits"], task, decision["temperature"]),
                                      decision["threshold"], rep.test.attributes, args.n_resamples, args.seed,
@@ -179,12 +188,19 @@ def export(args) -> int:
               f"{', '.join(mismatch)} (different data or a different checkpoint?); see {out}/metrics.json"
               + ("; not registered" if args.register else ""), file=sys.stderr)
         return 1
+    if not onnx.get("ok", True):  # skipped (no extra) is fine; written but wrong, or not writable, is not
+        print(f"error: {ONNX_FILE} {onnx_text(onnx)}; the PyTorch files in {out}/ are complete, see metrics.json"
+              + ("; not registered" if args.register else ""), file=sys.stderr)
+        return 1
     if choice is not None:  # the search's description shows what was handed over, members and weights
         record_on_search(client, parent.info.run_id, choice)
         publish(ResilientClient(client.tracking_uri), parent.info.run_id, report=False)
     if args.register:
-        version = model_registry.register(out, module, client.tracking_uri, trial, metrics["search"], args.register, metrics)
-        print(f"registered: {args.register} version {version} (MLflow Model Registry at {client.tracking_uri})")
+        version = model_registry.register(out, prep, client.tracking_uri, trial, metrics["search"], args.register,
+                                          metrics, args.alias)
+        print(f"registered: {args.register} version {version}, alias {args.alias} (MLflow Model Registry at "
+              f"{client.tracking_uri}); serve it with: mlflow models serve -m 'models:/{args.register}@{args.alias}' "
+              "--env-manager local")
     return 0
 
 
@@ -208,6 +224,8 @@ def print_summary(out: Path, metrics: dict, decision: dict) -> None:
         print(figures_line(ensemble["test_after_choice"], ensemble["variant"]))
     files = FILES if ensemble is None else (*FILES, ENSEMBLE) if ensemble["network"] == "single" else \
         (ENSEMBLE, f"{MEMBERS}/", *FILES[2:])
+    print(f"{ONNX_FILE}: {onnx_text(metrics['onnx'])}")
+    files = (*files, *metrics["onnx"].get("files", []))
     print(f"wrote {out}/ ({', '.join(files)}) in {metrics['export_seconds']:.1f}s")
 
 

@@ -6,8 +6,11 @@ them, so the card cannot say something the files do not.
 
 from __future__ import annotations
 
+import textwrap
+
 from analysis.bootstrap import format_ci
 from analysis.calibration import ECE_BINS
+from analysis.onnx_model import ONNX_FILE, onnx_text
 from analysis.reproduction import change_text, reproduction_text
 from analysis.robustness import card_section as robustness_section
 from analysis.subgroups import card_section as subgroup_section
@@ -53,6 +56,23 @@ def _scaled_text(decision: dict) -> str:
 
 def _mean_image_file(prep: dict) -> str:
     return f", `{prep['mean_image']}` (the per-pixel mean)" if "mean_image" in prep else ""
+
+
+def _onnx_text(metrics: dict) -> str:
+    """The Files section's paragraph on model.onnx: what it computes and how closely it matches the PyTorch model."""
+    record = metrics.get("onnx")
+    if record is None:  # metrics.json from before model.onnx
+        return ""
+    if "max_abs_difference" not in record:
+        return f"`{ONNX_FILE}`: {onnx_text(record)}.\n"
+    return textwrap.fill(
+        f"`{ONNX_FILE}` (ONNX opset {record['opset']}, files {', '.join(f'`{f}`' for f in record['files'])}; "
+        f"{record['exporter']}) is the whole network with its calibration: {record['input']} -> {record['output']}; "
+        f"the threshold is applied outside, as above. Checked with {record['runtime']}: it {onnx_text(record)}. The "
+        "tolerance is float32 rounding with room to spare; a real translation error (a temperature, member or flip "
+        "lost) moves probabilities by far more. A label differs only where a probability lies within the tolerance of "
+        "the threshold; the threshold is itself one of the validation probabilities, so the image that set it may "
+        "flip.", width=115) + "\n"
 
 
 def _values(values: list) -> str:
@@ -164,7 +184,10 @@ error ({ECE_BINS} equal-width bins, top label):
 float32 state dict), `model.ts` (the same network as TorchScript, for other runtimes: normalised float32
 (N, C, H, W) -> logits), `preprocessing.json`{_mean_image_file(prep)}, `decision.json` (temperature, threshold),
 `config.json` (the trial config), `metrics.json` (every number above), `robustness.png` (the plot above).
-Predict: `python -m analysis.predict --model <this folder> IMAGE...`.
+
+{_onnx_text(metrics)}
+Predict: `python -m analysis.predict --model <this folder> IMAGE...` (PNG, JPEG or DICOM files; `--runtime onnx` runs
+`model.onnx` in onnxruntime).
 """
 
 

@@ -2,12 +2,15 @@
 
     python -m analysis.predict --model exported/ chest1.jpeg chest2.png
     python -m analysis.predict --model exported/ --batch-size 256 scans/*.png
+    python -m analysis.predict --model exported/ --runtime onnx study/*.dcm
 
-One line per image: path, predicted label, then the calibrated probability of every class. The image
-goes through the preprocessing the model was trained with (preprocessing.json: mode, size, bilinear
-resize, mean/std), then the model, temperature scaling and the validation-chosen threshold. Files are read
-and classified `--batch-size` at a time and each batch is printed before the next is read, so a folder of
-any size needs the memory of one batch.
+One line per image: path, predicted label, then the calibrated probability of every class. The image (PNG, JPEG,
+... or DICOM, told apart by content: analysis.image_files) goes through the preprocessing the model was trained with
+(preprocessing.json: mode, size, bilinear resize, mean/std), then the model, temperature scaling and the
+validation-chosen threshold. `--runtime onnx` runs model.onnx in onnxruntime instead (analysis.onnx_model; the
+temperature is inside it), with the same preprocessing and threshold. Files are read and
+classified `--batch-size` at a time and each batch is printed before the next is read, so a folder of any size
+needs the memory of one batch.
 
 Loading executes nothing from the folder: the model is built by medtune's own registry from its name and
 constructor arguments (model.json), and the weights are plain tensors (model.safetensors). The folder's
@@ -32,8 +35,9 @@ from safetensors.torch import load_file
 
 from analysis import runs
 from analysis.ensemble_model import load_ensemble, read_manifest
+from analysis.image_files import read_image
+from analysis.onnx_model import OnnxModel
 from analysis.preprocessing import exported_normalization
-from trainables.data.image_cache import READ_ERRORS, decode_image
 from trainables.errors import UserError
 from trainables.models import create_model
 from trainables.training.metrics import probabilities
@@ -41,6 +45,7 @@ from trainables.training.metrics import probabilities
 FORMAT = "medtune-export-v2"  # v2: the model is model.json + model.safetensors (v1 shipped TorchScript only)
 ARCHITECTURE, WEIGHTS, TORCHSCRIPT = "model.json", "model.safetensors", "model.ts"
 BATCH_SIZE = 64  # images per forward pass: a few MB of input at 224 px, and fast on a CPU
+RUNTIMES = ("torch", "onnx")
 
 
 class Architecture(BaseModel):
@@ -67,7 +72,10 @@ class Architecture(BaseModel):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Predict the class of image files with an exported medtune model.")
     parser.add_argument("--model", required=True, help="folder written by `python -m analysis.export`")
-    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM, ...)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                        help="torch (default): model.json + model.safetensors; onnx: model.onnx in onnxruntime "
+                             "(needs pip install -e '.[export]')")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"images read and classified at a time (default {BATCH_SIZE})")
@@ -100,9 +108,10 @@ def load_model(folder: str | Path) -> torch.nn.Module:
 
 
 class ExportedModel:
-    """An export folder: model.json + model.safetensors + preprocessing.json + decision.json."""
+    """An export folder: model.json + model.safetensors (or model.onnx, `runtime="onnx"`) + preprocessing.json +
+    decision.json."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, runtime: str = "torch"):
         folder = Path(folder)
         try:
             self.prep = json.loads((folder / "preprocessing.json").read_text())
@@ -113,16 +122,16 @@ class ExportedModel:
         if self.prep.get("format") != FORMAT:
             raise UserError(f"{folder}/preprocessing.json is not from this version of analysis.export (format "
                             f"{FORMAT} expected, found {self.prep.get('format')!r}); export the model again")
-        self.model = load_model(folder)
+        if runtime not in RUNTIMES:
+            raise UserError(f"Unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+        self.model = load_model(folder) if runtime == "torch" else None
+        self.onnx = OnnxModel(folder) if runtime == "onnx" else None
         self.normalization = exported_normalization(folder, self.prep)
 
-    def tensor(self, path: str | Path) -> torch.Tensor:
-        """One image file -> normalised float (C, H, W), exactly as the training images were prepared."""
-        try:
-            pixels = decode_image(path, int(self.prep["image_size"]), self.prep["mode"])
-        except READ_ERRORS as error:
-            raise UserError(f"Cannot read image {path} ({type(error).__name__}: {str(error)[:120]}); "
-                            "pass a readable image file (PNG, JPEG, ...)") from error
+    def tensor(self, path: str | Path | bytes) -> torch.Tensor:
+        """One image file (a path, or its bytes) -> normalised float (C, H, W), exactly as the training images were
+        prepared."""
+        pixels = read_image(path, int(self.prep["image_size"]), self.prep["mode"])
         return self.normalization(torch.from_numpy(np.array(pixels)).permute(2, 0, 1))
 
     def predict(self, paths: Sequence, batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, list]:
@@ -144,9 +153,12 @@ class ExportedModel:
     def predict_batch(self, paths: Sequence) -> tuple[np.ndarray, list]:
         """One forward pass over `paths`: (calibrated probabilities (N, K), predicted label per image)."""
         batch = torch.stack([self.tensor(p) for p in paths])
-        logits = self.model(batch).float().numpy().astype(np.float64)
         task, names = self.prep["task"], self.prep["class_names"]
-        probs = probabilities(task, logits / float(self.decision["temperature"]))
+        if self.onnx is not None:  # the temperature is inside model.onnx
+            probs = self.onnx(batch.numpy()).astype(np.float64)
+        else:
+            logits = self.model(batch).float().numpy().astype(np.float64)
+            probs = probabilities(task, logits / float(self.decision["temperature"]))
         if task == "multilabel":
             labels = ["+".join(n for n, p in zip(names, row) if p >= 0.5) or "(none)" for row in probs]
         elif task == "binary" and self.decision.get("threshold") is not None:
@@ -157,7 +169,7 @@ class ExportedModel:
 
 
 def predict(args) -> int:
-    model = ExportedModel(args.model)
+    model = ExportedModel(args.model, args.runtime)
     names = model.prep["class_names"]
     for paths, probs, labels in model.batches(args.images, args.batch_size):
         for path, label, row in zip(paths, labels, probs):

@@ -35,10 +35,13 @@ def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
         # Keeping one checkpoint makes Ray snapshot its small experiment state at every checkpoint (so a
         # restore never points at a deleted one), and warn about it each time: the snapshot is wanted.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # No --address and no RAY_ADDRESS: a Ray of our own. Ray's own default (address None) would join the last
+    # cluster anyone started on this machine (/tmp/ray/ray_current_cluster), e.g. another user's `ray start`.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray switches token auth on by itself only for "auto"
     try:
-        ray.init(address=address, include_dashboard=False, dashboard_host="127.0.0.1",
+        ray.init(address=address or "local", include_dashboard=False, dashboard_host="127.0.0.1",
                  log_to_driver=debug, logging_level="ERROR" if not debug else "INFO")
     except ConnectionError as error:
         if address is None:

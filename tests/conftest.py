@@ -87,6 +87,21 @@ def toy():
     return toy_dataset
 
 
+def hide_the_export_extra(monkeypatch) -> None:
+    """Make the ONNX packages of the `export` extra (onnxscript, onnxruntime) look uninstalled, as after
+    `pip install -e .`: the export then skips model.onnx (and its cost, 1-15 s) and says so."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in ("onnxscript", "onnxruntime")
+                        else real(name, *args))
+
+
+@pytest.fixture
+def without_the_export_extra(monkeypatch):
+    hide_the_export_extra(monkeypatch)
+
+
 # --- slow work started together: the real searches and servers -------------------------------------------
 
 BACKGROUND: dict[str, Callable] = {}  # fixture name -> its work, registered by `background_job`

@@ -12,14 +12,13 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import real_data, toy_dataset
+from conftest import hide_the_export_extra, real_data, toy_dataset
 from PIL import Image
 from scipy import stats
 from sklearn.metrics import roc_auc_score
@@ -156,6 +155,10 @@ def test_export_writes_weights_architecture_preprocessing_decision_and_card(sear
     weights = load_file(out / "model.safetensors")
     assert weights and all(t.dtype == torch.float32 for t in weights.values())
     assert "reproduces the logged test metrics" in stdout and "MISMATCH" not in stdout
+    onnx = json.loads((out / "metrics.json").read_text())["onnx"]  # model.onnx matches on the validation split
+    assert onnx["ok"] and onnx["files"] == ["model.onnx"] and onnx["images"] == len(val_index)
+    assert f"`model.onnx` (ONNX opset {onnx['opset']}, files `model.onnx`;" in card
+    assert "model.onnx: matches the PyTorch model on the validation split" in stdout
 
 
 @integration
@@ -230,33 +233,6 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
     assert json.loads((tmp_path / "decision.json").read_text()) == json.loads((exported[0] / "decision.json").read_text())
 
 
-@pytest.fixture
-def process_tracking_uri_restored():
-    """--register sets MLflow's process-wide tracking URI, and with it MLFLOW_TRACKING_URI, which every later
-    child process would inherit (a resume elsewhere would be refused for logging to another store)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    mlflow.set_tracking_uri(before)
-
-
-@integration
-def test_register_puts_a_model_version_in_the_registry(search, tmp_path, process_tracking_uri_restored):
-    code, stdout, stderr = run_main(export, "--search", search.parent.info.run_id, "--tracking-uri", search.uri,
-                                    "--out", tmp_path, "--n-resamples", 20, "--target-sensitivity", "0.95",
-                                    "--register", "pneumonia-cnn")
-    assert code == 0, stdout + stderr
-    versions = search.client.search_model_versions("name='pneumonia-cnn'")
-    assert len(versions) == 1 and versions[0].run_id == search.winner.info.run_id
-    assert versions[0].tags["medtune.search"] == search.name
-    mlflow.set_tracking_uri(search.uri)
-    module = mlflow.pytorch.load_model("models:/pneumonia-cnn/1")
-    example = torch.randn(2, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.equal(module(example), load_model(tmp_path)(example))
-    decision = json.loads((tmp_path / "decision.json").read_text())
-    assert "sensitivity >= 0.95" in decision["threshold_rule"]
-
-
 # --- user errors: one line, exit 2 -------------------------------------------------------------------
 
 @integration
@@ -313,6 +289,35 @@ def test_predict_prints_label_and_probabilities_for_kermany_jpegs(exported, tmp_
     (tmp_path / "broken.jpeg").write_bytes(b"\xff\xd8 not really a jpeg")
     code, stdout, stderr = run_main(predict, "--model", out, str(images[0]), str(tmp_path / "broken.jpeg"))
     assert code == 2 and stdout == "" and stderr.count("\n") == 1 and "broken.jpeg" in stderr
+
+
+@integration
+def test_predict_classifies_a_real_png_and_its_dicom_alike_and_runtime_onnx_gives_the_same_labels(exported, tmp_path):
+    """A Kermany X-ray as an 8-bit PNG and as an 8-bit MONOCHROME2 DICOM of the same pixels: the same probabilities;
+    onnxruntime (model.onnx) gives the labels and, within the stated tolerance, the probabilities of PyTorch (~3 s)."""
+    from test_image_files import dicom
+
+    out, _ = exported
+    sources = sorted(real_data("chest_xray/test/NORMAL").glob("*.jpeg"))[:2] + \
+        sorted(real_data("chest_xray/test/PNEUMONIA").glob("*.jpeg"))[:2]
+    pngs, dicoms = [], []
+    for index, source in enumerate(sources):
+        pixels = np.asarray(Image.open(source).convert("L"))
+        pngs.append(tmp_path / f"{index}.png")
+        Image.fromarray(pixels).save(pngs[-1])
+        dicoms.append(dicom(tmp_path / f"{index}.dcm", pixels))
+    outputs = {}
+    for key, argv in {"png": pngs, "dicom": dicoms, "onnx": ["--runtime", "onnx", *pngs, *dicoms]}.items():
+        code, stdout, stderr = run_main(predict, "--model", out, "--json", *argv)
+        assert code == 0, stderr
+        outputs[key] = [json.loads(line) for line in stdout.splitlines()]
+    assert [row["probabilities"] for row in outputs["dicom"]] == [row["probabilities"] for row in outputs["png"]]
+    torch_rows = outputs["png"] + outputs["dicom"]
+    assert [row["label"] for row in outputs["onnx"]] == [row["label"] for row in torch_rows]
+    assert len({row["label"] for row in torch_rows}) == 2  # both classes among the answers: the labels can differ
+    tolerance = json.loads((out / "metrics.json").read_text())["onnx"]["tolerance"]
+    assert max(abs(row["probabilities"][n] - twin["probabilities"][n]) for row, twin in zip(outputs["onnx"], torch_rows)
+               for n in row["probabilities"]) <= tolerance
 
 
 # --- best and report ---------------------------------------------------------------------------------
@@ -388,7 +393,11 @@ def write_pngs(images: np.ndarray, folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize(("task", "normalize"), [("multiclass", "dataset"), ("multilabel", "mean_image")])
 def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize, tmp_path, monkeypatch, toy_store):
-    """Both also carry a normalisation other than [-1, 1] through export to predict (per channel, per pixel)."""
+    """Both also carry a normalisation other than [-1, 1] through export to predict (per channel, per pixel). The
+    multi-label export writes and checks model.onnx (sigmoid per label, a per-pixel mean); the multi-class one runs
+    without the ONNX packages (tests/test_onnx.py covers softmax), which saves the suite ~2 s."""
+    if task == "multiclass":
+        hide_the_export_extra(monkeypatch)
     toy = toy_winner(tmp_path, monkeypatch, task, toy_store, {"normalize": normalize})
     out = tmp_path / "export"
     code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
@@ -420,6 +429,7 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
     # the card names the winner's searched values, its variant (the architecture) included
     assert metrics["searched"] == {"lr": TOY["lr"], "variant": "small_cnn"}
     assert f"Searched values: lr={TOY['lr']}, variant=small_cnn." in (out / "model_card.md").read_text()
+    assert metrics["onnx"]["ok"] if task == "multilabel" else "skipped" in metrics["onnx"]
 
     # predict on PNG files of test images: the exported model's calibrated probabilities and labels
     images = toy.data.test.images[:6]
@@ -449,10 +459,12 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
 
 
 def test_a_frozen_backbone_checkpoint_from_before_frozen_batchnorm_exports_and_loads_strictly(tmp_path, monkeypatch,
-                                                                                                toy_store):
+                                                                                                toy_store,
+                                                                                                without_the_export_extra):
     """freeze_backbone now freezes BatchNorm as FrozenBatchNorm2d (no num_batches_tracked). A trial checkpoint with
     BatchNorm's keys, as written before, replays and exports exactly, and predict loads the export strictly into
-    the plain network it builds (~15 s)."""
+    the plain network it builds (~15 s; without the ONNX packages, whose ResNet-18 export is not this test's
+    business and would add ~5 s)."""
     toy = toy_winner(tmp_path, monkeypatch, "binary", toy_store, {"model": "resnet18", "freeze_backbone": True, "epochs": 1})
     old = {key: {**weights, **{name.replace("running_mean", "num_batches_tracked"): torch.tensor(7)
                                for name in weights if name.endswith("running_mean")}}
@@ -472,9 +484,11 @@ def test_a_frozen_backbone_checkpoint_from_before_frozen_batchnorm_exports_and_l
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the replay of a GPU trial where no GPU is visible")
-def test_a_gpu_bf16_trial_exports_on_a_cpu_within_the_stated_tolerance(tmp_path, monkeypatch, toy_store):
+def test_a_gpu_bf16_trial_exports_on_a_cpu_within_the_stated_tolerance(tmp_path, monkeypatch, toy_store,
+                                                                       without_the_export_extra):
     """A checkpoint that says cuda + bf16, exported on a machine without a GPU: replayed in CPU bf16 autocast,
-    compared within the stated tolerance (not exactly), and the export goes through."""
+    compared within the stated tolerance (not exactly), and the export goes through (model.onnx left out: not
+    this test's business)."""
     toy = toy_winner(tmp_path, monkeypatch, "multiclass", toy_store, device="cuda", precision="bf16")
     code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", tmp_path / "out",
                                     "--n-resamples", 20)

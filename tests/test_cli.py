@@ -235,3 +235,29 @@ def test_missing_data_is_named_with_the_fix(capsys, in_tmp):
                          "--image-size", "64")
     assert code == 2 and err.count("\n") == 1 and "breastmnist_64.npz is not in" in err
     assert_nothing_written(in_tmp)
+
+
+# --- which Ray -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("flag", "environment", "expected"), [
+    (None, None, "local"), ("auto", None, "auto"), (None, "ray://head:10001", "ray://head:10001")])
+def test_a_search_starts_its_own_ray_unless_told_to_join_one(monkeypatch, flag, environment, expected):
+    # Ray's default (address None) joins the last cluster anyone started on the machine (`ray start`).
+    import ray
+
+    from search_spaces.tuner import start_ray
+
+    asked = []
+
+    def init(address, **kwargs):  # records where it would connect, then stops before a Ray starts
+        asked.append(address)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(ray, "init", init)
+    if environment:
+        monkeypatch.setenv("RAY_ADDRESS", environment)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises((ConnectionError, tune.UserError)):
+        start_ray(flag, None, debug=False)
+    assert asked == [expected]

@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import toy_dataset
+from conftest import hide_the_export_extra, toy_dataset
 from sklearn.metrics import roc_auc_score
 from test_analysis import TOY, log_search, run_main, write_pngs
 
@@ -128,9 +128,10 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
     card = (out / "model_card.md").read_text()
     assert f"is divided by T = {decision['temperature']:.4f}, fitted on\nthe validation split" in card
     # analysis.predict on PNG files: the ensemble is loaded transparently (its own preprocessing, mean image)
-    code, stdout, stderr = run_main(predict, "--model", out, "--json", *write_pngs(test.images[:8], search.tmp / "png"))
+    pngs = write_pngs(test.images[:8], search.tmp / "png")
+    code, stdout_png, stderr = run_main(predict, "--model", out, "--json", *pngs)
     assert code == 0, stderr
-    predicted = [[json.loads(line)["probabilities"][n] for n in search.data.class_names] for line in stdout.splitlines()]
+    predicted = [[json.loads(line)["probabilities"][n] for n in search.data.class_names] for line in stdout_png.splitlines()]
     assert np.allclose(predicted, calibrated(np.log(expected[:8]), "binary", decision["temperature"]), atol=1e-6)
     inputs = replay(search.states["trial_a"]).normalization(torch.from_numpy(test.images).permute(0, 3, 1, 2))
     with torch.no_grad():
@@ -140,6 +141,17 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
     assert metrics["test"]["argmax"]["auc"]["value"] == pytest.approx(roc_auc_score(test.labels, expected[:, 1]), abs=1e-6)
     assert metrics["reproduced"]["ok"]  # the winner alone still reproduces its logged test metrics
     assert "ensemble+tta" in (out / "model_card.md").read_text()
+    # model.onnx is the whole ensemble (members, their temperatures, the flip, then the ensemble's own temperature):
+    # onnxruntime's calibrated probabilities are the members' replayed ones, and predict --runtime onnx agrees
+    assert metrics["onnx"]["ok"] and metrics["onnx"]["images"] == len(val.labels) and "model.onnx: matches" in stdout
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probs = session.run(None, {"input": inputs.numpy()})[0]
+    assert np.abs(onnx_probs - calibrated(np.log(expected), "binary", decision["temperature"])).max() <= 1e-4
+    code, onnx_stdout, stderr = run_main(predict, "--model", out, "--json", "--runtime", "onnx", *pngs)
+    assert code == 0, stderr
+    assert [json.loads(line)["label"] for line in onnx_stdout.splitlines()] == [json.loads(line)["label"]
+                                                                                for line in stdout_png.splitlines()]
 
 
 def test_the_choice_never_reads_the_test_split(search, monkeypatch):
@@ -227,11 +239,21 @@ def exported_probabilities(out, search) -> np.ndarray:
 
 
 def test_a_selection_of_one_member_exports_the_single_model(search, monkeypatch):
-    alone = search.tmp / "alone"
-    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", search.tmp / "one",
+    """Also: the first export runs as after `pip install -e .` (no export extra): one line names the fix, an earlier
+    model.onnx is gone, the rest is written."""
+    alone, one = search.tmp / "alone", search.tmp / "one"
+    one.mkdir()
+    (one / "model.onnx").write_bytes(b"an earlier export's file")
+    hide_the_export_extra(monkeypatch)
+    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", one,
                                     "--n-resamples", 20, "--ensemble", 1)
+    monkeypatch.undo()
     assert code == 0, stdout + stderr
     assert "chosen: single -- --ensemble 1 asks for the winner alone" in stdout
+    said = "onnxscript, onnxruntime not installed; pip install -e '.[export]' to write model.onnx"
+    assert f"model.onnx: not written ({said})" in stdout.splitlines()
+    assert not (one / "model.onnx").exists() and json.loads((one / "metrics.json").read_text())["onnx"] == {"skipped": said}
+    assert f"`model.onnx`: not written ({said})." in (one / "model_card.md").read_text()
     selection_of(monkeypatch, [1, 0, 0])
     code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", alone,
                                     "--n-resamples", 20)
@@ -274,6 +296,7 @@ def test_selected_weights_sum_to_one_and_the_export_is_the_weighted_mean_of_its_
         assert member["temperature"] == pytest.approx(fit_temperature(*rep.logits(rep.model, rep.val), "binary"),
                                                       rel=1e-3)
     assert "`trial_a` weight 0.75, `trial_c` weight 0.25" in (out / "model_card.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["onnx"]["ok"]  # the weighted network, checked on validation
     client = mlflow.MlflowClient(search.uri)
     parent = analysis.runs.get_search(client, "ens")
     note = parent.data.tags["mlflow.note.content"]

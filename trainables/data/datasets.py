@@ -1,15 +1,15 @@
 """Datasets by name, as uint8 arrays with a fixed test split: the one place to load any kind from.
 
 `load_dataset("pneumoniamnist", image_size=28)` returns a `Dataset`; `kind:PATH` names the file-based kinds
-(`imagefolder:`, `nih_chestxray14:`, `csv:`). The types and the registry live in `dataset_registry`, each kind
-in its own module (`medmnist_datasets`, `folder_datasets`), which register themselves when imported here.
+(`imagefolder:`, `nih_chestxray14:`, `chexpert:`, `csv:`). The types and the registry live in `dataset_registry`, each kind
+in its own module (`medmnist_files`, `folder_datasets`, `chexpert`), which register themselves when imported here.
 """
 
 from __future__ import annotations
 
 import functools
 
-from trainables.data import folder_datasets  # noqa: F401  (registers imagefolder:, nih_chestxray14:, csv:)
+from trainables.data import chexpert, folder_datasets  # noqa: F401  (register chexpert:, imagefolder:, nih_chestxray14:, csv:)
 from trainables.data.medmnist_files import MEDMNIST_SIZES, load_medmnist, medmnist_file
 from trainables.data.registry import (
     TASKS,

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from filelock import FileLock
@@ -71,11 +72,17 @@ class CachedImages:
         return np.flatnonzero(keep)
 
 
-def decode_image(path: str | os.PathLike, image_size: int, mode: str) -> np.ndarray:
-    """One file -> (S, S, C) uint8 in `mode` ("L" or "RGB"); PIL errors propagate to the caller."""
+def decode_image(path: str | os.PathLike | BinaryIO, image_size: int, mode: str) -> np.ndarray:
+    """One file (or open binary stream) -> (S, S, C) uint8 in `mode` ("L" or "RGB"); PIL errors propagate."""
     with Image.open(path) as image:
         image.draft(mode, (image_size, image_size))  # JPEG only: decode at 1/2, 1/4, 1/8 scale when big enough
-        image = _to_mode(image, mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return sized_array(image, image_size, mode)
+
+
+def sized_array(image: Image.Image, image_size: int, mode: str) -> np.ndarray:
+    """A decoded image -> (S, S, C) uint8 in `mode`: the conversion and resize every cached image had (also for
+    pixels that reach PIL another way, e.g. a DICOM file's, in analysis.image_files)."""
+    image = _to_mode(image, mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if array.ndim == 2 else array
 
