@@ -56,6 +56,7 @@ def test_valid_csv_is_the_fixed_test_split_and_no_patient_is_on_both_sides(downl
     assert not set(data.dev.groups) & set(data.test.groups)
     assert all("/valid/" in f for f in data.test_files) and all("frontal" in f for f in data.dev_files)
     assert data.dev.images.shape[1:] == (32, 32, 1)
+    assert {k: set(v.tolist()) for k, v in data.test.attributes.items()} == {"sex": {"Female"}, "age": {60.0}, "view": {"AP"}}
     wide = load(f"chexpert:{download / 'train.csv'}?view=all", image_size=32)  # a CSV as PATH: its folder
     assert len(wide.dev) == 2 * TRAIN_PATIENTS and len(wide.test) == 2 * TEST_PATIENTS
 

@@ -1,6 +1,7 @@
 """Per-image attributes (sex, age, view, ...) that subgroup reports split the test split by, read from a dataset's
-own table by its loader: NIH's `Patient Gender` / `Patient Age` / `View Position` as `sex` / `age` / `view`, and
-the columns a `csv:` spec names with `?subgroups=sex,age`. MedMNIST files carry none.
+own table by its loader: NIH's `Patient Gender` / `Patient Age` / `View Position` and CheXpert's `Sex` / `Age` /
+`AP/PA` as `sex` / `age` / `view`, and the columns a `csv:` spec names with `?subgroups=sex,age`. MedMNIST files
+carry none.
 
 The values are kept as read, with two rules: an age column (named `age`, `Patient Age`, `patient_age`, any case)
 becomes years as float (NaN where missing), from numbers or DICOM age strings (`060Y`, `018M`, `003W`, `010D`:
@@ -21,6 +22,7 @@ from trainables.errors import UserError
 MISSING = "unknown"  # a category attribute's missing cell
 MAX_CATEGORIES = 30  # more distinct values than this is a measurement, not a subgroup: band it first
 NIH_ATTRIBUTES = {"sex": "Patient Gender", "age": "Patient Age", "view": "View Position"}  # name -> NIH column
+CHEXPERT_ATTRIBUTES = {"sex": "Sex", "age": "Age", "view": "AP/PA"}  # name -> CheXpert column (AP/PA: blank on laterals)
 _AGE_STRING = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)  # DICOM AS: nnnD / nnnW / nnnM / nnnY
 _DAYS_PER = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25, "": 365.25}  # a bare number is years
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trainables.data.attributes import CHEXPERT_ATTRIBUTES, read_attributes
 from trainables.data.folder_datasets import FileDataset, _Table, assemble, parse_spec
 from trainables.data.registry import register_dataset
 from trainables.data.splits import SPLIT_VERSION
@@ -105,7 +106,9 @@ def read_chexpert(location: Path, options: dict) -> tuple[tuple[str, ...], _Tabl
         raise UserError(f"chexpert: no patientNNNNN in the path {paths[patients.isna()].iloc[0]!r}; CheXpert's paths "
                         "name the patient, and the splits keep each patient whole")
     files = [_image_path(folder, p) for p in paths]
-    return findings, _Table(files, labels, patients.to_numpy(), table["_test"].to_numpy(), notes=tuple(notes))
+    attributes = read_attributes(table, {k: c for k, c in CHEXPERT_ATTRIBUTES.items() if c in table.columns}, str(folder))
+    return findings, _Table(files, labels, patients.to_numpy(), table["_test"].to_numpy(), notes=tuple(notes),
+                            attributes=attributes)
 
 
 @register_dataset("chexpert")
