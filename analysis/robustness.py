@@ -28,7 +28,7 @@ adjust_contrast / adjust_brightness share); JPEG quality 50-7. Where this depart
   level; grey images are JPEG-encoded as grey (MedMNIST-C encodes RGB, then converts to grey).
 
 Cost: (1 + len(CORRUPTIONS) x 5) forward passes over the test split, 31; a single ResNet-18 (ImageNet stem, 28 px)
-on PneumoniaMNIST's 624 images takes 44 s of CPU time on 2 threads (bench/robustness_cost.py, median of 5), so
+on PneumoniaMNIST's 624 images takes 44-47 s of CPU time on 2 threads (bench/robustness_cost.py, medians of 5), so
 under a minute on 2 free cores; any other model scales with its FLOPs per image (`flops_per_image`, logged per
 trial), with the number of ensemble members and TTA passes, and with the size of the test split.
 """
@@ -51,7 +51,7 @@ from trainables.data.registry import ImageSet
 from trainables.tracking.text import markdown_table
 
 SEVERITIES = (1, 2, 3, 4, 5)
-RESNET18_SECONDS = "44 s of CPU time"  # bench/robustness_cost.py, median of 5: wall <= CPU time on 2 free cores
+RESNET18_SECONDS = "44-47 s of CPU time"  # bench/robustness_cost.py, medians of 5: wall <= CPU time on 2 free cores
 PLOT = "robustness.png"
 METRICS = ("auc", "acc")
 # name -> (parameter at severities 1-5, the parameter that changes nothing: severity 0)
