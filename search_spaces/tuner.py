@@ -61,8 +61,12 @@ def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
     """The function trainable with its data in the object store and its resources attached."""
     from ray import tune
 
+    from trainables.distributed import TUNE_SIDE
     from trainables.ray_trainable import tune_trainable
 
+    if space.workers > 1:  # a data-parallel trial: Ray Train's workers ask for the resources, the trial itself ~none
+        return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants,
+                                                        per_worker={"cpu": space.cpu, "gpu": gpu}), TUNE_SIDE)
     return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants),
                                {"cpu": space.cpu, "gpu": gpu})
 

@@ -47,6 +47,7 @@ from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported
 from trainables.tracking.resilient import ResilientClient, scoped_env
 from trainables.tracking.state import BudgetClock, record_budget
 
+TRAIN_CHECKPOINT_KEY = "checkpoint_path"  # ray.tune.integration.ray_train's result key for a Ray Train checkpoint
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
@@ -199,6 +200,14 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
+def checkpoint_location(checkpoint, last_result: dict | None) -> str | None:
+    """Where a trial's latest checkpoint is: its Tune checkpoint, or for a data-parallel trial (Ray Train keeps
+    it: trainables/distributed.py) the URI its last result names. None: it never saved one."""
+    if checkpoint is not None:
+        return checkpoint_uri(checkpoint)
+    return (last_result or {}).get(TRAIN_CHECKPOINT_KEY) or None
+
+
 # --- what the search's ResilientClient may queue: named operations that find before they create ---------------
 
 def find_trial_run(client: MlflowClient, parent_id: str, trial_id: str, experiment_id: str | None = None):
@@ -320,8 +329,8 @@ class MLflowTrialCallback(Callback):
         """Tag how the trial ended, log its report files and checkpoint URI, and finish its run."""
         run_id = self._run_id(trial)
         tags = [RunTag(TAG_OUTCOME, ended)]
-        if trial.checkpoint is not None:
-            uri = checkpoint_uri(trial.checkpoint)
+        uri = checkpoint_location(trial.checkpoint, trial.last_result)
+        if uri is not None:
             tags.append(RunTag(TAG_CHECKPOINT, uri))
             self.client.call("log_checkpoint_files", run_id, uri)  # read when logged: the folder outlives an outage
         self.client.log_batch(run_id, tags=tags)
