@@ -16,6 +16,7 @@ from search_spaces import SearchSpace
 from search_spaces.searcher import DistinctOptunaSearch
 from trainables.errors import UserError
 from trainables.tracking import mlflow_runs
+from trainables.tracking.names import REPLAYED
 from trainables.tracking.ranking import outcome, reported_failure, selection_key
 from trainables.tracking.text import fmt
 
@@ -200,7 +201,7 @@ class ProgressLines(Callback):
               flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if reported_failure(result):  # not an epoch: the trial's own end (on_trial_complete says it)
+        if reported_failure(result) or result.get(REPLAYED):  # the trial's own end, or an epoch told before
             return
         print(f"[{trial.trial_id}] epoch {result['training_iteration']}/{self.max_t} "
               f"{self.metric}={fmt(result.get(self.metric))} ({result.get('epoch_seconds', 0):.0f}s)", flush=True)

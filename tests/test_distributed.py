@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import background_job, new_mlflow_store, toy_images
 from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler
@@ -108,16 +109,14 @@ def test_cpu_batchnorm_sync_keeps_the_state_dict_and_refuses_what_it_cannot_sync
 TRIAL = {"model": "resnet18", "stem": "imagenet", "image_size": 16, "optimizer": "sgd", "lr": 0.05,
          "batch_size": 32, "drop_rate": 0.0, "sync_batchnorm": True}
 EPOCHS = 3
-SPACE = f"""\
-description: one data-parallel trial
-dataset: imagefolder:{{folder}}
-num_samples: 1
-max_concurrent: 1
-max_failures: 0
-scheduler: {{kind: fifo, max_t: {EPOCHS}}}
-resources: {{workers: 2, cpu: 1, gpu: 0}}
-fixed: {TRIAL}
-"""
+
+
+def space_file(folder: Path) -> str:
+    """One 2-worker trial of TRIAL on the image folder, every epoch trained (no ASHA)."""
+    return yaml.safe_dump({"description": "one data-parallel trial", "dataset": f"imagefolder:{folder}",
+                           "num_samples": 1, "max_concurrent": 1, "max_failures": 0,
+                           "scheduler": {"kind": "fifo", "max_t": EPOCHS},
+                           "resources": {"workers": 2, "cpu": 1, "gpu": 0}, "fixed": TRIAL})
 
 
 def write_toy_folder(root: Path, count: int = 240) -> Path:
@@ -138,7 +137,7 @@ def data_parallel_search(started, tmp: Path) -> SimpleNamespace:
     `--resume`d. Cost: two tune.py starts and Ray Train's 2-worker group twice, 3 epochs of ResNet-18 at 16 px on
     192 images: about 60 s on 2 quiet cores."""
     folder = write_toy_folder(tmp / "images")
-    (tmp / "space.yaml").write_text(SPACE.format(folder=folder))
+    (tmp / "space.yaml").write_text(space_file(folder))
     new_mlflow_store(started, tmp / "mlflow.db")
     env = {**started.env, "MEDTUNE_CACHE_DIR": str(tmp / "cache")}
     common = ["--storage", str(tmp / "results"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--no-report"]
@@ -233,3 +232,21 @@ def test_two_workers_with_sync_batchnorm_repeat_the_one_worker_validation_curve(
         two = [value for _, value in curve(resumed_search.client, run.info.run_id, key)]
         assert len(two) == EPOCHS
         assert np.abs(np.array(two) - [m[key] for m in one]).max() <= tolerance, (key, two, [m[key] for m in one])
+
+
+@pytest.mark.integration
+def test_the_export_ships_a_data_parallel_winner_and_replays_its_test_metrics(resumed_search, capsys):
+    """analysis.export on the search: it reads the winner's checkpoint by its tag, replays it on one CPU process and
+    exits 1 unless the replay reproduces the logged test metrics (README: accuracy exact, AUC to 1e-6 here)."""
+    from analysis import export
+
+    out = resumed_search.tmp / "export"
+    os.environ["MEDTUNE_CACHE_DIR"] = str(resumed_search.tmp / "cache")
+    try:
+        code = export.main(["--search", "ddp", "--tracking-uri", f"sqlite:///{resumed_search.tmp / 'mlflow.db'}",
+                            "--out", str(out), "--n-resamples", "200", "--ensemble", "1"])
+    finally:
+        os.environ.pop("MEDTUNE_CACHE_DIR")
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    assert (out / "model.safetensors").exists() and (out / "model.json").exists()

@@ -18,6 +18,10 @@ the workers' reports to Tune (a Trainer passed to `Tuner` is the deprecated API)
   `time_total_s` from zero. Each report states `training_iteration` (the epoch) and `time_this_iter_s` (the
   trial's training seconds since the last report, plus, once after a restart, those before it, kept in the
   checkpoint), so epoch rungs, seconds rungs and MLflow's steps continue where the trial was.
+- the gap: Ray Train saves a checkpoint before Tune's driver has processed its result, so a search killed in between
+  resumes from an epoch Tune never saw. A restarted trial therefore first reports again every epoch its checkpoint
+  holds (its `history`, flagged `REPLAYED`): ASHA records a rung once, the MLflow callback logs only the steps its
+  run lacks, the progress lines stay quiet.
 - a non-finite loss ends the trial with a failure result, never a retry, as a 1-process trial does.
 - resources: the Tune trial itself asks for TUNE_SIDE (no CPU: it only waits), the workers for `per_worker`
   each (search_spaces.tuner.make_trainable); GPUs: nccl, else gloo on the CPU.
@@ -36,6 +40,7 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from trainables.data.registry import Dataset
+from trainables.tracking.names import REPLAYED
 from trainables.tracking.ranking import failure_result
 from trainables.training.checkpoint import load_checkpoint
 from trainables.training.checkpoint_files import write_epoch_checkpoint
@@ -103,6 +108,14 @@ def train_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             resume = load_checkpoint(directory)
     clock = TrialClock(resume.get(CLOCK_KEY, 0.0) if resume else 0.0)
+    for past in resume["history"] if resume else ():  # every rank: a report is a barrier
+        last = past is resume["history"][-1]
+        ray.train.report({**past, "training_iteration": past["epoch"], REPLAYED: True,
+                          "time_this_iter_s": clock.tell_before() if last else 0.0},
+                         # a run that had finished: its final checkpoint again, so the trial's last result names it
+                         checkpoint=checkpoint if last and resume["final"] and rank == 0 else None)
+    if resume and resume["final"]:  # nothing left to train (its test metrics stay in the checkpoint's files)
+        return
     gan_files: dict[str, bytes] = {}
     for epoch in iterate_epochs(config, dataset, resume, device=device, runner=DataParallelRun):
         total, this_report = clock.lap()
@@ -121,6 +134,11 @@ class TrialClock:
 
     def __init__(self, before: float):
         self.total, self.told, self.last = before, 0.0, time.perf_counter()
+
+    def tell_before(self) -> float:
+        """The seconds before this start, told once (with the last epoch reported again from the checkpoint)."""
+        untold, self.told = self.total - self.told, self.total
+        return untold
 
     def lap(self) -> tuple[float, float]:
         now = time.perf_counter()

@@ -29,6 +29,7 @@ from trainables.tracking.names import (
     EXPERIMENT,
     OOF_PREDICTIONS,
     PARENT,
+    REPLAYED,
     TAG_BEST_RUN,
     TAG_CHECKPOINT,
     TAG_DATASET,
@@ -300,10 +301,23 @@ class MLflowTrialCallback(Callback):
         if reported_failure(result):  # the trial's own end, not an epoch: on_trial_complete records it
             return
         step = int(result.get("training_iteration", 0))
+        if result.get(REPLAYED):  # an epoch a restarted data-parallel trial reports again: log it once
+            if step in self._logged_steps(trial):
+                return
+            result = {key: value for key, value in result.items() if key != REPLAYED}
         params = flat_params({key: result[key] for key in RESULT_PARAMS if key in result}) \
             if trial.trial_id not in self._result_params else []  # once per trial (again after a resume: same value)
         self._result_params.add(trial.trial_id)
         self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step), params=params)
+
+    def _logged_steps(self, trial) -> set[int]:
+        """The epochs the trial's run holds; none while MLflow is away (then a replayed epoch is logged again)."""
+        try:
+            history = self.client.attempt(lambda client, run_id: client.get_metric_history(run_id, "epoch"),
+                                          self._run_id(trial))
+        except Exception:  # noqa: BLE001 (away, or a run still pending: logging twice is the lesser harm)
+            return set()
+        return {metric.step for metric in history}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         failure = reported_failure(trial.last_result)
