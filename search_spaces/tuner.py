@@ -54,8 +54,19 @@ def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
         raise UserError(f"{space.cpu} CPUs per trial but no node has that many; lower --cpus-per-trial")
     if space.gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         print(f"note: no GPU in the Ray cluster; trials run on CPU (asked for {space.gpu} GPU per trial)")
+        check_workers_fit(space, ray.cluster_resources(), gpu=0.0)
         return 0.0
+    check_workers_fit(space, ray.cluster_resources(), gpu=space.gpu)
     return space.gpu
+
+
+def check_workers_fit(space: SearchSpace, cluster: dict, gpu: float) -> None:
+    """A data-parallel trial's workers fit in the cluster together; Ray Train would otherwise wait for them forever."""
+    for kind, each in (("CPU", space.cpu), ("GPU", gpu)):
+        need, have = space.workers * each, cluster.get(kind, 0)
+        if space.workers > 1 and need > have:
+            raise UserError(f"a trial of {space.workers} workers x {each:g} {kind}s needs {need:g} {kind}s, the Ray "
+                            f"cluster has {have:g}; lower resources.workers or resources.{kind.lower()}")
 
 
 def make_trainable(space: SearchSpace, datasets: dict, gpu: float):

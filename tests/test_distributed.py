@@ -67,6 +67,21 @@ def test_workers_come_from_the_space_resources_and_reach_every_trial():
         parse_space({"description": "d", "dataset": "pneumoniamnist", "fixed": {"workers": 2}}, Path("s.yaml"))
 
 
+def test_workers_that_cannot_all_fit_in_the_cluster_are_refused_before_the_search_waits_for_them():
+    from search_spaces.tuner import check_workers_fit
+
+    def space(workers, cpu, gpu=0):
+        return parse_space({"description": "d", "dataset": "pneumoniamnist",
+                            "resources": {"workers": workers, "cpu": cpu, "gpu": gpu}}, Path("s.yaml"))
+
+    check_workers_fit(space(2, 1), {"CPU": 2.0}, gpu=0)  # 2 gloo workers on 2 cores: the Tune side asks no CPU
+    with pytest.raises(UserError, match="4 workers x 1 CPUs needs 4 CPUs, the Ray cluster has 2"):
+        check_workers_fit(space(4, 1), {"CPU": 2.0}, gpu=0)
+    with pytest.raises(UserError, match="4 workers x 1 GPUs needs 4 GPUs.*has 2"):
+        check_workers_fit(space(4, 1, 1), {"CPU": 32.0, "GPU": 2.0}, gpu=1)
+    check_workers_fit(space(4, 1, 1), {"CPU": 32.0}, gpu=0)  # no GPU in the cluster: the workers fall back to CPUs
+
+
 def test_a_trial_outside_ray_refuses_several_workers(toy):
     with pytest.raises(UserError, match="workers 2 needs Ray Train"):
         train({"workers": 2, "model": "simple_cnn"}, toy())
