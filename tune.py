@@ -129,6 +129,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
     from trainables.tracking.mlflow_runs import (
         MLflowTrialCallback,
+        checkpoint_location,
         get_experiment_id,
         numeric_metrics,
         search_client,
@@ -185,8 +186,8 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         if logged:  # the run's description; reports/<name>/report.html
             logged = publish(mlflow, parent_id, report=not args.no_report)
         print(f"\nresults:  {storage}/{name}")
-        if best is not None and best.checkpoint is not None:
-            print(f"best checkpoint: {best.checkpoint.path}")
+        if best is not None and checkpoint_location(best.checkpoint, best.metrics):
+            print(f"best checkpoint: {checkpoint_location(best.checkpoint, best.metrics)}")
         print(f"MLflow:   {tracking_uri} (parent run {parent_id}, best trial run {best_run})")
         print_where(tracking_uri, experiment_id, parent_id)
         if not logged:

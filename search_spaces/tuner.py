@@ -16,6 +16,7 @@ from search_spaces import SearchSpace
 from search_spaces.searcher import DistinctOptunaSearch
 from trainables.errors import UserError
 from trainables.tracking import mlflow_runs
+from trainables.tracking.names import REPLAYED
 from trainables.tracking.ranking import outcome, reported_failure, selection_key
 from trainables.tracking.text import fmt
 
@@ -53,16 +54,31 @@ def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
         raise UserError(f"{space.cpu} CPUs per trial but no node has that many; lower --cpus-per-trial")
     if space.gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         print(f"note: no GPU in the Ray cluster; trials run on CPU (asked for {space.gpu} GPU per trial)")
+        check_workers_fit(space, ray.cluster_resources(), gpu=0.0)
         return 0.0
+    check_workers_fit(space, ray.cluster_resources(), gpu=space.gpu)
     return space.gpu
+
+
+def check_workers_fit(space: SearchSpace, cluster: dict, gpu: float) -> None:
+    """A data-parallel trial's workers fit in the cluster together; Ray Train would otherwise wait for them forever."""
+    for kind, each in (("CPU", space.cpu), ("GPU", gpu)):
+        need, have = space.workers * each, cluster.get(kind, 0)
+        if space.workers > 1 and need > have:
+            raise UserError(f"a trial of {space.workers} workers x {each:g} {kind}s needs {need:g} {kind}s, the Ray "
+                            f"cluster has {have:g}; lower resources.workers or resources.{kind.lower()}")
 
 
 def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
     """The function trainable with its data in the object store and its resources attached."""
     from ray import tune
 
+    from trainables.distributed import TUNE_SIDE
     from trainables.ray_trainable import tune_trainable
 
+    if space.workers > 1:  # a data-parallel trial: Ray Train's workers ask for the resources, the trial itself ~none
+        return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants,
+                                                        per_worker={"cpu": space.cpu, "gpu": gpu}), TUNE_SIDE)
     return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants),
                                {"cpu": space.cpu, "gpu": gpu})
 
@@ -196,7 +212,7 @@ class ProgressLines(Callback):
               flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if reported_failure(result):  # not an epoch: the trial's own end (on_trial_complete says it)
+        if reported_failure(result) or result.get(REPLAYED):  # the trial's own end, or an epoch told before
             return
         print(f"[{trial.trial_id}] epoch {result['training_iteration']}/{self.max_t} "
               f"{self.metric}={fmt(result.get(self.metric))} ({result.get('epoch_seconds', 0):.0f}s)", flush=True)

@@ -29,6 +29,7 @@ from trainables.tracking.names import (
     EXPERIMENT,
     OOF_PREDICTIONS,
     PARENT,
+    REPLAYED,
     TAG_BEST_RUN,
     TAG_CHECKPOINT,
     TAG_DATASET,
@@ -47,6 +48,7 @@ from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported
 from trainables.tracking.resilient import ResilientClient, scoped_env
 from trainables.tracking.state import BudgetClock, record_budget
 
+TRAIN_CHECKPOINT_KEY = "checkpoint_path"  # ray.tune.integration.ray_train's result key for a Ray Train checkpoint
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
@@ -199,6 +201,14 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
+def checkpoint_location(checkpoint, last_result: dict | None) -> str | None:
+    """Where a trial's latest checkpoint is: its Tune checkpoint, or for a data-parallel trial (Ray Train keeps
+    it: trainables/distributed.py) the URI its last result names. None: it never saved one."""
+    if checkpoint is not None:
+        return checkpoint_uri(checkpoint)
+    return (last_result or {}).get(TRAIN_CHECKPOINT_KEY) or None
+
+
 # --- what the search's ResilientClient may queue: named operations that find before they create ---------------
 
 def find_trial_run(client: MlflowClient, parent_id: str, trial_id: str, experiment_id: str | None = None):
@@ -291,10 +301,23 @@ class MLflowTrialCallback(Callback):
         if reported_failure(result):  # the trial's own end, not an epoch: on_trial_complete records it
             return
         step = int(result.get("training_iteration", 0))
+        if result.get(REPLAYED):  # an epoch a restarted data-parallel trial reports again: log it once
+            if step in self._logged_steps(trial):
+                return
+            result = {key: value for key, value in result.items() if key != REPLAYED}
         params = flat_params({key: result[key] for key in RESULT_PARAMS if key in result}) \
             if trial.trial_id not in self._result_params else []  # once per trial (again after a resume: same value)
         self._result_params.add(trial.trial_id)
         self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step), params=params)
+
+    def _logged_steps(self, trial) -> set[int]:
+        """The epochs the trial's run holds; none while MLflow is away (then a replayed epoch is logged again)."""
+        try:
+            history = self.client.attempt(lambda client, run_id: client.get_metric_history(run_id, "epoch"),
+                                          self._run_id(trial))
+        except Exception:  # noqa: BLE001 (away, or a run still pending: logging twice is the lesser harm)
+            return set()
+        return {metric.step for metric in history}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         failure = reported_failure(trial.last_result)
@@ -320,8 +343,8 @@ class MLflowTrialCallback(Callback):
         """Tag how the trial ended, log its report files and checkpoint URI, and finish its run."""
         run_id = self._run_id(trial)
         tags = [RunTag(TAG_OUTCOME, ended)]
-        if trial.checkpoint is not None:
-            uri = checkpoint_uri(trial.checkpoint)
+        uri = checkpoint_location(trial.checkpoint, trial.last_result)
+        if uri is not None:
             tags.append(RunTag(TAG_CHECKPOINT, uri))
             self.client.call("log_checkpoint_files", run_id, uri)  # read when logged: the folder outlives an outage
         self.client.log_batch(run_id, tags=tags)
