@@ -13,21 +13,17 @@ session beside the other searches (tests/conftest.py).
 """
 
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import pytest
-from conftest import REPO, background_job, new_mlflow_store
-from local_cluster import _pids_in_sessions, free_port
+from conftest import background_job, new_mlflow_store
+from local_cluster import SlurmJob
 
 pytestmark = pytest.mark.integration
 JOB = "4242"
@@ -45,23 +41,6 @@ params:
   lr: {choice: [0.3, 0.1]}
 """
 
-FAKE_SRUN = """#!/usr/bin/env bash
-# srun stand-in: drop srun's own options, run the command here (every "node" is this machine). A `ray start`
-# that names no address of its own gets its node's (FAKE_NODE_IP_<node>), as it would on that machine.
-node=
-while [[ $# -gt 0 && $1 == -* ]]; do
-  case $1 in -w|--nodelist) node=$2; shift 2 ;; -N|-n) shift 2 ;; *) shift ;; esac
-done
-ip_var=FAKE_NODE_IP_${node//-/_}
-if [[ $1 == ray && $2 == start && " $* " != *" --node-ip-address="* && -n ${!ip_var:-} ]]; then
-  exec "$@" "--node-ip-address=${!ip_var}"
-fi
-exec "$@"
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-# scontrol stand-in: `scontrol show hostnames LIST` for a comma-separated LIST
-[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
-"""
 NODES = "result = [dict(id=n['NodeID'], ip=n['NodeManagerAddress'], cpu=n['Resources'].get('CPU')) for n in ray.nodes() if n['Alive']]"
 
 
@@ -77,66 +56,32 @@ def driver(started, address: str, code: str, **env):
 def slurm_search(started, tmp: Path) -> SimpleNamespace:
     """cluster/slurm.sbatch as job 4242 on node-a,node-b, with the stand-ins; once both nodes are up, one driver
     with the job's token and one with a wrong token join while the search runs."""
-    shims = tmp / "bin"
-    shims.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
     (tmp / "tiny.yaml").write_text(TINY)
     new_mlflow_store(started, tmp / "mlflow.db")
-    ray_tmp = tempfile.mkdtemp(prefix="mtslurm-", dir="/tmp")  # short: Ray's socket paths live under it
-    port = free_port()
-    env = {**started.env, "PATH": f"{shims}:{started.env['PATH']}", "RAY_TMPDIR": ray_tmp,
-           "SLURM_JOB_ID": JOB, "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1",
-           "FAKE_NODE_IP_node_b": "127.0.0.2", "MEDTUNE_VENV": sys.prefix, "MEDTUNE_SHARED": str(tmp / "shared"),
-           "RAY_PORT": str(port), "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "tiny.yaml"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "SLURM_GPUS_PER_TASK",
-                 "MEDTUNE_HEAD_IP"):
-        env.pop(name, None)
-    log = tmp / f"medtune-{JOB}.out"  # a file, not a pipe: the Ray nodes outlive the script and hold it open
-    with open(log, "w") as handle:
-        job = started.popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5",
-                             "--no-report"], cwd=tmp, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    job = SlurmJob(tmp, JOB, ["node-a", "node-b"], {
+        **started.env, "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "tiny.yaml"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}, popen=started.popen)
+    process = job.start("--name", "slurm", "--seed", "5", "--no-report")
     asked, intruder, left_over = None, None, []
     try:
         deadline = time.time() + 900
-        while job.poll() is None and time.time() < deadline:
-            if asked is None and "2 Ray nodes up" in log.read_text():
+        while process.poll() is None and time.time() < deadline:
+            if asked is None and "2 Ray nodes up" in job.output():
                 (token,) = (tmp / "shared").glob(f".ray-auth-*/{JOB}.*/auth_token")
-                address = re.search(r"Ray head on node-a \((\S+:\d+)\)", log.read_text())[1]
+                address = re.search(r"Ray head on node-a \((\S+:\d+)\)", job.output())[1]
                 asked = driver(started, address, NODES, RAY_AUTH_TOKEN=token.read_text().strip())
                 # the wrong token: Ray retries for ~20 s before it gives up
                 intruder = driver(started, address, "result = 'joined'", RAY_AUTH_TOKEN="0" * 64)
             time.sleep(0.5)
-        job.wait(timeout=max(1.0, deadline - time.time()))
+        process.wait(timeout=max(1.0, deadline - time.time()))
         nodes = asked.communicate(timeout=300)[0] if asked else "the nodes never came up"
         refused = intruder.communicate(timeout=300)[0] if intruder else ""
     finally:  # what SLURM does at the end of a job: end every step (the `ray start --block` nodes)
-        sessions = {job.pid}
-        for pid in _pids_in_sessions(sessions):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for _ in range(100):  # gone, or zombies waiting for init
-            left_over = [pid for pid in _pids_in_sessions(sessions) if not dead(pid)]
-            if not left_over:
-                break
-            time.sleep(0.1)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        left_over = job.end()
     result = next((json.loads(line[7:]) for line in nodes.splitlines() if line.startswith("RESULT=")), None)
-    return SimpleNamespace(tmp=tmp, returncode=job.returncode, output=log.read_text(), search_dir=tmp / "shared" / "results" / "slurm",
+    return SimpleNamespace(tmp=tmp, returncode=process.returncode, output=job.output(), search_dir=job.results / "slurm",
                            nodes=result, nodes_output=nodes[-3000:],
                            intruder=(intruder.returncode if intruder else None, refused), left_over=left_over)
-
-
-def dead(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except OSError:
-        return True
 
 
 def trial_nodes(search_dir: Path) -> dict[str, str]:

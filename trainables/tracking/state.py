@@ -55,6 +55,13 @@ def _says(message: str, word: str) -> bool:
     return re.search(rf"(?<!\d){word}(?!\d)" if word.isdigit() else re.escape(word), message) is not None
 
 
+def storage_lost(text: str) -> bool:
+    """Whether an error's text says a storage filled up or went read-only mid-search (the first two kinds above):
+    what Ray reports of a failed checkpoint or experiment-state write, where the errno is gone."""
+    message = re.sub(r"\S*[/\\]\S*", " ", text).lower()
+    return any(_says(message, word) for _, words, _ in _KINDS[:2] for word in words)
+
+
 def storage_error(storage: str, error: OSError) -> UserError:
     """One line naming the storage, the kind of failure and the fix."""
     message = _message(error)
