@@ -219,6 +219,26 @@ start the script in a session of its own (as tests/conftest.py's `Background.pop
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill_node(self, index: int) -> list[int]:
+        """Lose node `index` (not the head) as a machine that dies: SIGKILL to every process of the job that runs
+        as that node (its `ray start`, raylet, workers: they carry its address). The pids killed."""
+        address, parents, node = f"127.0.0.{index + 1}", {}, set()
+        for pid in _pids_in_sessions({self.process.pid}):
+            try:
+                parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if address in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    node.add(pid)
+            except OSError:
+                pass
+        while grown := {pid for pid, parent in parents.items() if parent in node} - node:  # its workers
+            node |= grown
+        for pid in node:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(node)
+
     def end(self) -> list[int]:
         """End every process of the job; the pids still there after 10 s (none when all is well)."""
         left_over, sessions = [], {self.process.pid} if self.process else set()

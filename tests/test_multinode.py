@@ -6,10 +6,12 @@ loopback address of its own, as srun on another machine would give it), joined w
 tune.py joins with --address; each trial's result.json (written by Ray Tune on the node that ran it) names
 that node's address, and the driver-side MLflow callback must have one nested run per trial, whichever node
 ran it. While the search runs, a driver with the job's token asks the cluster for its nodes and one with a
-wrong token is turned away.
+wrong token is turned away. Once both trials have an epoch, the worker node is lost (every process of it killed, as
+a machine that dies): its trial goes on on the head node from its last checkpoint in the shared storage
+(`max_failures: 1`), and the search still ends with one MLflow run per trial.
 
-Cost: two Ray nodes, a 2-trial search and two extra drivers, about a minute on 2 quiet cores, started with the
-session beside the other searches (tests/conftest.py).
+Cost: two Ray nodes, a 2-trial search of 2 epochs each, the lost trial's epoch again on the head and two extra
+drivers: about 100 s on 2 cores under load, started with the session beside the other searches (tests/conftest.py).
 """
 
 import json
@@ -33,8 +35,8 @@ description: tiny real search across two nodes
 dataset: pneumoniamnist
 num_samples: 2
 max_concurrent: 2
-max_failures: 0
-scheduler: {max_t: 1, grace_period: 1, reduction_factor: 2}
+max_failures: 1
+scheduler: {kind: fifo, max_t: 2}
 resources: {cpu: 1}
 fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
 params:
@@ -62,10 +64,12 @@ def slurm_search(started, tmp: Path) -> SimpleNamespace:
         **started.env, "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "tiny.yaml"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}, popen=started.popen)
     process = job.start("--name", "slurm", "--seed", "5", "--no-report")
-    asked, intruder, left_over = None, None, []
+    asked, intruder, left_over, lost = None, None, [], None
     try:
         deadline = time.time() + 900
         while process.poll() is None and time.time() < deadline:
+            if lost is None and job.output().count(" epoch 1/2 ") == 2:  # one trial on each node has an epoch
+                lost = job.kill_node(1)
             if asked is None and "2 Ray nodes up" in job.output():
                 (token,) = (tmp / "shared").glob(f".ray-auth-*/{JOB}.*/auth_token")
                 address = re.search(r"Ray head on node-a \((\S+:\d+)\)", job.output())[1]
@@ -80,19 +84,24 @@ def slurm_search(started, tmp: Path) -> SimpleNamespace:
         left_over = job.end()
     result = next((json.loads(line[7:]) for line in nodes.splitlines() if line.startswith("RESULT=")), None)
     return SimpleNamespace(tmp=tmp, returncode=process.returncode, output=job.output(), search_dir=job.results / "slurm",
-                           nodes=result, nodes_output=nodes[-3000:],
+                           nodes=result, nodes_output=nodes[-3000:], lost=lost,
                            intruder=(intruder.returncode if intruder else None, refused), left_over=left_over)
 
 
-def trial_nodes(search_dir: Path) -> dict[str, str]:
-    """trial_id -> address of the node that ran it, from the result.json Ray Tune wrote in the trial's dir."""
+def epoch_nodes(search_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """trial_id -> (epoch, address of the node that trained it) for every result in the result.json Ray Tune wrote
+    in the trial's dir."""
     nodes = {}
     for result_file in search_dir.glob("trial_*/result.json"):
         for line in result_file.read_text().splitlines():
             result = json.loads(line)
-            nodes.setdefault(result["trial_id"], set()).add(result["node_ip"])
-    assert all(len(ips) == 1 for ips in nodes.values()), nodes  # a trial stays on its node
-    return {trial: ips.pop() for trial, ips in nodes.items()}
+            nodes.setdefault(result["trial_id"], []).append((result["training_iteration"], result["node_ip"]))
+    return nodes
+
+
+def trial_nodes(search_dir: Path) -> dict[str, str]:
+    """trial_id -> address of the node that ran its first epoch."""
+    return {trial: epochs[0][1] for trial, epochs in epoch_nodes(search_dir).items()}
 
 
 def test_the_job_runs_the_search_and_removes_its_token_and_its_nodes(slurm_search):
@@ -116,6 +125,16 @@ def test_trials_ran_on_both_nodes(slurm_search):
     assert set(ran_on.values()) == alive, f"trials by node: {ran_on}, nodes: {alive}"
 
 
+def test_the_lost_node_s_trial_goes_on_on_the_other_node_from_its_checkpoint(slurm_search):
+    assert slurm_search.lost, "the worker node was never killed (no epoch on both nodes)"
+    worker = next(n["ip"] for n in slurm_search.nodes or [] if n["ip"] == "127.0.0.2")
+    epochs = epoch_nodes(slurm_search.search_dir)
+    (moved,) = [trial for trial, ran in epochs.items() if ran[0][1] == worker]
+    head = next(ip for trial, ran in epochs.items() if trial != moved for _, ip in ran)
+    assert epochs[moved] == [(1, worker), (2, head)], epochs  # epoch 1 is not trained again: its checkpoint was kept
+    assert "2 trials: 2 completed" in slurm_search.output, slurm_search.output[-4000:]
+
+
 def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(slurm_search):
     client = mlflow.MlflowClient(f"sqlite:///{slurm_search.tmp / 'mlflow.db'}")
     found = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
@@ -125,6 +144,8 @@ def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(slurm_sea
     assert {c.data.tags["medtune.trial_id"] for c in children} == set(trial_nodes(slurm_search.search_dir))
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all(c.info.status == "FINISHED" and "val_auc" in c.data.metrics for c in children)
+    for run in children:  # one run per trial, the lost node's one too, each epoch once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
     completed = [c for c in children if c.data.tags.get("medtune.outcome") == "completed"]
     assert completed
     for run in completed:  # the driver read each trial's figures from shared storage, whichever node wrote them
