@@ -108,3 +108,19 @@ def test_storage_lost_reads_a_full_or_read_only_storage_in_ray_s_words():
     assert storage_lost("OSError: [Errno 122] Disk quota exceeded")
     assert not storage_lost("[Errno 13] Permission denied: '/results/no space left on device/x'")  # a path's words
     assert not storage_lost("RuntimeError: CUDA out of memory")
+
+
+def test_the_stop_s_line_names_the_storage_or_the_local_disk_that_failed_and_the_resume(tmp_path):
+    from search_spaces.stopping import SearchStop
+
+    resume = f"python tune.py --resume s --storage {tmp_path}"
+    stop = SearchStop(str(tmp_path), mlflow=None)
+    stop.storage_failure = ("Trial task failed for trial trial_1\nTraceback (most recent call last):\n  File "
+                            "\"/venv/ray/tune/trainable/trainable.py\", line 1\nOSError: OSError: [Errno 28] Error "
+                            "writing bytes to file. Detail: [errno 28] No space left on device")
+    line = str(stop.storage_problem(resume))
+    assert line.startswith(f"Cannot use --storage {tmp_path}: the storage is full; free space (or raise the quota), "
+                           f"then `{resume}` goes on where it stopped (OSError: [Errno 28] Error writing bytes")
+    stop.storage_failure = "OSError: [Errno 30] Read-only file system: '/tmp/ray/session_1/artifacts/x.json'"
+    line = str(stop.storage_problem(resume))  # Ray's own folder on this machine, not the storage
+    assert line.startswith("Cannot write to /tmp/ray/session_1/artifacts/x.json: the storage is read-only")
