@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         check_tracking,
         load_datasets,
     )
-    from search_spaces.stopping import SearchStop
+    from search_spaces.stopping import EXIT_CODES, SearchStop
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
     from trainables.tracking.mlflow_runs import (
         MLflowTrialCallback,
@@ -173,6 +174,9 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         try:
             with stop.installed():
                 results = tuner.fit()
+        except KeyboardInterrupt:  # Ctrl-C again while stopping: at once, as a kill (runs stay RUNNING until resumed)
+            print(f"\nstopped at once: Ray's last saved state stands; resume with:  {resume_command(name, args)}")
+            return EXIT_CODES[signal.SIGINT]
         except Exception as error:  # Ray raises what failed in its loop: the storage's failure is one line
             if not stop.note_storage_failure(error):
                 raise
@@ -224,12 +228,9 @@ def end_stopped(stop, results, space: SearchSpace, args, name: str, mlflow, pare
     mlflow.flush()  # one try: what MLflow did not take waits on disk, and --resume logs it first
     resume = resume_command(name, args)
     record = interrupted_state(stop, results, space.max_t, space.num_samples, len(mlflow.queue), resume)
-    try:
-        write_state(args.storage, name, {**(read_state(args.storage, name) or {}), "interrupted": record})
-    except UserError:
-        pass  # the storage that failed: the line below says so
     if stop.storage_failure is not None:  # one line: what failed and the fix, this resume command included
         raise stop.storage_problem(resume)
+    write_state(args.storage, name, {**(read_state(args.storage, name) or {}), "interrupted": record})
     seconds = (dt.datetime.now() - stop.at).total_seconds()
     print(f"\nstopped {seconds:.0f} s after {record['by']}: {record['trials_ended']} trials ended, "
           f"{len(record['trials_interrupted'])} interrupted, {record['trials_without_an_epoch']} without an epoch; "

@@ -56,7 +56,8 @@ def wait_for(job: SlurmJob, text: str, timeout: float = 600) -> bool:
 @background_job()
 def preempted_search(started, tmp: Path) -> SimpleNamespace:
     """The job, SIGTERM to its script after the first epoch, then the job again with MEDTUNE_RESUME.
-    Cost: two one-node jobs (a Ray node each) and 4 simple_cnn epochs: about 75 s alone on 2 cores."""
+    Cost: two one-node jobs (a Ray node each) and 4 simple_cnn epochs, one at a time: 227-251 s on 2 cores under a
+    load of 10-12 from other work (77 s to the stop, 164 s for the resumed job); not measured on a quiet machine."""
     (tmp / "space.yaml").write_text(SPACE)
     new_mlflow_store(started, tmp / "mlflow.db")
     env = {**started.env, "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "space.yaml"),

@@ -10,8 +10,9 @@ wrong token is turned away. Once both trials have an epoch, the worker node is l
 a machine that dies): its trial goes on on the head node from its last checkpoint in the shared storage
 (`max_failures: 1`), and the search still ends with one MLflow run per trial.
 
-Cost: two Ray nodes, a 2-trial search of 2 epochs each, the lost trial's epoch again on the head and two extra
-drivers: about 100 s on 2 cores under load, started with the session beside the other searches (tests/conftest.py).
+Cost: two Ray nodes, a 2-trial search of 2 epochs each (the lost trial's second on the head) and two extra drivers:
+130 s for the file on 2 cores under a load of 10 from other work (120 s before the node loss, 1 epoch each, at the
+same load), started with the session beside the other searches (tests/conftest.py).
 """
 
 import json

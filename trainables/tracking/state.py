@@ -120,12 +120,20 @@ def write_state(storage: str, name: str, state: dict) -> None:
 
 
 def _write(storage: str, relative: str, data: bytes) -> None:
+    """Written beside, then moved over the old file: a storage that fills up mid-write leaves the old one whole
+    (writing in place would cut it short: the search could no longer be resumed)."""
     fs, path = _location(storage, relative)
+    beside = f"{path}.{uuid.uuid4().hex[:8]}.partial"
     try:
         fs.create_dir(path.rsplit("/", 1)[0])
-        with fs.open_output_stream(path) as handle:
+        with fs.open_output_stream(beside) as handle:
             handle.write(data)
+        fs.move(beside, path)
     except OSError as error:
+        try:
+            fs.delete_file(beside)
+        except OSError:
+            pass  # never made, or the storage refuses even that
         raise storage_error(storage, error) from error
 
 
