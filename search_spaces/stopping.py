@@ -21,6 +21,7 @@ import os
 import re
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 from ray.tune import Callback
 
@@ -147,7 +148,7 @@ def put_back_ray_state(experiment: str) -> str | None:
     import pyarrow.fs
 
     fs, folder = pyarrow.fs.FileSystem.from_uri(experiment)
-    saved = [info for info in fs.get_file_info(pyarrow.fs.FileSelector(folder))
+    saved = [info for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
              if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")]
     if not saved:
         return None
@@ -162,7 +163,7 @@ def put_back_ray_state(experiment: str) -> str | None:
     name = folder.rstrip("/").rsplit("/", 1)[-1]
     for copy in sorted(glob.glob(f"{root}/ray/session_*/artifacts/*/{name}/driver_artifacts/{newest.base_name}")):
         try:
-            json.loads(open(copy).read())
+            json.loads(Path(copy).read_text())
         except (ValueError, OSError):
             continue
         local = os.path.dirname(copy)

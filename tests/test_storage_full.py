@@ -125,3 +125,30 @@ def test_the_stop_s_line_names_the_storage_or_the_local_disk_that_failed_and_the
     stop.storage_failure = "OSError: [Errno 30] Read-only file system: '/tmp/ray/session_1/artifacts/x.json'"
     line = str(stop.storage_problem(resume))  # Ray's own folder on this machine, not the storage
     assert line.startswith("Cannot write to /tmp/ray/session_1/artifacts/x.json: the storage is read-only")
+
+
+def test_ray_s_state_cut_short_by_a_full_storage_is_put_back_from_the_machine_s_copy(tmp_path, monkeypatch):
+    """Ray overwrites its experiment state in place: a full storage can cut it short, and Tuner.restore would then
+    start the search afresh. The resume puts back Ray's own copy from its session folder; without one, one line."""
+    from search_spaces.stopping import put_back_ray_state
+    from trainables.errors import UserError
+
+    experiment, state = tmp_path / "results" / "s", "experiment_state-2026-12-07_12-00-00.json"
+    experiment.mkdir(parents=True)
+    (experiment / "experiment_state-2026-12-06_09-00-00.json").write_text('{"older": 1}')
+    (experiment / state).write_text('{"trial_data": [["cut sh')  # the full storage's copy
+    assert put_back_ray_state(str(experiment.parent / "other")) is None  # no state: nothing to do
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray-tmp"))
+    with pytest.raises(UserError, match=r"Ray's saved state of this search \(.*" + state + r"\) was cut short"):
+        put_back_ray_state(str(experiment))
+
+    local = tmp_path / "ray-tmp" / "ray" / "session_2026-12-07_12-00-00_1" / "artifacts" / "2026-12-07_12-00-01" / "s" \
+        / "driver_artifacts"
+    (local / "trial_1").mkdir(parents=True)
+    (local / state).write_text('{"trial_data": []}')
+    (local / "searcher-state-2026-12-07_12-00-00.pkl").write_bytes(b"whole")
+    assert put_back_ray_state(str(experiment)) == str(local)
+    assert (experiment / state).read_text() == '{"trial_data": []}'
+    assert (experiment / "searcher-state-2026-12-07_12-00-00.pkl").read_bytes() == b"whole"
+    assert not (experiment / "trial_1").exists()  # the state only: the trials' folders are the storage's
+    assert put_back_ray_state(str(experiment)) is None  # whole now: left alone
