@@ -14,6 +14,7 @@ from ray.tune import Callback
 
 from search_spaces import SearchSpace
 from search_spaces.searcher import DistinctOptunaSearch
+from search_spaces.stopping import SavedFirst, SearchStop, failed_on_storage, put_back_ray_state
 from trainables.errors import UserError
 from trainables.tracking import mlflow_runs
 from trainables.tracking.names import REPLAYED
@@ -164,7 +165,7 @@ def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callback
     scheduler = make_scheduler(space)
     rungs = [RungRecords(scheduler)] if isinstance(scheduler, AsyncHyperBandScheduler) else []
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space), *rungs], verbose=0,
+        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space), *rungs, SavedFirst()], verbose=0,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
     )
@@ -177,12 +178,21 @@ def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callback
 
 
 def restore_tuner(space: SearchSpace, name: str, storage: str, trainable):
-    """The interrupted search, with its sampler state and callbacks (they hold its MLflow parent run)."""
+    """The interrupted search, with its sampler state and callbacks (they hold its MLflow parent run). Errored trials
+    stay so, unless the storage failed under one (search_spaces/stopping.py)."""
     from ray import tune
 
+    copy = put_back_ray_state(f"{storage}/{name}")
+    if copy:
+        print(f"Ray's saved state was cut short (the storage filled up): put back from this machine's copy in {copy}")
+    stranded = failed_on_storage(f"{storage}/{name}")
+    if stranded:
+        print(f"resuming {len(stranded)} trials the storage failed under: {', '.join(stranded)}")
+        # Ray's Optuna searcher counted them as failed: their later results are not told to TPE, and it says so
+        logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
     with moved_modules():
         return tune.Tuner.restore(f"{storage}/{name}", trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, param_space=space.param_space())
+                                  resume_errored=bool(stranded), param_space=space.param_space())
 
 
 @contextmanager
@@ -226,6 +236,9 @@ class ProgressLines(Callback):
         print(f"[{trial.trial_id}] {ended.replace('_', ' ')}{' by ASHA' if ended != 'completed' else ''}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        stop = SearchStop.current
+        if stop is not None and stop.storage_failure is not None:
+            return  # the storage failed, not the trial: the search's one line says so
         print(f"[{trial.trial_id}] FAILED (see {trial.error_file})", flush=True)
 
 

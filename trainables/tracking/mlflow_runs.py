@@ -44,9 +44,9 @@ from trainables.tracking.names import (
     TAG_VERSION,
     VAL_PREDICTIONS,
 )
-from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported_failure
+from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, INTERRUPTED, outcome, reported_failure
 from trainables.tracking.resilient import ResilientClient, scoped_env
-from trainables.tracking.state import BudgetClock, record_budget
+from trainables.tracking.state import BudgetClock, record_budget, storage_lost
 
 TRAIN_CHECKPOINT_KEY = "checkpoint_path"  # ray.tune.integration.ray_train's result key for a Ray Train checkpoint
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
@@ -171,6 +171,8 @@ def start_search_run(client: MlflowClient, experiment_id: str, search: str, tags
     existing = find_search_run(client, search, experiment_id)
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
+        if TAG_OUTCOME in existing.data.tags:  # `interrupted`, from the run that was stopped: it goes on now
+            client.delete_tag(existing.info.run_id, TAG_OUTCOME)
         return existing.info.run_id
     run = client.create_run(experiment_id, run_name=search, tags={TAG_SEARCH: search, TAG_ROLE: "search", **tags})
     return run.info.run_id
@@ -249,7 +251,8 @@ class MLflowTrialCallback(Callback):
 
     Params at start, one metric step per epoch, and at the end the trial's report files (read from its
     final checkpoint on shared storage), the checkpoint URI and how the trial ended. Ray calls no trial hook for
-    the trials it stops when the time budget is spent, so the experiment's end closes those (cut by budget). It keeps
+    the trials it stops when the time budget is spent or the search is interrupted (search_spaces/stopping.py), so the
+    experiment's end closes those: cut by budget (FINISHED), or interrupted (KILLED, for --resume to go on). It keeps
     the budget's clock (saved with Ray's state) and records its decision in the search's state file for tune.py.
     """
 
@@ -329,15 +332,25 @@ class MLflowTrialCallback(Callback):
     def on_experiment_end(self, trials, **info):
         self.budget.tick(time.time())
         spent = self.budget.spent
-        if getattr(self, "storage", None) and self.budget.budget_s is not None:
-            record_budget(self.storage, self.search, self.budget)  # what tune.py's summary and ranking read
         for trial in trials:
             if trial.status != "TERMINATED":
+                if trial.status != "ERROR" and trial.trial_id in self._runs:  # waiting to be retried: interrupted
+                    self._interrupt(trial)
                 continue
             ended = outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t,
                             marked_done=bool(trial.last_result.get("done")), budget_spent=spent)
             if ended == CUT_BY_BUDGET:
                 self._close(trial, ended)
+            elif ended == INTERRUPTED:
+                self._interrupt(trial)
+        if getattr(self, "storage", None) and self.budget.budget_s is not None:  # last: the storage may be failing
+            record_budget(self.storage, self.search, self.budget)  # what tune.py's summary and ranking read
+
+    def _interrupt(self, trial) -> None:
+        """Never left RUNNING: KILLED, tagged interrupted; --resume finds the run again by its trial id."""
+        run_id = self._run_id(trial)
+        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, INTERRUPTED)])
+        self.client.set_terminated(run_id, status="KILLED")
 
     def _close(self, trial, ended: str) -> None:
         """Tag how the trial ended, log its report files and checkpoint URI, and finish its run."""
@@ -353,6 +366,9 @@ class MLflowTrialCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         error = (trial.error_file and Path(trial.error_file).exists() and
                  Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
+        if storage_lost(error):  # not the trial's failure: the search stops, and --resume trains it on
+            self._interrupt(trial)
+            return
         self._fail(trial, error)
 
     def _fail(self, trial, error: str) -> None:
