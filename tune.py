@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -126,9 +127,11 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         check_tracking,
         load_datasets,
     )
+    from search_spaces.stopping import EXIT_CODES, SearchStop
     from search_spaces.tuner import build_tuner, make_trainable, quiet_libraries, restore_tuner, start_ray
     from trainables.tracking.mlflow_runs import (
         MLflowTrialCallback,
+        checkpoint_location,
         get_experiment_id,
         numeric_metrics,
         search_client,
@@ -168,8 +171,21 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         else:
             callback = MLflowTrialCallback(tracking_uri, parent_id, name, space.max_t, space.time_budget, storage)
             tuner = build_tuner(space, name, storage, trainable, [callback], seed)
-        started = time.time()
-        results = tuner.fit()
+        started, stop = time.time(), SearchStop(storage, mlflow, args.debug)
+        try:
+            with stop.installed():
+                results = tuner.fit()
+        except KeyboardInterrupt:  # Ctrl-C again while stopping: at once, as a kill (runs stay RUNNING until resumed)
+            print(f"\nstopped at once: Ray's last saved state stands; resume with:  {resume_command(name, args)}")
+            return EXIT_CODES[signal.SIGINT]
+        except Exception as error:  # Ray raises what failed in its loop: the storage's failure is one line
+            if not stop.note_storage_failure(error):
+                raise
+            end_stopped(stop, [], space, args, name, mlflow, parent_id)
+        if stop.requested:
+            return end_stopped(stop, results, space, args, name, mlflow, parent_id)
+        if resuming and "interrupted" in (saved := read_state(args.storage, name) or {}):  # it went on to its end
+            write_state(args.storage, name, {key: value for key, value in saved.items() if key != "interrupted"})
         # the callback's budget clock decided whether Ray cut the running trials (over every run of the search)
         used, spent = budget_spent(read_state(args.storage, name), space.time_budget, time.time() - started)
         ranked = rank_results(results, space.metric, space.mode, space.max_t, spent)
@@ -185,8 +201,8 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         if logged:  # the run's description; reports/<name>/report.html
             logged = publish(mlflow, parent_id, report=not args.no_report)
         print(f"\nresults:  {storage}/{name}")
-        if best is not None and best.checkpoint is not None:
-            print(f"best checkpoint: {best.checkpoint.path}")
+        if best is not None and checkpoint_location(best.checkpoint, best.metrics):
+            print(f"best checkpoint: {checkpoint_location(best.checkpoint, best.metrics)}")
         print(f"MLflow:   {tracking_uri} (parent run {parent_id}, best trial run {best_run})")
         print_where(tracking_uri, experiment_id, parent_id)
         if not logged:
@@ -197,6 +213,37 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         ray.shutdown()
     ended = [result_outcome(r, space.max_t, spent) for r in results]
     return 0 if any(e != FAILED for e in ended) else 1  # every trial failed: say so to scripts too
+
+
+def end_stopped(stop, results, space: SearchSpace, args, name: str, mlflow, parent_id: str) -> int:
+    """A search stopped by a signal or its storage: the parent run ended KILLED (its trials' runs are, by the
+    callback), the state file says what `--resume` will do, one line gives that command; the exit code says why."""
+    from mlflow.entities import RunTag
+
+    from search_spaces.stopping import interrupted_state
+    from trainables.tracking.names import TAG_OUTCOME
+    from trainables.tracking.ranking import INTERRUPTED
+
+    mlflow.log_batch(parent_id, tags=[RunTag(TAG_OUTCOME, INTERRUPTED)])
+    mlflow.set_terminated(parent_id, status="KILLED")
+    mlflow.flush()  # one try: what MLflow did not take waits on disk, and --resume logs it first
+    resume = resume_command(name, args)
+    record = interrupted_state(stop, results, space.max_t, space.num_samples, len(mlflow.queue), resume)
+    if stop.storage_failure is not None:  # one line: what failed and the fix, this resume command included
+        raise stop.storage_problem(resume)
+    write_state(args.storage, name, {**(read_state(args.storage, name) or {}), "interrupted": record})
+    seconds = (dt.datetime.now() - stop.at).total_seconds()
+    print(f"\nstopped {seconds:.0f} s after {record['by']}: {record['trials_ended']} trials ended, "
+          f"{len(record['trials_interrupted'])} interrupted, {record['trials_without_an_epoch']} without an epoch; "
+          f"resume with:  {resume}")
+    return stop.exit_code
+
+
+def resume_command(name: str, args) -> str:
+    """The command that goes on with an interrupted search (the flags a resume needs again)."""
+    flags = [("--storage", storage_root(args.storage)), ("--address", args.address)]
+    return f"python tune.py --resume {shlex.quote(name)}" + "".join(
+        f" {flag} {shlex.quote(value)}" for flag, value in flags if value)
 
 
 def sync_command(name: str, storage: str, report: bool) -> str:

@@ -27,7 +27,7 @@ from trainables.errors import UserError
 from trainables.tracking.mlflow_runs import (
     OPERATIONS,
     RESULT_PARAMS,
-    checkpoint_uri,
+    checkpoint_location,
     close_search,
     create_trial_run,
     find_search_run,
@@ -139,9 +139,10 @@ def close_trial(client, run_id: str, trial, max_t: int, spent: bool) -> str:
         client.set_terminated(run_id, status="FAILED")
         return "ended failed"
     tags = [RunTag(TAG_OUTCOME, ended)]
-    if trial.checkpoint is not None:
-        tags.append(RunTag(TAG_CHECKPOINT, checkpoint_uri(trial.checkpoint)))
-        log_checkpoint_files(client, run_id, checkpoint_uri(trial.checkpoint))
+    uri = checkpoint_location(trial.checkpoint, trial.metrics)
+    if uri is not None:
+        tags.append(RunTag(TAG_CHECKPOINT, uri))
+        log_checkpoint_files(client, run_id, uri)
     client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, status="FINISHED")
     return f"ended {ended.replace('_', ' ')}"

@@ -16,6 +16,8 @@ typed version: an unknown key, a wrong type or an out-of-range value is one line
     # rungs: epochs | seconds (what ASHA's rungs count; default seconds with a time_budget unless grace_period is
     # given, else epochs); grace_period: the first rung in epochs; grace_period_s: in seconds (default budget/30)
     resources: {cpu: 1, gpu: 0}        # per trial; fractional gpu shares a card
+    # resources: {workers: 4, cpu: 4, gpu: 1}   # workers > 1: each trial is a data-parallel job of 4 processes
+    #                                           # (Ray Train), cpu and gpu per worker; batch_size is the global batch
     fixed: {optimizer: adamw, weight_decay: 0.05}   # trainables/config.py keys
     variants:                          # optional: one searched choice among whole groups of keys
       vgg_scratch: {model: vgg_like}
@@ -54,7 +56,7 @@ from pydantic import (
 )
 
 from search_spaces.budget import parse_duration
-from trainables.config import DEFAULTS, MAX_CV_FOLDS, TRIAL_KEYS, TrialConfig, describe_error, first_error, resolve_config
+from trainables.config import DEFAULTS, MAX_CV_FOLDS, MAX_WORKERS, TRIAL_KEYS, TrialConfig, describe_error, first_error, resolve_config
 from trainables.errors import UserError
 from trainables.tracking.ranking import selection_mode
 from trainables.tracking.searched import VARIANT, searched_keys
@@ -62,7 +64,7 @@ from trainables.tracking.searched import VARIANT, searched_keys
 SPACES_DIR = Path(__file__).resolve().parent
 SPACE_FILE_PROBLEMS = {"extra_forbidden": "unknown key; valid keys: see the schema in search_spaces/__init__.py",
                        "missing": "required"}
-SET_BY_SPACE = ("dataset", "epochs", "metric", "mode", "cv_folds")  # trial keys the space's top-level keys decide
+SET_BY_SPACE = ("dataset", "epochs", "metric", "mode", "cv_folds", "workers")  # trial keys the space's own keys decide
 
 
 class _Strict(BaseModel):
@@ -123,8 +125,9 @@ class Scheduler(_Strict):
 
 
 class Resources(_Strict):
-    cpu: float = Field(1.0, gt=0)  # per trial
-    gpu: float = Field(0.0, ge=0)  # per trial; a fraction shares a card
+    cpu: float = Field(1.0, gt=0)  # per trial (per worker when workers > 1)
+    gpu: float = Field(0.0, ge=0)  # per trial (per worker when workers > 1); a fraction shares a card
+    workers: PositiveInt = Field(1, le=MAX_WORKERS)  # > 1: a data-parallel trial (trainables/distributed.py)
 
 
 class Domain(_Strict):
@@ -221,6 +224,7 @@ class SearchSpace:
     grace_period_s: float | None = None  # as the space gives it (None: time_budget / 30); see first_rung
     cpu: float = 1.0
     gpu: float = 0.0
+    workers: int = 1  # > 1: every trial is a data-parallel job of this many processes, cpu and gpu each
     fixed: dict = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     variants: dict = field(default_factory=dict)
@@ -255,7 +259,7 @@ class SearchSpace:
     def base_config(self) -> dict:
         """The fixed part of every trial's config."""
         return {**self.fixed, "dataset": self.dataset, "epochs": self.max_t, "metric": self.metric, "mode": self.mode,
-                "cv_folds": self.cv_folds}
+                "cv_folds": self.cv_folds, **({"workers": self.workers} if self.workers > 1 else {})}
 
     def searched_keys(self) -> list[str]:
         """The keys this space varies (trainables.tracking.searched: the rule analysis/ applies to the logged space)."""
@@ -275,7 +279,8 @@ class SearchSpace:
                 "max_concurrent": self.max_concurrent, "max_failures": self.max_failures,
                 **({"cv_folds": self.cv_folds} if self.cv_folds > 1 else {}),
                 "scheduler": self.scheduler_dict(),
-                "resources": {"cpu": self.cpu, "gpu": self.gpu}, "fixed": self.fixed, "params": self.params,
+                "resources": {"cpu": self.cpu, "gpu": self.gpu, **({"workers": self.workers} if self.workers > 1 else {})},
+                "fixed": self.fixed, "params": self.params,
                 **({"variants": self.variants} if self.variants else {}),
                 **({"points_to_evaluate": self.points_to_evaluate} if self.points_to_evaluate else {})}
 
@@ -343,7 +348,8 @@ def parse_space(raw, path: Path, origin: str | None = None) -> SearchSpace:
         max_t=typed.scheduler.max_t, grace_period=typed.scheduler.grace_period,
         reduction_factor=typed.scheduler.reduction_factor, scheduler=typed.scheduler.kind,
         rungs=typed.scheduler.rungs, grace_period_s=typed.scheduler.grace_period_s, cpu=typed.resources.cpu,
-        gpu=typed.resources.gpu, fixed=dict(typed.fixed), params={k: d.as_yaml() for k, d in typed.params.items()},
+        gpu=typed.resources.gpu, workers=typed.resources.workers, fixed=dict(typed.fixed),
+        params={k: d.as_yaml() for k, d in typed.params.items()},
         variants={k: dict(v) for k, v in typed.variants.items()},
         points_to_evaluate=[dict(point) for point in typed.points_to_evaluate],
     )
@@ -374,8 +380,8 @@ def check_trial_configs(space: SearchSpace, typed: SpaceFile, origin: str) -> No
             if key not in TRIAL_KEYS:
                 raise fail(f"{section}.{key}", "unknown config key; valid keys: see trainables/config.py")
             if key in SET_BY_SPACE:
-                raise fail(f"{section}.{key}", "is set by the space's top-level keys (dataset, scheduler.max_t, "
-                                               "metric, mode, cv_folds); set it there")
+                raise fail(f"{section}.{key}", "is set by the space's own keys (dataset, scheduler.max_t, "
+                                               "metric, mode, cv_folds, resources.workers); set it there")
     overlap = set(space.fixed) & set(space.params)
     if overlap:
         raise fail(f"params.{sorted(overlap)[0]}", "is both fixed and searched; keep one")

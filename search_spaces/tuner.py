@@ -14,8 +14,10 @@ from ray.tune import Callback
 
 from search_spaces import SearchSpace
 from search_spaces.searcher import DistinctOptunaSearch
+from search_spaces.stopping import SavedFirst, SearchStop, failed_on_storage, put_back_ray_state
 from trainables.errors import UserError
 from trainables.tracking import mlflow_runs
+from trainables.tracking.names import REPLAYED
 from trainables.tracking.ranking import outcome, reported_failure, selection_key
 from trainables.tracking.text import fmt
 
@@ -53,16 +55,31 @@ def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
         raise UserError(f"{space.cpu} CPUs per trial but no node has that many; lower --cpus-per-trial")
     if space.gpu > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         print(f"note: no GPU in the Ray cluster; trials run on CPU (asked for {space.gpu} GPU per trial)")
+        check_workers_fit(space, ray.cluster_resources(), gpu=0.0)
         return 0.0
+    check_workers_fit(space, ray.cluster_resources(), gpu=space.gpu)
     return space.gpu
+
+
+def check_workers_fit(space: SearchSpace, cluster: dict, gpu: float) -> None:
+    """A data-parallel trial's workers fit in the cluster together; Ray Train would otherwise wait for them forever."""
+    for kind, each in (("CPU", space.cpu), ("GPU", gpu)):
+        need, have = space.workers * each, cluster.get(kind, 0)
+        if space.workers > 1 and need > have:
+            raise UserError(f"a trial of {space.workers} workers x {each:g} {kind}s needs {need:g} {kind}s, the Ray "
+                            f"cluster has {have:g}; lower resources.workers or resources.{kind.lower()}")
 
 
 def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
     """The function trainable with its data in the object store and its resources attached."""
     from ray import tune
 
+    from trainables.distributed import TUNE_SIDE
     from trainables.ray_trainable import tune_trainable
 
+    if space.workers > 1:  # a data-parallel trial: Ray Train's workers ask for the resources, the trial itself ~none
+        return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants,
+                                                        per_worker={"cpu": space.cpu, "gpu": gpu}), TUNE_SIDE)
     return tune.with_resources(tune.with_parameters(tune_trainable, datasets=datasets, variants=space.variants),
                                {"cpu": space.cpu, "gpu": gpu})
 
@@ -148,7 +165,7 @@ def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callback
     scheduler = make_scheduler(space)
     rungs = [RungRecords(scheduler)] if isinstance(scheduler, AsyncHyperBandScheduler) else []
     run_config = tune.RunConfig(
-        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space), *rungs], verbose=0,
+        name=name, storage_path=storage, callbacks=[*callbacks, ProgressLines(space), *rungs, SavedFirst()], verbose=0,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         failure_config=tune.FailureConfig(max_failures=space.max_failures),
     )
@@ -161,12 +178,21 @@ def build_tuner(space: SearchSpace, name: str, storage: str, trainable, callback
 
 
 def restore_tuner(space: SearchSpace, name: str, storage: str, trainable):
-    """The interrupted search, with its sampler state and callbacks (they hold its MLflow parent run)."""
+    """The interrupted search, with its sampler state and callbacks (they hold its MLflow parent run). Errored trials
+    stay so, unless the storage failed under one (search_spaces/stopping.py)."""
     from ray import tune
 
+    copy = put_back_ray_state(f"{storage}/{name}")
+    if copy:
+        print(f"Ray's saved state was cut short (the storage filled up): put back from this machine's copy in {copy}")
+    stranded = failed_on_storage(f"{storage}/{name}")
+    if stranded:
+        print(f"resuming {len(stranded)} trials the storage failed under: {', '.join(stranded)}")
+        # Ray's Optuna searcher counted them as failed: their later results are not told to TPE, and it says so
+        logging.getLogger("ray.tune.search.optuna.optuna_search").setLevel(logging.ERROR)
     with moved_modules():
         return tune.Tuner.restore(f"{storage}/{name}", trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, param_space=space.param_space())
+                                  resume_errored=bool(stranded), param_space=space.param_space())
 
 
 @contextmanager
@@ -196,7 +222,7 @@ class ProgressLines(Callback):
               flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if reported_failure(result):  # not an epoch: the trial's own end (on_trial_complete says it)
+        if reported_failure(result) or result.get(REPLAYED):  # the trial's own end, or an epoch told before
             return
         print(f"[{trial.trial_id}] epoch {result['training_iteration']}/{self.max_t} "
               f"{self.metric}={fmt(result.get(self.metric))} ({result.get('epoch_seconds', 0):.0f}s)", flush=True)
@@ -210,6 +236,9 @@ class ProgressLines(Callback):
         print(f"[{trial.trial_id}] {ended.replace('_', ' ')}{' by ASHA' if ended != 'completed' else ''}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        stop = SearchStop.current
+        if stop is not None and stop.storage_failure is not None:
+            return  # the storage failed, not the trial: the search's one line says so
         print(f"[{trial.trial_id}] FAILED (see {trial.error_file})", flush=True)
 
 

@@ -4,6 +4,8 @@
         subprocess.run([..., "tune.py", "--address", cluster.address, ...], env=cluster.env)
         cluster.query("result = len(ray.nodes())")  # a question answered by a driver on the cluster
 
+`SlurmJob` runs cluster/slurm.sbatch itself the same way, with stand-ins for srun and scontrol.
+
 Every node is its own raylet with its own resources and object store, started the way a real cluster node
 is, so Ray schedules trials across them exactly as across machines. What differs from real machines: they
 share the CPU and the disk. Each node gets an address of its own (see `node_ip`), so the `node_ip` that
@@ -156,3 +158,106 @@ def _pids_in_sessions(sessions: set[int]) -> list[int]:
         if int(fields[3]) in sessions:
             pids.append(int(entry.name))
     return pids
+
+
+# --- cluster/slurm.sbatch as SLURM runs it ----------------------------------------------------------------------
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: drop srun's own options, run the command here (every "node" is this machine). A `ray start`
+# that names no address of its own gets its node's (FAKE_NODE_IP_<node>), as it would on that machine.
+node=
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in -w|--nodelist) node=$2; shift 2 ;; -N|-n) shift 2 ;; *) shift ;; esac
+done
+ip_var=FAKE_NODE_IP_${node//-/_}
+if [[ $1 == ray && $2 == start && " $* " != *" --node-ip-address="* && -n ${!ip_var:-} ]]; then
+  exec "$@" "--node-ip-address=${!ip_var}"
+fi
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: `scontrol show hostnames LIST` for a comma-separated LIST
+[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
+"""
+SBATCH = Path(__file__).resolve().parents[1] / "cluster" / "slurm.sbatch"
+
+
+class SlurmJob:
+    """cluster/slurm.sbatch run as job `job` on `nodes` (node-a, node-b, ...: node i answers at 127.0.0.<i+1>), with
+    srun and scontrol stand-ins, every node on this machine, its results under `folder`/shared/results; `popen` must
+start the script in a session of its own (as tests/conftest.py's `Background.popen` does). `end()` does
+    what SLURM does when a job ends: it ends every process of the job (the `ray start --block` nodes)."""
+
+    def __init__(self, folder: Path, job: str, nodes: list[str], env: dict, popen=None):
+        self.folder, self.job, self.nodes = folder, job, nodes
+        self.popen = popen or (lambda command, **kwargs: subprocess.Popen(command, start_new_session=True, **kwargs))
+        shims = folder / "bin"
+        shims.mkdir(exist_ok=True)
+        for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+            (shims / name).write_text(text)
+            (shims / name).chmod(0o755)
+        self.ray_tmp = tempfile.mkdtemp(prefix="mtslurm-", dir="/tmp")  # short: Ray's socket paths live under it
+        self.env = {**env, "PATH": f"{shims}:{env['PATH']}", "RAY_TMPDIR": self.ray_tmp, "SLURM_JOB_ID": job,
+                    "SLURM_JOB_NODELIST": ",".join(nodes), "SLURM_CPUS_PER_TASK": "1", "MEDTUNE_VENV": sys.prefix,
+                    "MEDTUNE_SHARED": str(folder / "shared"), "RAY_PORT": str(free_port()),
+                    **{f"FAKE_NODE_IP_{node.replace('-', '_')}": f"127.0.0.{i + 1}" for i, node in enumerate(nodes) if i}}
+        for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "SLURM_GPUS_PER_TASK",
+                     "MEDTUNE_HEAD_IP"):
+            self.env.pop(name, None)
+        self.log = folder / f"medtune-{job}.out"
+        self.process: subprocess.Popen | None = None
+        self.results = folder / "shared" / "results"
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen:
+        """sbatch: the script with `args` for tune.py, its output in `log` (a file, not a pipe: the Ray nodes outlive
+        the script and would hold a pipe open)."""
+        with open(self.log, "w") as handle:
+            self.process = self.popen(["bash", str(SBATCH), *args], cwd=self.folder, env={**self.env, **env},
+                                      stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return self.process
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill_node(self, index: int) -> list[int]:
+        """Lose node `index` (not the head) as a machine that dies: SIGKILL to every process of the job that runs
+        as that node (its `ray start`, raylet, workers: they carry its address). The pids killed."""
+        address, parents, node = f"127.0.0.{index + 1}", {}, set()
+        for pid in _pids_in_sessions({self.process.pid}):
+            try:
+                parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if address in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    node.add(pid)
+            except OSError:
+                pass
+        while grown := {pid for pid, parent in parents.items() if parent in node} - node:  # its workers
+            node |= grown
+        for pid in node:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return sorted(node)
+
+    def end(self) -> list[int]:
+        """End every process of the job; the pids still there after 10 s (none when all is well)."""
+        left_over, sessions = [], {self.process.pid} if self.process else set()
+        for pid in _pids_in_sessions(sessions):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for _ in range(100):  # gone, or zombies waiting for init
+            left_over = [pid for pid in _pids_in_sessions(sessions) if not _dead(pid)]
+            if not left_over:
+                break
+            time.sleep(0.1)
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        return left_over
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True

@@ -19,7 +19,7 @@ from search_spaces.overrides import apply_overrides, check_resume_flags
 from trainables.errors import UserError
 from trainables.tracking.mlflow_runs import MLflowTrialCallback
 from trainables.tracking.names import TAG_OUTCOME, TAG_TRIAL
-from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, STOPPED_EARLY, outcome
+from trainables.tracking.ranking import COMPLETED, CUT_BY_BUDGET, FAILED, INTERRUPTED, STOPPED_EARLY, outcome
 from trainables.tracking.state import budget_spent, read_state, write_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_a_trial_is_cut_by_budget_only_without_a_done_mark_short_of_max_t_and_wi
     assert outcome(0, 3, marked_done=False, budget_spent=True) == CUT_BY_BUDGET  # cut before its first epoch
     assert outcome(1, 3, marked_done=True, budget_spent=True) == STOPPED_EARLY  # ASHA marks its stops done
     assert outcome(3, 3, marked_done=False, budget_spent=True) == COMPLETED  # its last epoch was in
-    assert outcome(1, 3, marked_done=False, budget_spent=False) == STOPPED_EARLY  # no budget: as before
+    assert outcome(1, 3, marked_done=False, budget_spent=False) == INTERRUPTED  # stopped by a signal: resumable
     assert outcome(1, 3, failed=True, marked_done=False, budget_spent=True) == FAILED
 
 
@@ -138,15 +138,15 @@ def ray_trial(trial_id, status, epochs, done):
 
 
 @pytest.mark.parametrize("spent", [True, False])
-def test_mlflow_tags_the_trials_ray_stopped_at_the_budget_and_only_those(spent):
+def test_mlflow_ends_the_trials_ray_stopped_cut_by_the_budget_or_else_interrupted_and_only_those(spent):
     callback = MLflowTrialCallback("sqlite:///unused.db", "parent", "s", max_t=3, time_budget_s=60)
     callback.client, callback.budget.used_s = RecordingClient(), 61 if spent else 30
     callback._runs = {t: f"run-{t}" for t in "abcd"}
     callback.on_experiment_end(trials=[ray_trial("a", "TERMINATED", 3, True), ray_trial("b", "TERMINATED", 1, True),
                                        ray_trial("c", "TERMINATED", 2, False), ray_trial("d", "ERROR", 1, False)])
-    expected = {"run-c": {TAG_OUTCOME: CUT_BY_BUDGET}} if spent else {}
+    expected = {"run-c": {TAG_OUTCOME: CUT_BY_BUDGET if spent else INTERRUPTED}}  # else: a signal, the storage
     assert callback.client.tags == expected  # a, b were closed by on_trial_complete; d by on_trial_error
-    assert callback.client.ended == ({"run-c": "FINISHED"} if spent else {})
+    assert callback.client.ended == {"run-c": "FINISHED" if spent else "KILLED"}  # KILLED: --resume trains it on
 
 
 class FakeTime:

@@ -6,28 +6,27 @@ loopback address of its own, as srun on another machine would give it), joined w
 tune.py joins with --address; each trial's result.json (written by Ray Tune on the node that ran it) names
 that node's address, and the driver-side MLflow callback must have one nested run per trial, whichever node
 ran it. While the search runs, a driver with the job's token asks the cluster for its nodes and one with a
-wrong token is turned away.
+wrong token is turned away. Once both trials have an epoch, the worker node is lost (every process of it killed, as
+a machine that dies): its trial goes on on the head node from its last checkpoint in the shared storage
+(`max_failures: 1`), and the search still ends with one MLflow run per trial.
 
-Cost: two Ray nodes, a 2-trial search and two extra drivers, about a minute on 2 quiet cores, started with the
-session beside the other searches (tests/conftest.py).
+Cost: two Ray nodes, a 2-trial search of 2 epochs each (the lost trial's second on the head) and two extra drivers:
+130 s for the file on 2 cores under a load of 10 from other work (120 s before the node loss, 1 epoch each, at the
+same load), started with the session beside the other searches (tests/conftest.py).
 """
 
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import pytest
-from conftest import REPO, background_job, new_mlflow_store
-from local_cluster import _pids_in_sessions, free_port
+from conftest import background_job, new_mlflow_store
+from local_cluster import SlurmJob
 
 pytestmark = pytest.mark.integration
 JOB = "4242"
@@ -37,31 +36,14 @@ description: tiny real search across two nodes
 dataset: pneumoniamnist
 num_samples: 2
 max_concurrent: 2
-max_failures: 0
-scheduler: {max_t: 1, grace_period: 1, reduction_factor: 2}
+max_failures: 1
+scheduler: {kind: fifo, max_t: 2}
 resources: {cpu: 1}
 fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
 params:
   lr: {choice: [0.3, 0.1]}
 """
 
-FAKE_SRUN = """#!/usr/bin/env bash
-# srun stand-in: drop srun's own options, run the command here (every "node" is this machine). A `ray start`
-# that names no address of its own gets its node's (FAKE_NODE_IP_<node>), as it would on that machine.
-node=
-while [[ $# -gt 0 && $1 == -* ]]; do
-  case $1 in -w|--nodelist) node=$2; shift 2 ;; -N|-n) shift 2 ;; *) shift ;; esac
-done
-ip_var=FAKE_NODE_IP_${node//-/_}
-if [[ $1 == ray && $2 == start && " $* " != *" --node-ip-address="* && -n ${!ip_var:-} ]]; then
-  exec "$@" "--node-ip-address=${!ip_var}"
-fi
-exec "$@"
-"""
-FAKE_SCONTROL = """#!/usr/bin/env bash
-# scontrol stand-in: `scontrol show hostnames LIST` for a comma-separated LIST
-[[ $1 == show && $2 == hostnames ]] && tr ',' '\\n' <<< "$3"
-"""
 NODES = "result = [dict(id=n['NodeID'], ip=n['NodeManagerAddress'], cpu=n['Resources'].get('CPU')) for n in ray.nodes() if n['Alive']]"
 
 
@@ -77,77 +59,50 @@ def driver(started, address: str, code: str, **env):
 def slurm_search(started, tmp: Path) -> SimpleNamespace:
     """cluster/slurm.sbatch as job 4242 on node-a,node-b, with the stand-ins; once both nodes are up, one driver
     with the job's token and one with a wrong token join while the search runs."""
-    shims = tmp / "bin"
-    shims.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (shims / name).write_text(text)
-        (shims / name).chmod(0o755)
     (tmp / "tiny.yaml").write_text(TINY)
     new_mlflow_store(started, tmp / "mlflow.db")
-    ray_tmp = tempfile.mkdtemp(prefix="mtslurm-", dir="/tmp")  # short: Ray's socket paths live under it
-    port = free_port()
-    env = {**started.env, "PATH": f"{shims}:{started.env['PATH']}", "RAY_TMPDIR": ray_tmp,
-           "SLURM_JOB_ID": JOB, "SLURM_JOB_NODELIST": "node-a,node-b", "SLURM_CPUS_PER_TASK": "1",
-           "FAKE_NODE_IP_node_b": "127.0.0.2", "MEDTUNE_VENV": sys.prefix, "MEDTUNE_SHARED": str(tmp / "shared"),
-           "RAY_PORT": str(port), "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "tiny.yaml"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "SLURM_GPUS_PER_TASK",
-                 "MEDTUNE_HEAD_IP"):
-        env.pop(name, None)
-    log = tmp / f"medtune-{JOB}.out"  # a file, not a pipe: the Ray nodes outlive the script and hold it open
-    with open(log, "w") as handle:
-        job = started.popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "--name", "slurm", "--seed", "5",
-                             "--no-report"], cwd=tmp, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    asked, intruder, left_over = None, None, []
+    job = SlurmJob(tmp, JOB, ["node-a", "node-b"], {
+        **started.env, "MEDTUNE_DATA_ROOT": str(started.data_root), "MEDTUNE_SPACE": str(tmp / "tiny.yaml"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}, popen=started.popen)
+    process = job.start("--name", "slurm", "--seed", "5", "--no-report")
+    asked, intruder, left_over, lost = None, None, [], None
     try:
         deadline = time.time() + 900
-        while job.poll() is None and time.time() < deadline:
-            if asked is None and "2 Ray nodes up" in log.read_text():
+        while process.poll() is None and time.time() < deadline:
+            if lost is None and job.output().count(" epoch 1/2 ") == 2:  # one trial on each node has an epoch
+                lost = job.kill_node(1)
+            if asked is None and "2 Ray nodes up" in job.output():
                 (token,) = (tmp / "shared").glob(f".ray-auth-*/{JOB}.*/auth_token")
-                address = re.search(r"Ray head on node-a \((\S+:\d+)\)", log.read_text())[1]
+                address = re.search(r"Ray head on node-a \((\S+:\d+)\)", job.output())[1]
                 asked = driver(started, address, NODES, RAY_AUTH_TOKEN=token.read_text().strip())
                 # the wrong token: Ray retries for ~20 s before it gives up
                 intruder = driver(started, address, "result = 'joined'", RAY_AUTH_TOKEN="0" * 64)
             time.sleep(0.5)
-        job.wait(timeout=max(1.0, deadline - time.time()))
+        process.wait(timeout=max(1.0, deadline - time.time()))
         nodes = asked.communicate(timeout=300)[0] if asked else "the nodes never came up"
         refused = intruder.communicate(timeout=300)[0] if intruder else ""
     finally:  # what SLURM does at the end of a job: end every step (the `ray start --block` nodes)
-        sessions = {job.pid}
-        for pid in _pids_in_sessions(sessions):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for _ in range(100):  # gone, or zombies waiting for init
-            left_over = [pid for pid in _pids_in_sessions(sessions) if not dead(pid)]
-            if not left_over:
-                break
-            time.sleep(0.1)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        left_over = job.end()
     result = next((json.loads(line[7:]) for line in nodes.splitlines() if line.startswith("RESULT=")), None)
-    return SimpleNamespace(tmp=tmp, returncode=job.returncode, output=log.read_text(), search_dir=tmp / "shared" / "results" / "slurm",
-                           nodes=result, nodes_output=nodes[-3000:],
+    return SimpleNamespace(tmp=tmp, returncode=process.returncode, output=job.output(), search_dir=job.results / "slurm",
+                           nodes=result, nodes_output=nodes[-3000:], lost=lost,
                            intruder=(intruder.returncode if intruder else None, refused), left_over=left_over)
 
 
-def dead(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
-    except OSError:
-        return True
-
-
-def trial_nodes(search_dir: Path) -> dict[str, str]:
-    """trial_id -> address of the node that ran it, from the result.json Ray Tune wrote in the trial's dir."""
+def epoch_nodes(search_dir: Path) -> dict[str, list[tuple[int, str]]]:
+    """trial_id -> (epoch, address of the node that trained it) for every result in the result.json Ray Tune wrote
+    in the trial's dir."""
     nodes = {}
     for result_file in search_dir.glob("trial_*/result.json"):
         for line in result_file.read_text().splitlines():
             result = json.loads(line)
-            nodes.setdefault(result["trial_id"], set()).add(result["node_ip"])
-    assert all(len(ips) == 1 for ips in nodes.values()), nodes  # a trial stays on its node
-    return {trial: ips.pop() for trial, ips in nodes.items()}
+            nodes.setdefault(result["trial_id"], []).append((result["training_iteration"], result["node_ip"]))
+    return nodes
+
+
+def trial_nodes(search_dir: Path) -> dict[str, str]:
+    """trial_id -> address of the node that ran its first epoch."""
+    return {trial: epochs[0][1] for trial, epochs in epoch_nodes(search_dir).items()}
 
 
 def test_the_job_runs_the_search_and_removes_its_token_and_its_nodes(slurm_search):
@@ -171,6 +126,16 @@ def test_trials_ran_on_both_nodes(slurm_search):
     assert set(ran_on.values()) == alive, f"trials by node: {ran_on}, nodes: {alive}"
 
 
+def test_the_lost_node_s_trial_goes_on_on_the_other_node_from_its_checkpoint(slurm_search):
+    assert slurm_search.lost, "the worker node was never killed (no epoch on both nodes)"
+    worker = next(n["ip"] for n in slurm_search.nodes or [] if n["ip"] == "127.0.0.2")
+    epochs = epoch_nodes(slurm_search.search_dir)
+    (moved,) = [trial for trial, ran in epochs.items() if ran[0][1] == worker]
+    head = next(ip for trial, ran in epochs.items() if trial != moved for _, ip in ran)
+    assert epochs[moved] == [(1, worker), (2, head)], epochs  # epoch 1 is not trained again: its checkpoint was kept
+    assert "2 trials: 2 completed" in slurm_search.output, slurm_search.output[-4000:]
+
+
 def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(slurm_search):
     client = mlflow.MlflowClient(f"sqlite:///{slurm_search.tmp / 'mlflow.db'}")
     found = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
@@ -180,6 +145,8 @@ def test_every_trial_has_its_nested_mlflow_run_with_curves_and_reports(slurm_sea
     assert {c.data.tags["medtune.trial_id"] for c in children} == set(trial_nodes(slurm_search.search_dir))
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert all(c.info.status == "FINISHED" and "val_auc" in c.data.metrics for c in children)
+    for run in children:  # one run per trial, the lost node's one too, each epoch once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
     completed = [c for c in children if c.data.tags.get("medtune.outcome") == "completed"]
     assert completed
     for run in completed:  # the driver read each trial's figures from shared storage, whichever node wrote them

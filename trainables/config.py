@@ -16,6 +16,7 @@ from trainables.errors import UserError
 from trainables.tracking.ranking import selection_mode
 
 MAX_CV_FOLDS = 20
+MAX_WORKERS = 1024
 
 
 class TrialConfig(BaseModel):
@@ -96,6 +97,11 @@ class TrialConfig(BaseModel):
     # convolutions); false = cudnn.benchmark's fastest, which may differ run to run. No effect on the CPU
     deterministic: bool = True
     data_root: str | None = None  # where datasets live; None: $MEDTUNE_DATA_ROOT or ~/.medmnist
+    # --- data-parallel trials (trainables/distributed.py) ---
+    # processes that train one trial together (Ray Train, DDP), each on batch_size / workers images of every batch;
+    # set by a space's `resources.workers`, never searched; 1: one process, as a trial has always run
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    sync_batchnorm: bool = False  # workers > 1: BatchNorm statistics over the global batch, not each worker's share
 
     @field_validator("dataset")
     @classmethod
@@ -164,6 +170,16 @@ class TrialConfig(BaseModel):
         if self.cv_folds > 1 and self.split_ratio is not None:
             raise ValueError(f"split_ratio {self.split_ratio} and cv_folds {self.cv_folds} both split the development "
                              "pool; drop split_ratio (each fold is the validation part once) or use cv_folds 1")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> TrialConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by workers {self.workers} (batch_size is "
+                             f"the global batch, split evenly); use a multiple of {self.workers}")
+        if self.workers > 1 and self.cv_folds > 1:
+            raise ValueError(f"cv_folds {self.cv_folds} with workers {self.workers} is not supported; "
+                             "use cv_folds 1 or resources.workers 1")
         return self
 
     @model_validator(mode="after")

@@ -3,29 +3,23 @@
 A trial whose loss diverges ends itself with a failure result (trainables.tracking.ranking.failure_result) instead
 of raising: Ray retries every exception (`max_failures`), and this one would only happen again.
 
-The only module of `trainables` that imports Ray. Datasets arrive through `tune.with_parameters`
-(object store, one copy per node), keyed by (dataset spec, image size).
+With the rest of trainables/distributed.py (a trial of several workers), the only module of `trainables` that
+imports Ray. Datasets arrive through `tune.with_parameters` (object store, one copy per node), keyed by
+(dataset spec, image size).
 """
 
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 from ray import tune
 
 from trainables.config import resolve_config
+from trainables.distributed import run_data_parallel
 from trainables.tracking.ranking import failure_result
-from trainables.training.checkpoint import load_checkpoint, save_checkpoint
+from trainables.training.checkpoint import load_checkpoint
+from trainables.training.checkpoint_files import write_epoch_checkpoint
 from trainables.training.epochs import iterate_epochs
-from trainables.training.figures import (
-    write_gan_figures,
-    write_oof_predictions,
-    write_study_figures,
-    write_test_predictions,
-    write_trial_figures,
-    write_val_predictions,
-)
 from trainables.training.split_run import NonFiniteLoss
 
 
@@ -33,15 +27,19 @@ def dataset_key(config: dict) -> tuple[str, int]:
     return config["dataset"], int(config["image_size"])
 
 
-def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -> None:
+def tune_trainable(config: dict, datasets: dict, variants: dict | None = None, per_worker: dict | None = None) -> None:
     """One trial under Ray Tune; resumes from the trial's latest checkpoint after a restore or retry.
 
-    `variants` maps a space's variant names to the config keys they fix (see search_spaces)."""
+    `variants` maps a space's variant names to the config keys they fix (see search_spaces). `per_worker`: the
+    resources of each worker of a data-parallel trial (config `workers` > 1), which Ray Train runs instead."""
     config = dict(config)
     if "variant" in config:
         config.update(variants[config.pop("variant")])
     config = resolve_config(config)
     dataset = datasets[dataset_key(config)]
+    if config["workers"] > 1:
+        run_data_parallel(config, dataset, per_worker or {"cpu": 1.0, "gpu": 0.0})
+        return
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -57,23 +55,5 @@ def _report_epochs(config: dict, dataset, resume: dict | None) -> None:
     gan_files: dict[str, bytes] = {}
     for epoch in iterate_epochs(config, dataset, resume):
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(epoch.state, directory)
-            if epoch.synthetic is not None:  # in every checkpoint: an ASHA-stopped trial's last one shows the GAN too
-                gan_files = gan_files or {path.name: path.read_bytes() for path in
-                                          write_gan_figures(directory, dataset.class_names, epoch.synthetic)}
-                for name, data in gan_files.items():  # drawn once, copied into each later checkpoint
-                    (Path(directory) / name).write_bytes(data)
-            if epoch.val_predictions is not None:  # every checkpoint: an ASHA-stopped trial's last one has them too
-                write_val_predictions(directory, dataset.task, dataset.class_names, epoch.val_predictions,
-                                      epoch.state["config"], epoch.state["dataset"])
-            if epoch.final:
-                write_trial_figures(directory, dataset.task, dataset.class_names, epoch.test_labels,
-                                    epoch.test_probs, epoch.history)
-                write_study_figures(directory, dataset.task, dataset.class_names, test_images=dataset.test.images,
-                                    test_labels=epoch.test_labels, test_probs=epoch.test_probs,
-                                    train_examples=epoch.train_examples, split_labels=epoch.split_labels)
-                write_test_predictions(directory, dataset.task, dataset.class_names, epoch.test_labels, epoch.test_probs,
-                                       dataset.test.attributes)
-                if "oof" in epoch.state:
-                    write_oof_predictions(directory, dataset.task, dataset.class_names, epoch.state["oof"])
+            gan_files = write_epoch_checkpoint(directory, epoch, dataset, gan_files)
             tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))

@@ -29,6 +29,7 @@ from trainables.tracking.names import (
     EXPERIMENT,
     OOF_PREDICTIONS,
     PARENT,
+    REPLAYED,
     TAG_BEST_RUN,
     TAG_CHECKPOINT,
     TAG_DATASET,
@@ -43,10 +44,11 @@ from trainables.tracking.names import (
     TAG_VERSION,
     VAL_PREDICTIONS,
 )
-from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, outcome, reported_failure
+from trainables.tracking.ranking import CUT_BY_BUDGET, FAILED, INTERRUPTED, outcome, reported_failure
 from trainables.tracking.resilient import ResilientClient, scoped_env
-from trainables.tracking.state import BudgetClock, record_budget
+from trainables.tracking.state import BudgetClock, record_budget, storage_lost
 
+TRAIN_CHECKPOINT_KEY = "checkpoint_path"  # ray.tune.integration.ray_train's result key for a Ray Train checkpoint
 RESULT_PARAMS = ("stem_resolved",)  # what a trial resolves itself (stem auto -> small/imagenet): a param, not a metric
 _RAY_BOOKKEEPING = {"timestamp", "pid", "done", "time_since_restore", "iterations_since_restore",
                     "timesteps_total", "episodes_total", "timesteps_since_restore", "time_this_iter_s"}
@@ -169,6 +171,8 @@ def start_search_run(client: MlflowClient, experiment_id: str, search: str, tags
     existing = find_search_run(client, search, experiment_id)
     if existing is not None:
         client.update_run(existing.info.run_id, status="RUNNING")
+        if TAG_OUTCOME in existing.data.tags:  # `interrupted`, from the run that was stopped: it goes on now
+            client.delete_tag(existing.info.run_id, TAG_OUTCOME)
         return existing.info.run_id
     run = client.create_run(experiment_id, run_name=search, tags={TAG_SEARCH: search, TAG_ROLE: "search", **tags})
     return run.info.run_id
@@ -197,6 +201,14 @@ def numeric_metrics(result: dict, step: int, timestamp_ms: int | None = None) ->
 def checkpoint_uri(checkpoint) -> str:
     kind = getattr(checkpoint.filesystem, "type_name", "local")
     return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def checkpoint_location(checkpoint, last_result: dict | None) -> str | None:
+    """Where a trial's latest checkpoint is: its Tune checkpoint, or for a data-parallel trial (Ray Train keeps
+    it: trainables/distributed.py) the URI its last result names. None: it never saved one."""
+    if checkpoint is not None:
+        return checkpoint_uri(checkpoint)
+    return (last_result or {}).get(TRAIN_CHECKPOINT_KEY) or None
 
 
 # --- what the search's ResilientClient may queue: named operations that find before they create ---------------
@@ -239,7 +251,8 @@ class MLflowTrialCallback(Callback):
 
     Params at start, one metric step per epoch, and at the end the trial's report files (read from its
     final checkpoint on shared storage), the checkpoint URI and how the trial ended. Ray calls no trial hook for
-    the trials it stops when the time budget is spent, so the experiment's end closes those (cut by budget). It keeps
+    the trials it stops when the time budget is spent or the search is interrupted (search_spaces/stopping.py), so the
+    experiment's end closes those: cut by budget (FINISHED), or interrupted (KILLED, for --resume to go on). It keeps
     the budget's clock (saved with Ray's state) and records its decision in the search's state file for tune.py.
     """
 
@@ -291,10 +304,23 @@ class MLflowTrialCallback(Callback):
         if reported_failure(result):  # the trial's own end, not an epoch: on_trial_complete records it
             return
         step = int(result.get("training_iteration", 0))
+        if result.get(REPLAYED):  # an epoch a restarted data-parallel trial reports again: log it once
+            if step in self._logged_steps(trial):
+                return
+            result = {key: value for key, value in result.items() if key != REPLAYED}
         params = flat_params({key: result[key] for key in RESULT_PARAMS if key in result}) \
             if trial.trial_id not in self._result_params else []  # once per trial (again after a resume: same value)
         self._result_params.add(trial.trial_id)
         self.client.log_batch(self._run_id(trial), metrics=numeric_metrics(result, step), params=params)
+
+    def _logged_steps(self, trial) -> set[int]:
+        """The epochs the trial's run holds; none while MLflow is away (then a replayed epoch is logged again)."""
+        try:
+            history = self.client.attempt(lambda client, run_id: client.get_metric_history(run_id, "epoch"),
+                                          self._run_id(trial))
+        except Exception:  # noqa: BLE001 (away, or a run still pending: logging twice is the lesser harm)
+            return set()
+        return {metric.step for metric in history}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         failure = reported_failure(trial.last_result)
@@ -306,22 +332,32 @@ class MLflowTrialCallback(Callback):
     def on_experiment_end(self, trials, **info):
         self.budget.tick(time.time())
         spent = self.budget.spent
-        if getattr(self, "storage", None) and self.budget.budget_s is not None:
-            record_budget(self.storage, self.search, self.budget)  # what tune.py's summary and ranking read
         for trial in trials:
             if trial.status != "TERMINATED":
+                if trial.status != "ERROR" and trial.trial_id in self._runs:  # waiting to be retried: interrupted
+                    self._interrupt(trial)
                 continue
             ended = outcome(int(trial.last_result.get("training_iteration", 0)), self.max_t,
                             marked_done=bool(trial.last_result.get("done")), budget_spent=spent)
             if ended == CUT_BY_BUDGET:
                 self._close(trial, ended)
+            elif ended == INTERRUPTED:
+                self._interrupt(trial)
+        if getattr(self, "storage", None) and self.budget.budget_s is not None:  # last: the storage may be failing
+            record_budget(self.storage, self.search, self.budget)  # what tune.py's summary and ranking read
+
+    def _interrupt(self, trial) -> None:
+        """Never left RUNNING: KILLED, tagged interrupted; --resume finds the run again by its trial id."""
+        run_id = self._run_id(trial)
+        self.client.log_batch(run_id, tags=[RunTag(TAG_OUTCOME, INTERRUPTED)])
+        self.client.set_terminated(run_id, status="KILLED")
 
     def _close(self, trial, ended: str) -> None:
         """Tag how the trial ended, log its report files and checkpoint URI, and finish its run."""
         run_id = self._run_id(trial)
         tags = [RunTag(TAG_OUTCOME, ended)]
-        if trial.checkpoint is not None:
-            uri = checkpoint_uri(trial.checkpoint)
+        uri = checkpoint_location(trial.checkpoint, trial.last_result)
+        if uri is not None:
             tags.append(RunTag(TAG_CHECKPOINT, uri))
             self.client.call("log_checkpoint_files", run_id, uri)  # read when logged: the folder outlives an outage
         self.client.log_batch(run_id, tags=tags)
@@ -330,6 +366,9 @@ class MLflowTrialCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         error = (trial.error_file and Path(trial.error_file).exists() and
                  Path(trial.error_file).read_text().strip().splitlines()[-1]) or "trial failed"
+        if storage_lost(error):  # not the trial's failure: the search stops, and --resume trains it on
+            self._interrupt(trial)
+            return
         self._fail(trial, error)
 
     def _fail(self, trial, error: str) -> None:

@@ -9,7 +9,7 @@ EXPERIMENT = "medtune"
 TAG_SEARCH = "medtune.search"  # search name, on the parent and every trial run
 TAG_ROLE = "medtune.role"  # "search" (parent) or "trial"
 TAG_TRIAL = "medtune.trial_id"  # Ray's trial id: a resumed trial finds its run again
-TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | cut_by_budget | failed
+TAG_OUTCOME = "medtune.outcome"  # completed | stopped_early | cut_by_budget | interrupted | failed
 TAG_CHECKPOINT = "medtune.checkpoint"  # URI of the trial's latest checkpoint (it holds the best weights)
 TAG_BEST_RUN = "medtune.best_run_id"  # on the parent
 TAG_IS_BEST = "medtune.best_trial"  # "true" on the winning trial run
@@ -18,6 +18,9 @@ TAG_ERROR = "medtune.error"  # a failed trial's last error line
 TAG_SPACE, TAG_DATASET, TAG_SEED, TAG_VERSION = "medtune.space", "medtune.dataset", "medtune.seed", "medtune.version"
 TAG_TRIAL_RUN = "medtune.trial_run_id"  # on a registered model version: the trial it came from
 PARENT = "mlflow.parentRunId"
+# a result key: an epoch a restarted data-parallel trial reports again from its checkpoint (trainables/distributed.py),
+# because Ray Train had saved it when the search stopped but Tune may never have received it; logged once
+REPLAYED = "replayed_from_checkpoint"
 
 REPORT_ARTIFACTS = ("confusion_matrix.png", "roc_curve.png", "learning_curves.png", "classification_report.json")
 STUDY_ARTIFACTS = ("misclassified_test.png", "augmented_train.png", "class_distribution.png", "class_distribution.json")

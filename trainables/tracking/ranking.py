@@ -13,7 +13,8 @@ from typing import TypeVar
 
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
 CUT_BY_BUDGET = "cut_by_budget"  # running when the search's time budget was spent: Ray stopped it mid-epoch
-OUTCOMES = (COMPLETED, STOPPED_EARLY, CUT_BY_BUDGET, FAILED)
+INTERRUPTED = "interrupted"  # running when the search was stopped (a signal, its storage failing): --resume goes on
+OUTCOMES = (COMPLETED, STOPPED_EARLY, CUT_BY_BUDGET, INTERRUPTED, FAILED)
 RANKED = (COMPLETED, CUT_BY_BUDGET)  # can win: the budget, not their score, ended the cut ones (finished epochs count)
 T = TypeVar("T")
 LOWER_IS_BETTER = ("loss", "hamming_loss")  # every other metric a trial logs: higher is better
@@ -55,13 +56,16 @@ def reported_failure(result: dict | None) -> str | None:
 def outcome(epochs_done: int, max_t: int, failed: bool = False, marked_done: bool = True,
             budget_spent: bool = False) -> str:
     """A trial is completed when it trained all `max_t` epochs (it then has test metrics). One that stopped before
-    without an error was stopped early by ASHA, which marks its last result done; one without that mark, stopped
-    when the search's time budget was spent, was cut by the budget (Ray stops running trials where they are)."""
+    without an error was stopped early by ASHA, which marks its last result done. Ray stops running trials where they
+    are, without that mark, at the end of a search: when its time budget was spent they were cut by the budget,
+    otherwise the search was interrupted (a signal, its storage failing) and `--resume` trains them on."""
     if failed:
         return FAILED
     if epochs_done >= max_t:
         return COMPLETED
-    return CUT_BY_BUDGET if budget_spent and not marked_done else STOPPED_EARLY
+    if not marked_done:
+        return CUT_BY_BUDGET if budget_spent else INTERRUPTED
+    return STOPPED_EARLY
 
 
 def selection_key(metric: str) -> str:

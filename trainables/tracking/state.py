@@ -55,6 +55,13 @@ def _says(message: str, word: str) -> bool:
     return re.search(rf"(?<!\d){word}(?!\d)" if word.isdigit() else re.escape(word), message) is not None
 
 
+def storage_lost(text: str) -> bool:
+    """Whether an error's text says a storage filled up or went read-only mid-search (the first two kinds above):
+    what Ray reports of a failed checkpoint or experiment-state write, where the errno is gone."""
+    message = re.sub(r"\S*[/\\]\S*", " ", text).lower()
+    return any(_says(message, word) for _, words, _ in _KINDS[:2] for word in words)
+
+
 def storage_error(storage: str, error: OSError) -> UserError:
     """One line naming the storage, the kind of failure and the fix."""
     message = _message(error)
@@ -113,12 +120,20 @@ def write_state(storage: str, name: str, state: dict) -> None:
 
 
 def _write(storage: str, relative: str, data: bytes) -> None:
+    """Written beside, then moved over the old file: a storage that fills up mid-write leaves the old one whole
+    (writing in place would cut it short: the search could no longer be resumed)."""
     fs, path = _location(storage, relative)
+    beside = f"{path}.{uuid.uuid4().hex[:8]}.partial"
     try:
         fs.create_dir(path.rsplit("/", 1)[0])
-        with fs.open_output_stream(path) as handle:
+        with fs.open_output_stream(beside) as handle:
             handle.write(data)
+        fs.move(beside, path)
     except OSError as error:
+        try:
+            fs.delete_file(beside)
+        except OSError:
+            pass  # never made, or the storage refuses even that
         raise storage_error(storage, error) from error
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import torch
+
 from trainables.config import resolve_config
 from trainables.data.datasets import Dataset, load_dataset
 from trainables.data.splits import development_splits
@@ -20,14 +22,18 @@ from trainables.training.cv import best_fold, fold_mean, fold_state, out_of_fold
 from trainables.training.split_run import Epoch, SplitRun, augmented_examples, pick_device, seed_everything, set_determinism, use_bf16
 
 
-def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -> Iterator[Epoch]:
-    """Train `config` on `dataset`, yielding each epoch; the last one carries the test metrics."""
+def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None, *, device: torch.device | None = None,
+                   runner: type[SplitRun] = SplitRun) -> Iterator[Epoch]:
+    """Train `config` on `dataset`, yielding each epoch; the last one carries the test metrics.
+
+    A data-parallel worker (trainables/distributed.py) passes its own `device` and `runner`
+    (training.data_parallel.DataParallelRun); every rank yields the same epochs and metrics."""
     config = resolve_config(config)
     seed_everything(config["seed"])
     set_determinism(config["deterministic"])
-    device = pick_device(config["device"])
+    device = device or pick_device(config["device"])
     amp = use_bf16(config["precision"], device)
-    runs = [SplitRun(config, dataset, train_idx, val_idx, device, amp, fold)
+    runs = [runner(config, dataset, train_idx, val_idx, device, amp, fold)
             for fold, (train_idx, val_idx) in enumerate(development_splits(dataset, config))]
     cv = len(runs) > 1
     start, history = 1, []
@@ -74,6 +80,9 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None) -
 def train(config: dict, data: Dataset | None = None, report: Callable[[dict], object] = print) -> dict:
     """Run a whole trial, calling `report(metrics)` once per epoch; returns the last metrics."""
     config = resolve_config(config)
+    if config["workers"] > 1:
+        raise UserError(f"workers {config['workers']} needs Ray Train: run the trial in a search with "
+                        f"resources: {{workers: {config['workers']}}}, or set workers 1")
     dataset = data or load_dataset(config["dataset"], image_size=config["image_size"], data_root=config["data_root"],
                                    skip_bad_images=config["skip_bad_images"], split_version=config["split_version"])
     metrics: dict = {}

@@ -239,8 +239,13 @@ def predict_logits(model, loader, device, amp: bool = False) -> tuple[np.ndarray
 def evaluate(model, criterion, loader, device, task, class_names, amp: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
     """(metrics incl. loss, labels, logits) for one split (logits: what a temperature is fitted on later)."""
     logits, labels = predict_logits(model, loader, device, amp)
+    return split_metrics(criterion, task, class_names, logits, labels), labels, logits
+
+
+def split_metrics(criterion, task, class_names, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """Loss and classification metrics of a whole split's logits (a CPU `criterion`)."""
     loss = float(criterion(torch.from_numpy(logits), _targets(torch.from_numpy(labels), task)).item())
-    return {"loss": loss, **classification_metrics(task, labels, probabilities(task, logits), class_names)}, labels, logits
+    return {"loss": loss, **classification_metrics(task, labels, probabilities(task, logits), class_names)}
 
 
 def eval_loader(images: ImageSet, batch_size: int, device: torch.device, normalization: Normalization = HALF) -> DataLoader:
@@ -344,7 +349,6 @@ class SplitRun:
         self.generator = torch.Generator().manual_seed(config["seed"])
         sampler = build_sampler(config["sampling"], self.train_data.labels[self.train_data.index], self.generator)
         self.train_loader = build_train_loader(self.train_data, config, sampler, self.generator, device, batched)
-        self.val_loader = eval_loader(self.val_set, 512, device, self.normalization)
 
         self.model = build_model(config, dataset).to(device)
         if device.type == "cuda":
@@ -388,15 +392,13 @@ class SplitRun:
         # resumed from a checkpoint trains exactly as one that was never interrupted.
         draws = config["seed"] * 100_003 + epoch + 1_000_003 * self.fold
         self.generator.manual_seed(draws)
-        torch.manual_seed(draws)
-        train_loss, self.step, train_logits, train_labels = train_one_epoch(
-            self.model, self.criterion, self.optimizer, self.schedule, self.train_loader, self.device, task, self.step,
-            self.amp, prepare=self.prepare)
+        torch.manual_seed(self.torch_seed(draws))
+        train_loss, train_logits, train_labels = self.train_pass()
         # on the augmented (and re-sampled) training batches, in train mode: a cheap gap monitor, not a score
         train_metrics = classification_metrics(task, train_labels, probabilities(task, train_logits),
                                                self.dataset.class_names)
-        val_metrics, val_labels, val_logits = evaluate(self.model, self.cpu_criterion, self.val_loader, self.device,
-                                                       task, self.dataset.class_names, self.amp)
+        val_logits, val_labels = self.predict(self.val_set)
+        val_metrics = split_metrics(self.cpu_criterion, task, self.dataset.class_names, val_logits, val_labels)
         score = val_metrics.get(self.metric_key, float("nan"))
         # no epoch scored yet (NaN metric): the first epoch's weights stand in
         if _better(score, self.best_score, config["mode"]) or self.best_state is None:
@@ -416,19 +418,35 @@ class SplitRun:
                 "train_images": len(self.train_data), **self.costs,
                 **(self.synthetic.metrics if self.synthetic else {}), "stem_resolved": self.stem}
 
+    # --- what a data-parallel run (training.data_parallel) does its own way ---
+    def torch_seed(self, draws: int) -> int:
+        """The seed of torch's global generator (dropout, augmentation draws) for the epoch's `draws`."""
+        return draws
+
+    def train_pass(self) -> tuple[float, np.ndarray, np.ndarray]:
+        """One epoch of training: (mean loss, the pass's logits and labels)."""
+        loss, self.step, logits, labels = train_one_epoch(
+            self.model, self.criterion, self.optimizer, self.schedule, self.train_loader, self.device,
+            self.dataset.task, self.step, self.amp, prepare=self.prepare)
+        return loss, logits, labels
+
+    def predict(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, labels) of the current weights on every row of `images`, in order."""
+        return predict_logits(self.model, eval_loader(images, 512, self.device, self.normalization), self.device,
+                              self.amp)
+
     def load_best(self) -> None:
         self.model.load_state_dict(self.best_state)
 
     def score(self, images: ImageSet) -> tuple[dict, np.ndarray, np.ndarray]:
         """(metrics, labels, probabilities) of the current weights on `images` (call `load_best` first)."""
-        metrics, labels, logits = evaluate(self.model, self.cpu_criterion,
-                                           eval_loader(images, 512, self.device, self.normalization), self.device,
-                                           self.dataset.task, self.dataset.class_names, self.amp)
+        logits, labels = self.predict(images)
+        metrics = split_metrics(self.cpu_criterion, self.dataset.task, self.dataset.class_names, logits, labels)
         return metrics, labels, probabilities(self.dataset.task, logits)
 
     def val_logits(self) -> np.ndarray:
         """Validation logits of the current weights (the best ones at the end: out-of-fold predictions)."""
-        return predict_logits(self.model, self.val_loader, self.device, self.amp)[0]
+        return self.predict(self.val_set)[0]
 
     def split_labels(self, test_labels: np.ndarray) -> dict:
         labels = {"train": self.train_set.labels, "val": self.val_set.labels, "test": test_labels}
