@@ -13,7 +13,7 @@ import pytest
 from conftest import real_data, toy_dataset
 from PIL import Image
 from sklearn.metrics import accuracy_score, roc_auc_score
-from test_analysis import log_search, run_main, toy_winner
+from test_analysis import TOY, log_search, run_main, toy_winner
 
 from analysis import description, export, robustness
 from analysis.bootstrap import metrics_with_ci
@@ -21,13 +21,16 @@ from analysis.calibration import calibrated
 from analysis.predict import load_model
 from analysis.replay import logits_of
 from analysis.subgroups import age_band, score_groups, weakest_group
+from trainables.config import resolve_config
 from trainables.data.attributes import parse_age
 from trainables.data.datasets import load_dataset
 from trainables.data.folder_datasets import read_nih
 from trainables.data.normalization import Normalization
 from trainables.errors import UserError
 from trainables.tracking.names import PREDICTIONS
-from trainables.training.figures import write_test_predictions
+from trainables.training.checkpoint_files import write_epoch_checkpoint
+from trainables.training.epochs import iterate_epochs
+from trainables.training.figures import read_test_predictions, write_test_predictions
 
 load = load_dataset.__wrapped__  # no per-process memo: each test reads its own files
 
@@ -223,3 +226,15 @@ def test_description_names_the_winners_weakest_subgroup_from_its_kept_prediction
     assert "its CI wholly below it" in page
     kept = json.loads(client.get_run(winner.info.run_id).data.tags[description.TAG_WEAKEST])
     assert kept["row"]["group"] == "B" and kept["n_resamples"] == 200
+
+
+def test_a_finished_trial_keeps_its_test_images_attributes_beside_its_test_predictions(tmp_path):
+    """What the search's page reads without the data: the final checkpoint's test predictions carry each test
+    image's attributes, row for row. Cost: a 1-epoch toy trial and its report figures; about 6 s."""
+    data = with_attributes(toy_dataset("binary", n_dev=200, n_test=80))
+    *_, last = iterate_epochs(resolve_config(TOY | {"epochs": 1}), data)
+    write_epoch_checkpoint(tmp_path, last, data, {})
+    kept = read_test_predictions(tmp_path / PREDICTIONS)
+    assert np.array_equal(kept["labels"], data.test.labels) and set(kept["attributes"]) == {"sex", "age"}
+    assert np.array_equal(kept["attributes"]["sex"], data.test.attributes["sex"])
+    assert np.array_equal(kept["attributes"]["age"], data.test.attributes["age"])
