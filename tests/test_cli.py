@@ -82,8 +82,8 @@ SPACE = "description: x\ndataset: pneumoniamnist\n"
     ("scheduler: {max_t: 2, grace_period: 3}\n", "scheduler: grace_period 3 exceeds max_t 2"),
     ("num_samples: 2.5\n", "num_samples: 2.5: input should be a valid integer"),
     ("resources: {cpu: 0}\n", "resources.cpu: 0: input should be greater than 0"),
-    ("fixed: {cv_folds: 3}\n", "fixed.cv_folds: is set by the space's top-level keys"),
-    ("params:\n  cv_folds: {choice: [1, 3]}\n", "params.cv_folds: is set by the space's top-level keys"),
+    ("fixed: {cv_folds: 3}\n", "fixed.cv_folds: is set by the space's own keys"),
+    ("params:\n  cv_folds: {choice: [1, 3]}\n", "params.cv_folds: is set by the space's own keys"),
     ("cv_folds: 3\nfixed: {split_ratio: 0.8}\n", "fixed: split_ratio 0.8 and cv_folds 3 both split the development pool"),
 ])
 def test_a_wrong_type_or_range_in_a_space_file_is_named_before_ray_starts(capsys, in_tmp, body, expected):
