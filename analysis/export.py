@@ -67,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="binary tasks: pick the threshold reaching this validation sensitivity (default: Youden's J)")
     parser.add_argument("--register", metavar="MODEL_NAME",
                         help="also register the served model (MLflow pyfunc: image bytes in) in the Model Registry")
+    parser.add_argument("--robustness-images", type=int, default=robustness.MAX_IMAGES, metavar="N",
+                        help=f"corrupt at most N test images, a seeded stratified sample (default "
+                             f"{robustness.MAX_IMAGES}; 0: all): 31 passes over them")
     parser.add_argument("--alias", default=model_registry.ALIAS,
                         help=f"the registry alias the new version gets (default {model_registry.ALIAS})")
     parser.add_argument("--data-root", help="where the dataset lives now (default: the trial's data_root)")
@@ -171,7 +174,7 @@ def export(args) -> int:
                                      decision["threshold"], rep.test.attributes, args.n_resamples, args.seed,
                                      "the exported model's calibrated probabilities at its decision rule"),
         "robustness": robustness.robustness_report(lambda images: rep.logits(shipped, images)[0], rep.test, task,
-                                                   decision, args.seed),
+                                                   decision, args.seed, args.robustness_images),
     }
     robustness.write_plot(metrics["robustness"], out)
     if choice is not None:  # after the choice: every variant's test figures, reported, never used to choose

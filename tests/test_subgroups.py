@@ -238,3 +238,22 @@ def test_a_finished_trial_keeps_its_test_images_attributes_beside_its_test_predi
     assert np.array_equal(kept["labels"], data.test.labels) and set(kept["attributes"]) == {"sex", "age"}
     assert np.array_equal(kept["attributes"]["sex"], data.test.attributes["sex"])
     assert np.array_equal(kept["attributes"]["age"], data.test.attributes["age"])
+
+
+def test_robustness_corrupts_at_most_its_cap_a_stratified_seeded_sample_and_says_so():
+    # An NIH-sized test split would cost hours of CPU over 31 passes; the card names the sample instead.
+    from analysis import robustness
+    from trainables.data.registry import ImageSet
+
+    labels = np.repeat([0, 1], [300, 100])
+    test = ImageSet(np.random.default_rng(0).integers(0, 256, (400, 8, 8, 1), dtype=np.uint8), labels)
+    part = robustness.sample(test, "binary", 100, seed=0)
+    assert len(part.labels) == 100 and part.labels.sum() == 25  # the class shares kept
+    assert np.array_equal(robustness.sample(test, "binary", 100, seed=0).images, part.images)
+    assert robustness.sample(test, "binary", 0, seed=0) is test and robustness.sample(test, "binary", 400, 0) is test
+    seen = []
+    report = robustness.robustness_report(lambda images: seen.append(len(images.labels)) or
+                                          np.c_[np.zeros(len(images.labels)), images.images.mean(axis=(1, 2, 3))],
+                                          test, "binary", {"temperature": 1.0, "threshold": None}, max_images=100)
+    assert set(seen) == {100} and report["n"] == 100 and report["n_test"] == 400
+    assert "a seeded sample stratified by class, 100 of its 400 images" in robustness.card_section(report)
