@@ -55,7 +55,9 @@ def start_ray(address: str | None, space: SearchSpace, debug: bool) -> float:
 
 
 def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
-    """The function trainable with its data in the object store and its resources attached."""
+    """The function trainable with its resources attached. `datasets` maps (dataset, image size) to a DatasetRef
+    (search_spaces.preflight.dataset_refs): trials open the data by path, so only these small references go
+    through the object store, never an image array."""
     from ray import tune
 
     from trainables.ray_trainable import tune_trainable

@@ -3,8 +3,9 @@
 A trial whose loss diverges ends itself with a failure result (trainables.tracking.ranking.failure_result) instead
 of raising: Ray retries every exception (`max_failures`), and this one would only happen again.
 
-The only module of `trainables` that imports Ray. Datasets arrive through `tune.with_parameters`
-(object store, one copy per node), keyed by (dataset spec, image size).
+The only module of `trainables` that imports Ray. Datasets arrive through `tune.with_parameters` as references
+(trainables.data.datasets.DatasetRef), keyed by (dataset spec, image size): each trial opens its dataset itself,
+memory-mapping the decoded cache read-only, so no image array goes through Ray's object store.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from ray import tune
 
 from trainables.config import resolve_config
+from trainables.data.datasets import DatasetRef
 from trainables.tracking.ranking import failure_result
 from trainables.training.checkpoint import load_checkpoint, save_checkpoint
 from trainables.training.epochs import iterate_epochs
@@ -33,7 +35,7 @@ def dataset_key(config: dict) -> tuple[str, int]:
     return config["dataset"], int(config["image_size"])
 
 
-def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -> None:
+def tune_trainable(config: dict, datasets: dict[tuple[str, int], DatasetRef], variants: dict | None = None) -> None:
     """One trial under Ray Tune; resumes from the trial's latest checkpoint after a restore or retry.
 
     `variants` maps a space's variant names to the config keys they fix (see search_spaces)."""
@@ -41,7 +43,7 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None) -
     if "variant" in config:
         config.update(variants[config.pop("variant")])
     config = resolve_config(config)
-    dataset = datasets[dataset_key(config)]
+    dataset = datasets[dataset_key(config)].open()
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
