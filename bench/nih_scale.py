@@ -164,7 +164,7 @@ for _ in range(5):
     optimizer.zero_grad(); loss.backward(); optimizer.step()
 model.eval()
 with torch.no_grad():  # a trial scores validation and test in batches of {eval_batch} (split_run.eval_loader)
-    for _ in range(2):
+    for _ in range(2 if {evaluate} else 0):
         model(torch.randint(0, 256, ({eval_batch}, 1, {size}, {size}), dtype=torch.uint8).float() / 255)
 """
 
@@ -172,11 +172,12 @@ with torch.no_grad():  # a trial scores validation and test in batches of {eval_
 EVAL_BATCH = 512  # what SplitRun scores validation and test with
 
 
-def model_need(model: str, size: int, batch: int) -> int:
+def model_need(model: str, size: int, batch: int, evaluate: bool) -> int:
     """Peak anonymous memory (sampled every 0.2 s) of a bare PyTorch process that does what a trial's model does:
-    training steps at `batch`, then forward passes without autograd at the trial's evaluation batch."""
+    training steps at `batch`, then (`evaluate`) forward passes without autograd at the trial's evaluation batch."""
     peak = {"anon": 0}
-    script = MODEL_NEED.format(repo=str(REPO), model=model, size=size, batch=batch, eval_batch=EVAL_BATCH)
+    script = MODEL_NEED.format(repo=str(REPO), model=model, size=size, batch=batch, eval_batch=EVAL_BATCH,
+                               evaluate=evaluate)
     process = subprocess.Popen([sys.executable, "-c", script])
     while process.poll() is None:
         peak["anon"] = max(peak["anon"], proc_memory(process.pid).get("anon", 0))
@@ -192,7 +193,8 @@ def run_search(spec: str, size: int, args) -> dict:
              "max_concurrent": args.trials, "scheduler": {"kind": "fifo", "max_t": 1},
              "resources": {"cpu": 1, "gpu": 0},
              "fixed": {"model": args.model, "image_size": size, "batch_size": args.batch_size},
-             "params": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}}}
+             "params": {"lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+             **({"time_budget": args.time_budget} if args.time_budget else {})}
     (workdir / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     name = f"nih-scale-{int(time.time())}"
     command = [sys.executable, str(REPO / "tune.py"), "--space", str(workdir / "space.yaml"), "--storage",
@@ -214,7 +216,10 @@ def run_search(spec: str, size: int, args) -> dict:
     wall = time.time() - started
     first_results = []
     for result_file in sorted((workdir / "results" / name).glob("trial_*/result.json")):
-        first = json.loads(result_file.read_text().splitlines()[0])
+        lines = result_file.read_text().splitlines()
+        if not lines:  # cut by --time-budget before its first epoch ended
+            continue
+        first = json.loads(lines[0])
         first_results.append({"epoch_seconds": first["epoch_seconds"], "train_images": first.get("train_images")})
     first_batches = sorted(float(mark.read_text()) - started for mark in marks.iterdir())
     return {"returncode": process.returncode, "wall": wall, "trials": first_results, "first_batches": first_batches,
@@ -232,6 +237,9 @@ def main() -> None:
     parser.add_argument("--model", default="simple_cnn")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds: end the search then (trials cut mid-epoch: memory and first batch are measured, "
+                             "the epoch is not, and the model's need is measured without the evaluation pass)")
     args = parser.parse_args()
     if not (args.data / (args.csv or "Data_Entry_2017_v2020.csv")).is_file():
         raise SystemExit(f"error: no {args.csv or 'Data_Entry_2017_v2020.csv'} in {args.data}; "
@@ -255,8 +263,9 @@ def main() -> None:
     print(f"driver: open by path {steps['open_seconds']:.1f} s, split {steps['split_seconds']:.1f} s, leak report "
           f"{steps['leak_seconds']:.1f} s ({steps['sizes']}, {steps['leaks']}); RssAnon after "
           f"{steps['anon_after'] / GB:.2f} GiB", flush=True)
-    need = model_need(args.model, size, args.batch_size)
-    print(f"model need: {args.model} at {size} px, train batch {args.batch_size}, eval batch {EVAL_BATCH}, bare PyTorch: RssAnon "
+    need = model_need(args.model, size, args.batch_size, evaluate=not args.time_budget)
+    scored = "no evaluation (cut before it)" if args.time_budget else f"eval batch {EVAL_BATCH}"
+    print(f"model need: {args.model} at {size} px, train batch {args.batch_size}, {scored}, bare PyTorch: RssAnon "
           f"{need / GB:.2f} GiB", flush=True)
 
     search = run_search(spec, size, args)
