@@ -125,6 +125,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         check_pretrained,
         check_synthetic,
         check_tracking,
+        dataset_refs,
         load_datasets,
     )
     from search_spaces.stopping import EXIT_CODES, SearchStop
@@ -165,7 +166,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
             mlflow.log_dict(parent_id, leak_detail, "leak_report.json")
             mlflow.log_batch(parent_id, metrics=numeric_metrics(leak_metrics, 0),
                              params=search_params({**space.as_dict(), "name": space.name}, seed))
-        trainable = make_trainable(space, datasets, gpu)
+        trainable = make_trainable(space, dataset_refs(space, datasets), gpu)
         if resuming:
             tuner = restore_tuner(space, name, storage, trainable)
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from search_spaces import SearchSpace
 from trainables.augment.synthetic import check_synthetic_task
-from trainables.data.datasets import load_dataset
+from trainables.data.datasets import dataset_ref, load_dataset
 from trainables.data.leaks import format_leak_report, leak_metrics, leak_report
 from trainables.data.splits import cv_fold_indices, train_val_indices
 from trainables.errors import UserError
@@ -15,11 +15,22 @@ from trainables.models import create_model
 from trainables.training.metrics import metric_names
 
 
+def _load_arguments(space: SearchSpace) -> dict:
+    return {key: space.values_of(key)[0] for key in ("data_root", "skip_bad_images", "split_version")}
+
+
 def load_datasets(space: SearchSpace) -> dict:
-    """Every (dataset, image size) a trial may ask for, loaded once on the driver (missing data fails here)."""
-    fixed = {key: space.values_of(key)[0] for key in ("data_root", "skip_bad_images", "split_version")}
-    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size), **fixed)
+    """Every (dataset, image size) a trial may ask for, loaded once on the driver (missing data fails here; file
+    datasets are decoded into their cache now, so trials on this node find it built)."""
+    return {(space.dataset, int(size)): load_dataset(space.dataset, image_size=int(size), **_load_arguments(space))
             for size in space.values_of("image_size")}
+
+
+def dataset_refs(space: SearchSpace, datasets: dict) -> dict:
+    """What trials get instead of `datasets`: references they open themselves (trainables.data.datasets.DatasetRef),
+    so no image goes through Ray's object store and the driver's memory maps are never copied."""
+    return {(spec, size): dataset_ref(dataset, spec, image_size=size, **_load_arguments(space))
+            for (spec, size), dataset in datasets.items()}
 
 
 def check_leaks(space: SearchSpace, datasets: dict, seed: int) -> tuple[dict, dict]:

@@ -71,7 +71,9 @@ def check_workers_fit(space: SearchSpace, cluster: dict, gpu: float) -> None:
 
 
 def make_trainable(space: SearchSpace, datasets: dict, gpu: float):
-    """The function trainable with its data in the object store and its resources attached."""
+    """The function trainable with its resources attached. `datasets` maps (dataset, image size) to a DatasetRef
+    (search_spaces.preflight.dataset_refs): trials open the data by path, so only these small references go
+    through the object store, never an image array."""
     from ray import tune
 
     from trainables.distributed import TUNE_SIDE

@@ -194,7 +194,7 @@ def test_the_ray_trainable_writes_fold_files_and_out_of_fold_predictions(monkeyp
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(tune, "report", report)
     data, config = toy_dataset(groups=True), {**CV, "cv_folds": 2, "epochs": 1}
-    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): data})
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): SimpleNamespace(open=lambda: data)})
     files, index = written
     assert {FILENAME, "fold0.pt", "fold1.pt", OOF_PREDICTIONS} <= set(files)
     assert np.array_equal(index, np.arange(len(data.dev)))

@@ -44,7 +44,8 @@ def test_a_diverging_trial_ends_itself_failed_instead_of_raising_into_a_retry(mo
                                                                report=lambda metrics, **kw: reports.append(metrics)))
     config = {"dataset": "pneumoniamnist", "model": "simple_cnn", "image_size": 16, "epochs": 2, "batch_size": 32,
               "lr": 1e30, "optimizer": "sgd", "metric": "val_loss"}
-    ray_trainable.tune_trainable(config, datasets={("pneumoniamnist", 16): toy()})
+    in_memory = SimpleNamespace(open=toy)  # a DatasetRef's one method: the trial opens its dataset itself
+    ray_trainable.tune_trainable(config, datasets={("pneumoniamnist", 16): in_memory})
     (last,) = reports  # it diverged in its first epoch
     assert last["done"] and math.isnan(last["val_loss"]) and last["best_val_loss"] is None
     assert reported_failure(last).startswith("NonFiniteLoss: Non-finite loss")

@@ -4,6 +4,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,7 +162,8 @@ def test_a_finished_trial_writes_the_gan_report_for_mlflow(monkeypatch):
     monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(tune, "report", report)
     config = {**FAST, "epochs": 2, "synthetic_pct": 20}
-    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): toy_dataset("binary")})
+    in_memory = SimpleNamespace(open=lambda: toy_dataset("binary"))  # a DatasetRef's one method
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): in_memory})
     assert all(set(GAN_ARTIFACTS) <= set(files) for files in written)  # an ASHA-stopped trial's last checkpoint too
     assert written[-1]["gan_samples.png"][:4] == b"\x89PNG" and written[-1]["gan_losses.png"][:4] == b"\x89PNG"
     summary = json.loads(written[-1]["gan_training.json"])

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -439,7 +440,7 @@ def test_finished_trial_writes_the_study_figures_into_its_checkpoint(toy, monkey
     monkeypatch.setattr(tune, "report", report)
     data = toy("multilabel")
     config = {**FAST, "epochs": 2, "dataset": "pneumoniamnist", "minority_aug_pct": 50, "augment": "hflip"}
-    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): data})
+    ray_trainable.tune_trainable(config, {ray_trainable.dataset_key(resolve_config(config)): SimpleNamespace(open=lambda: data)})
     always = set(ARTIFACTS) - set(GAN_ARTIFACTS)  # the GAN's files come with synthetic_pct only (test_synthetic.py)
     # the validation predictions in every checkpoint (an ASHA-stopped trial's last one too), the rest at the end
     assert set(written[0]) == {"checkpoint.pt", VAL_PREDICTIONS}

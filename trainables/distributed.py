@@ -39,7 +39,7 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-from trainables.data.registry import Dataset
+from trainables.data.datasets import DatasetRef
 from trainables.tracking.names import REPLAYED
 from trainables.tracking.ranking import failure_result
 from trainables.training.checkpoint import load_checkpoint
@@ -68,13 +68,14 @@ class ReportToTune(TuneReportCallback):
         self._training_actor_item_queue.put(metrics)
 
 
-def run_data_parallel(config: dict, dataset: Dataset, per_worker: dict) -> None:
-    """The Tune side of a data-parallel trial: start (or restart) its Trainer and wait for it."""
+def run_data_parallel(config: dict, dataset: DatasetRef, per_worker: dict) -> None:
+    """The Tune side of a data-parallel trial: start (or restart) its Trainer and wait for it. Each rank opens the
+    dataset by its reference (a read-only memory map of its node's cache): no image array goes through Ray."""
     use_gpu = per_worker.get("gpu", 0) > 0
     storage = tune.get_context().get_storage()
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config={"config": config, "dataset": ray.put(dataset)},  # one copy per node, not per worker
+        train_loop_config={"config": config, "dataset": dataset},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config["workers"], use_gpu=use_gpu,
@@ -96,7 +97,7 @@ def run_data_parallel(config: dict, dataset: Dataset, per_worker: dict) -> None:
 
 def train_worker(loop_config: dict) -> None:
     """One rank: `iterate_epochs` with a DataParallelRun; every rank reports each epoch, rank 0 with the checkpoint."""
-    config, dataset = loop_config["config"], ray.get(loop_config["dataset"])
+    config, dataset = loop_config["config"], loop_config["dataset"].open()
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()

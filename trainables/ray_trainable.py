@@ -4,8 +4,9 @@ A trial whose loss diverges ends itself with a failure result (trainables.tracki
 of raising: Ray retries every exception (`max_failures`), and this one would only happen again.
 
 With the rest of trainables/distributed.py (a trial of several workers), the only module of `trainables` that
-imports Ray. Datasets arrive through `tune.with_parameters` (object store, one copy per node), keyed by
-(dataset spec, image size).
+imports Ray. Datasets arrive through `tune.with_parameters` as references (trainables.data.datasets.DatasetRef),
+keyed by (dataset spec, image size): each trial opens its dataset itself, memory-mapping the decoded cache
+read-only, so no image array goes through Ray's object store.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tempfile
 from ray import tune
 
 from trainables.config import resolve_config
+from trainables.data.datasets import DatasetRef
 from trainables.distributed import run_data_parallel
 from trainables.tracking.ranking import failure_result
 from trainables.training.checkpoint import load_checkpoint
@@ -27,7 +29,8 @@ def dataset_key(config: dict) -> tuple[str, int]:
     return config["dataset"], int(config["image_size"])
 
 
-def tune_trainable(config: dict, datasets: dict, variants: dict | None = None, per_worker: dict | None = None) -> None:
+def tune_trainable(config: dict, datasets: dict[tuple[str, int], DatasetRef], variants: dict | None = None,
+                   per_worker: dict | None = None) -> None:
     """One trial under Ray Tune; resumes from the trial's latest checkpoint after a restore or retry.
 
     `variants` maps a space's variant names to the config keys they fix (see search_spaces). `per_worker`: the
@@ -36,10 +39,10 @@ def tune_trainable(config: dict, datasets: dict, variants: dict | None = None, p
     if "variant" in config:
         config.update(variants[config.pop("variant")])
     config = resolve_config(config)
-    dataset = datasets[dataset_key(config)]
-    if config["workers"] > 1:
-        run_data_parallel(config, dataset, per_worker or {"cpu": 1.0, "gpu": 0.0})
+    if config["workers"] > 1:  # each rank opens the dataset itself
+        run_data_parallel(config, datasets[dataset_key(config)], per_worker or {"cpu": 1.0, "gpu": 0.0})
         return
+    dataset = datasets[dataset_key(config)].open()
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

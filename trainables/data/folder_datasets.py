@@ -58,6 +58,7 @@ what was skipped.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -67,7 +68,7 @@ import pandas as pd
 
 from trainables.data.attributes import NIH_ATTRIBUTES, read_attributes, subgroup_columns
 from trainables.data.image_cache import cached_images
-from trainables.data.registry import MIN_IMAGE_SIZE, Dataset, ImageSet, register_dataset
+from trainables.data.registry import MIN_IMAGE_SIZE, Dataset, ImageSet, RowView, register_dataset
 from trainables.data.splits import SPLIT_VERSION, holdout
 from trainables.errors import UserError
 
@@ -128,12 +129,24 @@ def parse_spec(kind: str, path: str | None, data_root: Path, extra: tuple[str, .
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UserError(f"Unknown {kind} option {unknown[0]!r}; valid options: {', '.join(allowed)}")
+    return _locate(kind, raw, data_root), options
+
+
+def _locate(kind: str, raw: str, data_root: Path) -> Path:
+    """PATH as given when it exists (relative: to the working directory), else under the data root."""
     location = Path(raw).expanduser()
     if not location.exists() and not location.is_absolute() and (data_root / location).exists():
         location = data_root / location
     if not location.exists():
         raise UserError(f"{kind}: {raw} does not exist; check the path after '{kind}:'")
-    return location, options
+    return location
+
+
+def absolute_spec(kind: str, path: str, data_root: Path) -> str:
+    """`kind:PATH?options` with PATH made absolute as `parse_spec` finds it: a trial runs in its own folder, maybe on
+    another node, where a relative PATH means nothing. Symlinks are kept (the cache key holds the paths as listed)."""
+    raw, mark, query = path.partition("?")
+    return f"{kind}:{os.path.abspath(_locate(kind, raw, data_root))}{mark}{query}"
 
 
 def _test_fraction(options: dict) -> float:
@@ -157,13 +170,6 @@ def _channels(options: dict) -> int | str:
 
 def _task(labels: np.ndarray, num_classes: int) -> str:
     return "multilabel" if labels.ndim == 2 else ("binary" if num_classes == 2 else "multiclass")
-
-
-def _take(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """A view when `rows` is one contiguous run (keeps the memmap), else a copy."""
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return images[rows[0]:rows[-1] + 1]
-    return images[rows]
 
 
 def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_size: int, options: dict,
@@ -194,7 +200,7 @@ def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_si
     def part(rows):
         groups = None if table.groups is None else table.groups[rows]
         attributes = None if not table.attributes else {k: v[rows] for k, v in table.attributes.items()}
-        return ImageSet(_take(cached.images, rows), table.labels[rows], groups, attributes)
+        return ImageSet(RowView(cached.images, rows), table.labels[rows], groups, attributes)  # nothing read yet
 
     official_val = None if table.val is None or not table.val[dev_rows].any() else table.val[dev_rows]
     files = np.asarray(table.files, dtype=object)

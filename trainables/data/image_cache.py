@@ -7,7 +7,8 @@ The cache lives in $MEDTUNE_CACHE_DIR (default ~/.cache/medtune) under a key tha
 listing (path, size, mtime of every file, in the given order), the image size, the channel option
 and CACHE_FORMAT. A changed, added or removed file is a new key, so a stale cache is never read.
 Trials starting together build it once (FileLock); the build writes a temp file and renames it, so a
-killed build leaves no half-written cache. A later load memory-maps the file and decodes nothing.
+killed build leaves no half-written cache. A later load memory-maps the file read-only and decodes nothing: its
+pages are the OS page cache, one copy per node however many processes read it (none of it is anonymous memory).
 Each call prints one line to stdout: `image cache: built|reusing N decoded images at PATH`.
 
 Preprocessing (bump CACHE_FORMAT when it changes): transparent images are composited on black,
@@ -170,7 +171,7 @@ def _open(npy: Path, meta: Path, count: int, image_size: int, decoded: int = 0) 
         return None
     try:
         info = json.loads(meta.read_text())
-        images = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never changes the file
+        images = np.load(npy, mmap_mode="r")  # read-only: page cache shared by every process of the node
     except (OSError, ValueError):
         return None
     if images.shape != (count, image_size, image_size, info["channels"]):
