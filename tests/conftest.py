@@ -232,6 +232,23 @@ points_to_evaluate:
 """
 
 
+# Two tiny trials that both train to the end, 2 epochs each at once: the search the fault tests (an MLflow outage,
+# a full disk, a preemption) interrupt and resume.
+TWO_TINY_TRIALS = """\
+description: two tiny trials that both train to the end
+dataset: pneumoniamnist
+num_samples: 2
+max_concurrent: 2
+max_failures: 0
+scheduler: {kind: fifo, max_t: 2}
+resources: {cpu: 1}
+fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
+params:
+  lr: {choice: [0.03, 0.1]}
+points_to_evaluate: [{lr: 0.03}, {lr: 0.1}]
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -20,26 +20,14 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 import yaml
-from conftest import background_job, new_mlflow_store
+from conftest import TWO_TINY_TRIALS, background_job, new_mlflow_store
 from local_cluster import SBATCH, SlurmJob
 
 from trainables.tracking.names import PARENT, TAG_OUTCOME, TAG_TRIAL
 from trainables.tracking.state import STATE_FILE
 
 pytestmark = pytest.mark.integration
-SPACE = """\
-description: two tiny trials, one at a time on the job's one CPU
-dataset: pneumoniamnist
-num_samples: 2
-max_concurrent: 2
-max_failures: 0
-scheduler: {kind: fifo, max_t: 2}
-resources: {cpu: 1}
-fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
-params:
-  lr: {choice: [0.03, 0.1]}
-points_to_evaluate: [{lr: 0.03}, {lr: 0.1}]
-"""
+SPACE = TWO_TINY_TRIALS
 NAME = "preempted"
 SIGNAL_AHEAD_S = int(re.search(r"#SBATCH --signal=B:TERM@(\d+)", SBATCH.read_text())[1])
 

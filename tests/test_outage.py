@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from conftest import MlflowServer, background_job, free_port
+from conftest import TWO_TINY_TRIALS, MlflowServer, background_job, free_port
 from mlflow.entities import Metric
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
@@ -29,19 +29,7 @@ from trainables.tracking.resilient import RETRY_ENV, ResilientClient, retry_wind
 from trainables.tracking.state import QUEUE_FILE, read_queue
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = """\
-description: two tiny trials that both train to the end
-dataset: pneumoniamnist
-num_samples: 2
-max_concurrent: 2
-max_failures: 0
-scheduler: {kind: fifo, max_t: 2}
-resources: {cpu: 1}
-fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
-params:
-  lr: {choice: [0.03, 0.1]}
-points_to_evaluate: [{lr: 0.03}, {lr: 0.1}]
-"""
+SPACE = TWO_TINY_TRIALS
 UNREACHABLE = "MLflow unreachable since "
 
 

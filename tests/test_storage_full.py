@@ -14,23 +14,11 @@ from types import SimpleNamespace
 
 import mlflow
 import pytest
-from conftest import REPO, background_job, new_mlflow_store
+from conftest import REPO, TWO_TINY_TRIALS, background_job, new_mlflow_store
 
 from trainables.tracking.names import PARENT, TAG_OUTCOME, TAG_TRIAL
 
-SPACE = """\
-description: two tiny trials that both train to the end
-dataset: pneumoniamnist
-num_samples: 2
-max_concurrent: 2
-max_failures: 0
-scheduler: {kind: fifo, max_t: 2}
-resources: {cpu: 1}
-fixed: {model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}
-params:
-  lr: {choice: [0.03, 0.1]}
-points_to_evaluate: [{lr: 0.03}, {lr: 0.1}]
-"""
+SPACE = TWO_TINY_TRIALS
 # Runs inside the namespace: $1 the storage (a mount point), $2 where the outputs go, $3 the tracking URI.
 SCRIPT = """\
 set -u
