@@ -179,7 +179,8 @@ def test_exported_model_and_torchscript_reproduce_the_logged_test_metrics(search
 def test_export_of_a_bf16_trial_replays_it_in_bf16_and_reports_the_flips(bf16_search, tmp_path):
     """A trial evaluated under bf16 autocast (what every GPU trial does) exports with exit 0: its replay in bf16
     reproduces the logged metrics exactly, and the float32 model's differences from it are counted."""
-    code, stdout, stderr = run_main(export, "--search", "bf16", "--tracking-uri", bf16_search.uri, "--out", tmp_path,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32,
+                                    "--search", "bf16", "--tracking-uri", bf16_search.uri, "--out", tmp_path,
                                     "--n-resamples", 50)
     assert code == 0, stdout + stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -223,7 +224,9 @@ def test_threshold_and_temperature_are_fitted_on_validation_only(search, exporte
 
     fit_decision = analysis.scoring.fit_decision
     monkeypatch.setattr(analysis.scoring, "fit_decision", spy)
-    code, stdout, stderr = run_main(export, "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
+    hide_the_export_extra(monkeypatch)  # not about ONNX: no model.onnx, no cost
+    code, stdout, stderr = run_main(export, "--robustness-images", 32,
+                                    "--search", search.name, "--tracking-uri", search.uri, "--out", tmp_path,
                                     "--n-resamples", 50, "--ensemble", 1)
     assert code == 1 and "does not reproduce" in stderr  # the test labels were scrambled, so test scores moved...
     config = json.loads((exported[0] / "config.json").read_text())
@@ -400,7 +403,7 @@ def test_export_and_predict_a_multiclass_and_a_multilabel_winner(task, normalize
         hide_the_export_extra(monkeypatch)
     toy = toy_winner(tmp_path, monkeypatch, task, toy_store, {"normalize": normalize})
     out = tmp_path / "export"
-    code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
                                     "--n-resamples", 50)
     assert code == 0, stdout + stderr
     # replay loaded the trial's images and split: skip_bad_images and split_version come from its config
@@ -472,7 +475,7 @@ def test_a_frozen_backbone_checkpoint_from_before_frozen_batchnorm_exports_and_l
     assert old and all(sum(name.endswith("num_batches_tracked") for name in w) == 20 for w in old.values())
     save_checkpoint({**toy.state, **old}, tmp_path / "checkpoint")  # where the search's trial run points
     out = tmp_path / "export"
-    code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32, "--search", toy.name, "--tracking-uri", toy.uri, "--out", out,
                                     "--n-resamples", 20)
     assert code == 0, stdout + stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -490,7 +493,8 @@ def test_a_gpu_bf16_trial_exports_on_a_cpu_within_the_stated_tolerance(tmp_path,
     compared within the stated tolerance (not exactly), and the export goes through (model.onnx left out: not
     this test's business)."""
     toy = toy_winner(tmp_path, monkeypatch, "multiclass", toy_store, device="cuda", precision="bf16")
-    code, stdout, stderr = run_main(export, "--search", toy.name, "--tracking-uri", toy.uri, "--out", tmp_path / "out",
+    code, stdout, stderr = run_main(export, "--robustness-images", 32,
+                                    "--search", toy.name, "--tracking-uri", toy.uri, "--out", tmp_path / "out",
                                     "--n-resamples", 20)
     assert code == 0, stdout + stderr
     reproduced = json.loads((tmp_path / "out" / "metrics.json").read_text())["reproduced"]
@@ -638,14 +642,14 @@ def test_bootstrap_ci_of_auc_matches_hanley_mcneil_and_scipy():
     labels = rng.integers(0, 2, 600)
     score = np.clip(0.3 * labels + 0.7 * rng.random(600), 0, 1)
     probs = np.c_[1 - score, score]
-    cis = metrics_with_ci("binary", labels, probs, n_resamples=1000)
+    cis = metrics_with_ci("binary", labels, probs, n_resamples=400)
     auc, n1, n0 = roc_auc_score(labels, score), labels.sum(), (1 - labels).sum()
     q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
     se = np.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc ** 2) + (n0 - 1) * (q2 - auc ** 2)) / (n1 * n0))
     assert cis["auc"]["value"] == auc and cis["acc"]["value"] == classification_metrics("binary", labels, probs)["acc"]
     assert abs(cis["auc"]["low"] - (auc - 1.96 * se)) < 0.01 and abs(cis["auc"]["high"] - (auc + 1.96 * se)) < 0.01
     direct = stats.bootstrap((np.arange(600),), lambda rows: roc_auc_score(labels[rows], score[rows]), paired=True,
-                             vectorized=False, n_resamples=1000, method="percentile", rng=np.random.default_rng(0))
+                             vectorized=False, n_resamples=400, method="percentile", rng=np.random.default_rng(0))
     assert np.isclose(cis["auc"]["low"], direct.confidence_interval.low)
 
 

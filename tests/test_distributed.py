@@ -258,7 +258,8 @@ def test_the_export_ships_a_data_parallel_winner_and_replays_its_test_metrics(re
     out = resumed_search.tmp / "export"
     os.environ["MEDTUNE_CACHE_DIR"] = str(resumed_search.tmp / "cache")
     try:
-        code = export.main(["--search", "ddp", "--tracking-uri", f"sqlite:///{resumed_search.tmp / 'mlflow.db'}",
+        code = export.main(["--robustness-images", "32",
+                            "--search", "ddp", "--tracking-uri", f"sqlite:///{resumed_search.tmp / 'mlflow.db'}",
                             "--out", str(out), "--n-resamples", "200", "--ensemble", "1"])
     finally:
         os.environ.pop("MEDTUNE_CACHE_DIR")

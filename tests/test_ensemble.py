@@ -100,7 +100,7 @@ def test_the_exported_ensemble_is_the_mean_of_its_members_replayed_calibrated_pr
 
     monkeypatch.setattr(analysis.ensemble, "decide", forced)
     out = search.tmp / "export"
-    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
                                     "--n-resamples", 20, "--ensemble", 3, "--tta", "--ensemble-rule", "topk")
     assert code == 0, stdout + stderr
     # trial_b trained on another split: skipped with the reason, and trial_d fills its place
@@ -245,7 +245,7 @@ def test_a_selection_of_one_member_exports_the_single_model(search, monkeypatch)
     one.mkdir()
     (one / "model.onnx").write_bytes(b"an earlier export's file")
     hide_the_export_extra(monkeypatch)
-    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", one,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32, "--search", "ens", "--tracking-uri", search.uri, "--out", one,
                                     "--n-resamples", 20, "--ensemble", 1)
     monkeypatch.undo()
     assert code == 0, stdout + stderr
@@ -255,7 +255,7 @@ def test_a_selection_of_one_member_exports_the_single_model(search, monkeypatch)
     assert not (one / "model.onnx").exists() and json.loads((one / "metrics.json").read_text())["onnx"] == {"skipped": said}
     assert f"`model.onnx`: not written ({said})." in (one / "model_card.md").read_text()
     selection_of(monkeypatch, [1, 0, 0])
-    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", alone,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32, "--search", "ens", "--tracking-uri", search.uri, "--out", alone,
                                     "--n-resamples", 20)
     assert code == 0, stdout + stderr
     assert "chosen: single -- selection kept the winner alone" in stdout
@@ -272,7 +272,7 @@ def test_selected_weights_sum_to_one_and_the_export_is_the_weighted_mean_of_its_
     and the search's description carry the weights 0.75 / 0.25."""
     selection_of(monkeypatch, [3, 1, 0], ships_ensemble=True)
     out = search.tmp / "selected"
-    code, stdout, stderr = run_main(export, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32, "--search", "ens", "--tracking-uri", search.uri, "--out", out,
                                     "--n-resamples", 20)
     assert code == 0, stdout + stderr
     assert "skipped trial trial_b: split_ratio 0.6, not 0.75" in stdout

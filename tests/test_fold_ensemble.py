@@ -74,7 +74,8 @@ def fold_logits(cv_search, fold: int, images) -> np.ndarray:
 
 def test_a_cv_winners_ensemble_ships_its_fold_models_and_their_mean(cv_search):
     data, out = cv_search.data, cv_search.tmp / "export"
-    code, stdout, stderr = run_main(export, "--search", "cvens", "--tracking-uri", cv_search.uri, "--out", out,
+    code, stdout, stderr = run_main(export, "--robustness-images", 32,
+                                    "--search", "cvens", "--tracking-uri", cv_search.uri, "--out", out,
                                     "--n-resamples", 20, "--ensemble", 2)
     assert code == 0, stdout + stderr
     assert "--ensemble 2 uses its 3 fold models, not other trials" in stdout

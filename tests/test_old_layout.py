@@ -64,7 +64,8 @@ def test_a_search_from_the_previous_layout_resumes_and_exports(old_layout_resume
 
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = export.main(["--search", "old-layout", "--out", str(tmp_path / "model"), "--tracking-uri", uri,
+            code = export.main(["--robustness-images", "32",
+                                "--search", "old-layout", "--out", str(tmp_path / "model"), "--tracking-uri", uri,
                                 "--n-resamples", "200"])
         assert code == 0, out.getvalue()[-3000:] + err.getvalue()[-3000:]
         assert "reproduces the logged test metrics" in out.getvalue()

@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import free_port, real_data
+from conftest import free_port, hide_the_export_extra, real_data
 from PIL import Image
 from test_image_files import dicom
 
@@ -40,8 +40,10 @@ def registered(shared_search, tmp_path_factory):
     out = tmp_path_factory.mktemp("served") / "export"
     before = os.environ.get("MLFLOW_TRACKING_URI")
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = export.main(["--search", shared_search.parent.info.run_id, "--tracking-uri", shared_search.uri,
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), pytest.MonkeyPatch.context() as patch:
+        hide_the_export_extra(patch)  # the served model reads model.json + safetensors: no ONNX needed here
+        code = export.main(["--robustness-images", "32",
+                            "--search", shared_search.parent.info.run_id, "--tracking-uri", shared_search.uri,
                             "--out", str(out), "--n-resamples", "20", "--ensemble", "1", "--register", NAME])
     mlflow.set_tracking_uri(before)
     assert code == 0, stdout.getvalue() + stderr.getvalue()
