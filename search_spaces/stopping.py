@@ -137,43 +137,68 @@ class SearchStop:
         return UserError(problem.replace("tune.py --resume NAME", resume))
 
 
-def put_back_ray_state(experiment: str) -> str | None:
-    """Ray's saved experiment state, put back from the copy Ray keeps on this machine when the storage's copy was cut
-    short (a storage that filled up while Ray overwrote it in place): Tuner.restore would log the error and start the
-    search afresh. Which copy was put back; None when the storage's copy reads. UserError when it cannot be put back."""
-    import glob
+def _whole(data: bytes, name: str) -> bool:
+    """Whether a state file Ray wrote reads to its end: JSON parses; a pickle's opcodes run to its STOP (walked by
+    pickletools, never unpickled: nothing in it is executed here)."""
     import json
+    import pickletools
+
+    try:
+        if name.endswith(".json"):
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):
+                pass
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def put_back_ray_state(experiment: str) -> str | None:
+    """Ray's saved experiment state and its searcher's, put back from the copy Ray keeps on this machine when the
+    storage's copy was cut short (a storage that filled up while Ray overwrote them in place): Tuner.restore would
+    log the error and start the search afresh, or fail on the searcher's pickle. Which copy was put back; None when
+    the storage's copies read. UserError when they cannot be put back."""
+    import glob
     import tempfile
 
     import pyarrow.fs
 
     fs, folder = pyarrow.fs.FileSystem.from_uri(experiment)
-    saved = [info for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
-             if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json")]
-    if not saved:
+    files = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    newest = {}  # the newest experiment state and searcher state: what Tuner.restore reads
+    for prefix, suffix in (("experiment_state-", ".json"), ("searcher-state-", ".pkl")):
+        found = [info for info in files if info.base_name.startswith(prefix) and info.base_name.endswith(suffix)]
+        if found:
+            newest[prefix] = max(found, key=lambda info: info.base_name)
+    if "experiment_state-" not in newest:
         return None
-    newest = max(saved, key=lambda info: info.base_name)
-    try:
-        with fs.open_input_stream(newest.path) as handle:
-            json.loads(handle.read())
+    damaged = []
+    for info in newest.values():
+        try:
+            with fs.open_input_stream(info.path) as handle:
+                whole = _whole(handle.read(), info.base_name)
+        except OSError:
+            whole = False
+        if not whole:
+            damaged.append(info)
+    if not damaged:
         return None
-    except (ValueError, OSError):
-        pass
     root = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
     name = folder.rstrip("/").rsplit("/", 1)[-1]
-    for copy in sorted(glob.glob(f"{root}/ray/session_*/artifacts/*/{name}/driver_artifacts/{newest.base_name}")):
-        try:
-            json.loads(Path(copy).read_text())
-        except (ValueError, OSError):
-            continue
+    state = newest["experiment_state-"].base_name
+    for copy in sorted(glob.glob(f"{root}/ray/session_*/artifacts/*/{name}/driver_artifacts/{state}")):
         local = os.path.dirname(copy)
+        if not all(os.path.isfile(os.path.join(local, info.base_name))
+                   and _whole(Path(local, info.base_name).read_bytes(), info.base_name) for info in newest.values()):
+            continue
         for file in os.listdir(local):  # the state, the searcher's and the callbacks' (not the trials' folders)
             if os.path.isfile(os.path.join(local, file)):
                 with open(os.path.join(local, file), "rb") as source, fs.open_output_stream(f"{folder}/{file}") as out:
                     out.write(source.read())
         return local
-    raise UserError(f"Ray's saved state of this search ({newest.path}) was cut short, as a full storage does, and "
-                    "this machine has no copy of it; resume on the machine that ran the search, or start it again")
+    raise UserError(f"Ray's saved state of this search ({damaged[0].path}) was cut short, as a full storage does, and "
+                    "this machine has no whole copy of it; resume on the machine that ran the search, or start it again")
 
 
 def failed_on_storage(experiment: str) -> list[str]:

@@ -8,6 +8,7 @@ reported an epoch, emptied again before the resume. Where the kernel allows neit
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,7 +48,7 @@ def namespace(started) -> list[str] | None:
     return None
 
 
-@background_job()
+@background_job(cost_s=150)
 def full_storage_search(started, tmp: Path) -> SimpleNamespace:
     """Cost: two Ray starts and 4 simple_cnn epochs, two at a time: 147-200 s alone on 2 cores under a load of 11
     from other work, within the 243 s of `preempted_search` when both run beside each other; not measured quiet."""
@@ -134,9 +135,15 @@ def test_ray_s_state_cut_short_by_a_full_storage_is_put_back_from_the_machine_s_
         / "driver_artifacts"
     (local / "trial_1").mkdir(parents=True)
     (local / state).write_text('{"trial_data": []}')
-    (local / "searcher-state-2026-12-07_12-00-00.pkl").write_bytes(b"whole")
+    (local / "searcher-state-2026-12-07_12-00-00.pkl").write_bytes(pickle.dumps("whole"))
     assert put_back_ray_state(str(experiment)) == str(local)
     assert (experiment / state).read_text() == '{"trial_data": []}'
-    assert (experiment / "searcher-state-2026-12-07_12-00-00.pkl").read_bytes() == b"whole"
+    assert (experiment / "searcher-state-2026-12-07_12-00-00.pkl").read_bytes() == pickle.dumps("whole")
     assert not (experiment / "trial_1").exists()  # the state only: the trials' folders are the storage's
     assert put_back_ray_state(str(experiment)) is None  # whole now: left alone
+    # the searcher's pickle cut short while the JSON state reads: put back too (Ray's restore fails on it)
+    whole = pickle.dumps({"searcher": list(range(100))})
+    (experiment / "searcher-state-2026-12-07_12-00-00.pkl").write_bytes(whole[:-20])
+    (local / "searcher-state-2026-12-07_12-00-00.pkl").write_bytes(whole)
+    assert put_back_ray_state(str(experiment)) == str(local)
+    assert (experiment / "searcher-state-2026-12-07_12-00-00.pkl").read_bytes() == whole
