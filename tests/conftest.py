@@ -108,17 +108,15 @@ BACKGROUND: dict[str, Callable] = {}  # fixture name -> its work, registered by 
 RAY_SLOTS = 3  # background searches at once: each starts Ray, so more would only queue for the 2 cores
 
 
-def background_job(needs_data: bool = True, ray: bool = True, cost_s: float = 0.0):
+def background_job(needs_data: bool = True, ray: bool = True):
     """Turn `work(started: Background, folder: Path) -> value` into a session fixture of the same name whose
     value is computed in a thread started before the first test (see `started`). Work in a thread runs
     processes only (`started.run`/`started.popen`), never project code in-process: the tests in the main thread
     monkeypatch it. `needs_data`: the fixture skips (fails under CI) without the MedMNIST data, as
-    `medmnist_root` does; `ray`: the work starts Ray, so it takes one of RAY_SLOTS; `cost_s`: its wall time on
-    2 quiet cores, roughly: the costliest start first, so no long chain of searches is left running alone at the
-    end of the suite."""
+    `medmnist_root` does; `ray`: the work starts Ray, so it takes one of RAY_SLOTS."""
     def register(work: Callable) -> Callable:
         BACKGROUND[work.__name__] = work
-        work.needs_data, work.ray, work.cost_s = needs_data, ray, cost_s
+        work.needs_data, work.ray = needs_data, ray
 
         @pytest.fixture(scope="session", name=work.__name__)
         def fixture(request, started):
@@ -191,7 +189,7 @@ def started(request, tmp_path_factory):
     background = Background(tmp_path_factory, data_path("medmnist/pneumoniamnist.npz").parent)
     has_data = (background.data_root / "pneumoniamnist.npz").exists()
     wanted = {name for item in request.session.items for name in item.fixturenames if name in BACKGROUND}
-    for name in sorted(wanted, key=lambda name: -BACKGROUND[name].cost_s):  # the costliest first
+    for name in sorted(wanted, key=list(BACKGROUND).index):  # in the order they were registered
         if has_data or not BACKGROUND[name].needs_data:
             background.start(name)
     yield background
@@ -335,7 +333,7 @@ def start_mlflow_server(started: Background, folder: Path) -> str:
     return MlflowServer(started, folder).start().url
 
 
-@background_job(cost_s=1000)  # first of all: the first integration tests of the main thread wait for it
+@background_job()
 def shared_search_run(started: Background, tmp: Path) -> SimpleNamespace:
     """`python tune.py --ensemble 3 --tta` on SHARED_SPACE against an MLflow server named only by
     MLFLOW_TRACKING_URI (no flag). Cost: the server and a 6-trial search, about 2 minutes on 2 quiet cores."""

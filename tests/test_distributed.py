@@ -146,7 +146,7 @@ def write_toy_folder(root: Path, count: int = 240) -> Path:
     return root
 
 
-@background_job(needs_data=False, cost_s=150)
+@background_job(needs_data=False)
 def data_parallel_search(started, tmp: Path) -> SimpleNamespace:
     """`tune.py` on a 2-worker trial (gloo, 2 CPUs), SIGKILLed with its Ray once the trial reported epoch 1, then
     `--resume`d. Cost: two tune.py starts and Ray Train's 2-worker group twice, 3 epochs of ResNet-18 at 16 px on

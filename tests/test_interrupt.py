@@ -41,7 +41,7 @@ def wait_for(job: SlurmJob, text: str, timeout: float = 600) -> bool:
     return False
 
 
-@background_job(cost_s=240)
+@background_job()
 def preempted_search(started, tmp: Path) -> SimpleNamespace:
     """The job, SIGTERM to its script after the first epoch, then the job again with MEDTUNE_RESUME.
     Cost: two one-node jobs (a Ray node each) and 4 simple_cnn epochs, one at a time: 227-251 s on 2 cores under a

@@ -55,7 +55,7 @@ def driver(started, address: str, code: str, **env):
                          env={**started.env, "RAY_AUTH_MODE": "token", **env})
 
 
-@background_job(cost_s=120)
+@background_job()
 def slurm_search(started, tmp: Path) -> SimpleNamespace:
     """cluster/slurm.sbatch as job 4242 on node-a,node-b, with the stand-ins; once both nodes are up, one driver
     with the job's token and one with a wrong token join while the search runs."""

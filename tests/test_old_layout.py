@@ -30,7 +30,7 @@ WHERE_IT_WAS_MADE = Path("/tmp/medtune-old-layout")
 pytestmark = pytest.mark.integration
 
 
-@background_job(cost_s=60)
+@background_job()
 def old_layout_resumed(started, tmp: Path) -> SimpleNamespace:
     """The fixture search put back where it was made, with this machine's data root, then `tune.py --resume`d.
     The place is one per machine: a lock keeps a second test run there out until the test has cleaned up."""

@@ -149,7 +149,7 @@ def test_a_finished_trial_keeps_one_checkpoint_with_its_best_weights_only(shared
         assert state["best_epoch"] <= 2 and state["precision"] == "fp32"
 
 
-@background_job(cost_s=90)
+@background_job()
 def killed_and_resumed(started, tmp: Path) -> SimpleNamespace:
     """A 3-trial search whose driver and Ray are SIGKILLed once a trial has ended, then `--resume`d.
     Cost: two tune.py runs of about a minute each on 2 quiet cores, beside the shared search."""

@@ -48,7 +48,7 @@ def namespace(started) -> list[str] | None:
     return None
 
 
-@background_job(cost_s=150)
+@background_job()
 def full_storage_search(started, tmp: Path) -> SimpleNamespace:
     """Cost: two Ray starts and 4 simple_cnn epochs, two at a time: 147-200 s alone on 2 cores under a load of 11
     from other work, within the 243 s of `preempted_search` when both run beside each other; not measured quiet."""
