@@ -118,6 +118,7 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
     import ray
 
     from analysis.summary import print_ensemble, print_summary, print_where, publish, rank_results, result_outcome
+    from search_spaces import stopping
     from search_spaces.preflight import (
         check_folds,
         check_leaks,
@@ -177,14 +178,14 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
             with stop.installed():
                 results = tuner.fit()
         except KeyboardInterrupt:  # Ctrl-C again while stopping: at once, as a kill (runs stay RUNNING until resumed)
-            print(f"\nstopped at once: Ray's last saved state stands; resume with:  {resume_command(name, args)}")
+            print(f"\nstopped at once: Ray's last saved state stands; resume with:  {stopping.resume_command(name, args)}")
             return EXIT_CODES[signal.SIGINT]
         except Exception as error:  # Ray raises what failed in its loop: the storage's failure is one line
             if not stop.note_storage_failure(error):
                 raise
-            end_stopped(stop, [], space, args, name, mlflow, parent_id)
+            stopping.end_stopped(stop, [], space, args, name, mlflow, parent_id)
         if stop.requested:
-            return end_stopped(stop, results, space, args, name, mlflow, parent_id)
+            return stopping.end_stopped(stop, results, space, args, name, mlflow, parent_id)
         if resuming and "interrupted" in (saved := read_state(args.storage, name) or {}):  # it went on to its end
             write_state(args.storage, name, {key: value for key, value in saved.items() if key != "interrupted"})
         # the callback's budget clock decided whether Ray cut the running trials (over every run of the search)
@@ -214,37 +215,6 @@ def run_search(space: SearchSpace, args, name: str, seed: int, tracking_uri: str
         ray.shutdown()
     ended = [result_outcome(r, space.max_t, spent) for r in results]
     return 0 if any(e != FAILED for e in ended) else 1  # every trial failed: say so to scripts too
-
-
-def end_stopped(stop, results, space: SearchSpace, args, name: str, mlflow, parent_id: str) -> int:
-    """A search stopped by a signal or its storage: the parent run ended KILLED (its trials' runs are, by the
-    callback), the state file says what `--resume` will do, one line gives that command; the exit code says why."""
-    from mlflow.entities import RunTag
-
-    from search_spaces.stopping import interrupted_state
-    from trainables.tracking.names import TAG_OUTCOME
-    from trainables.tracking.ranking import INTERRUPTED
-
-    mlflow.log_batch(parent_id, tags=[RunTag(TAG_OUTCOME, INTERRUPTED)])
-    mlflow.set_terminated(parent_id, status="KILLED")
-    mlflow.flush()  # one try: what MLflow did not take waits on disk, and --resume logs it first
-    resume = resume_command(name, args)
-    record = interrupted_state(stop, results, space.max_t, space.num_samples, len(mlflow.queue), resume)
-    if stop.storage_failure is not None:  # one line: what failed and the fix, this resume command included
-        raise stop.storage_problem(resume)
-    write_state(args.storage, name, {**(read_state(args.storage, name) or {}), "interrupted": record})
-    seconds = (dt.datetime.now() - stop.at).total_seconds()
-    print(f"\nstopped {seconds:.0f} s after {record['by']}: {record['trials_ended']} trials ended, "
-          f"{len(record['trials_interrupted'])} interrupted, {record['trials_without_an_epoch']} without an epoch; "
-          f"resume with:  {resume}")
-    return stop.exit_code
-
-
-def resume_command(name: str, args) -> str:
-    """The command that goes on with an interrupted search (the flags a resume needs again)."""
-    flags = [("--storage", storage_root(args.storage)), ("--address", args.address)]
-    return f"python tune.py --resume {shlex.quote(name)}" + "".join(
-        f" {flag} {shlex.quote(value)}" for flag, value in flags if value)
 
 
 def sync_command(name: str, storage: str, report: bool) -> str:

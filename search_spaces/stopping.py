@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import os
 import re
+import shlex
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +28,7 @@ from ray.tune import Callback
 
 from trainables.errors import UserError
 from trainables.tracking.ranking import INTERRUPTED, outcome, reported_failure
-from trainables.tracking.state import storage_error, storage_lost
+from trainables.tracking.state import read_state, storage_error, storage_lost, storage_root, write_state
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports a process it ended
 STOP_RETRY_S = 10.0  # MLflow's retry window while stopping: a stop is bounded whatever the server does
@@ -284,3 +285,32 @@ def interrupted_state(stop: SearchStop, results, max_t: int, num_samples: int | 
 
 def _count(number: int, thing: str) -> str:
     return f"{number} {thing}{'s' if number != 1 else ''}"
+
+
+def end_stopped(stop, results, space, args, name: str, mlflow, parent_id: str) -> int:
+    """A search stopped by a signal or its storage: the parent run ended KILLED (its trials' runs are, by the
+    callback), the state file says what `--resume` will do, one line gives that command; the exit code says why."""
+    from mlflow.entities import RunTag
+
+    from trainables.tracking.names import TAG_OUTCOME
+
+    mlflow.log_batch(parent_id, tags=[RunTag(TAG_OUTCOME, INTERRUPTED)])
+    mlflow.set_terminated(parent_id, status="KILLED")
+    mlflow.flush()  # one try: what MLflow did not take waits on disk, and --resume logs it first
+    resume = resume_command(name, args)
+    record = interrupted_state(stop, results, space.max_t, space.num_samples, len(mlflow.queue), resume)
+    if stop.storage_failure is not None:  # one line: what failed and the fix, this resume command included
+        raise stop.storage_problem(resume)
+    write_state(args.storage, name, {**(read_state(args.storage, name) or {}), "interrupted": record})
+    seconds = (dt.datetime.now() - stop.at).total_seconds()
+    print(f"\nstopped {seconds:.0f} s after {record['by']}: {record['trials_ended']} trials ended, "
+          f"{len(record['trials_interrupted'])} interrupted, {record['trials_without_an_epoch']} without an epoch; "
+          f"resume with:  {resume}")
+    return stop.exit_code
+
+
+def resume_command(name: str, args) -> str:
+    """The command that goes on with an interrupted search (the flags a resume needs again)."""
+    flags = [("--storage", storage_root(args.storage)), ("--address", args.address)]
+    return f"python tune.py --resume {shlex.quote(name)}" + "".join(
+        f" {flag} {shlex.quote(value)}" for flag, value in flags if value)
