@@ -117,6 +117,7 @@ def test_without_train_test_folders_a_seeded_stratified_holdout_is_the_test_spli
     data = load(f"imagefolder:{tmp_path}?test_fraction=0.3", image_size=16)
     assert data.class_names == ("benign", "malignant") and len(data.test) == 6 and len(data.dev) == 14
     assert np.bincount(data.test.labels).tolist() == [3, 3]
+    assert not any("ignored" in note for note in data.notes)  # class folders are read, not ignored
     assert load(f"imagefolder:{tmp_path}?test_fraction=0.3", image_size=16).test_files == data.test_files
     assert len(load(f"imagefolder:{tmp_path}", image_size=16).test) == 4  # default fraction 0.2
 

@@ -20,8 +20,8 @@ from trainables.data.folder_datasets import (
     NIH_FINDINGS,
     NIH_NO_FINDING,
     SMALL_VAL_IMAGES,
+    FileTable,
     _split_folders,
-    _Table,
     _too_small,
     merge_small_val,
     read_nih,
@@ -214,7 +214,7 @@ def test_official_val_keep_keeps_the_tiny_val_and_merge_merges_a_large_one(kerma
     kept = load(f"imagefolder:{kermany}?official_val=keep", image_size=8)
     assert kept.official_val.sum() == 4 and kept.notes == ()
     rows = np.arange(1000)
-    big = _Table([f"{i}.png" for i in rows], rows % 2, None, rows >= 900, rows < 150)
+    big = FileTable([f"{i}.png" for i in rows], rows % 2, None, rows >= 900, rows < 150)
     assert merge_small_val(big, {}) is big  # 150 images, 15 % of the pool: selected on as it is
     assert merge_small_val(big, {"official_val": "merge"}).val is None
 

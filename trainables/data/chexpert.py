@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from trainables.data.attributes import CHEXPERT_ATTRIBUTES, read_attributes
-from trainables.data.folder_datasets import FileDataset, _Table, assemble, parse_spec
+from trainables.data.folder_datasets import FileDataset, FileTable, assemble, parse_spec
 from trainables.data.registry import register_dataset
 from trainables.data.splits import SPLIT_VERSION
 from trainables.errors import UserError
@@ -82,7 +82,7 @@ def _image_path(folder: Path, relative: str) -> str:
     return str(folder.parent / relative if first == folder.name or not rest else folder / rest)
 
 
-def read_chexpert(location: Path, options: dict) -> tuple[tuple[str, ...], _Table]:
+def read_chexpert(location: Path, options: dict) -> tuple[tuple[str, ...], FileTable]:
     """(label names, table) of the CheXpert download at `location`."""
     uncertain = _choice(options, "uncertain", UNCERTAIN_CHOICES)
     view = _choice(options, "view", VIEW_CHOICES)
@@ -107,8 +107,8 @@ def read_chexpert(location: Path, options: dict) -> tuple[tuple[str, ...], _Tabl
                         "name the patient, and the splits keep each patient whole")
     files = [_image_path(folder, p) for p in paths]
     attributes = read_attributes(table, {k: c for k, c in CHEXPERT_ATTRIBUTES.items() if c in table.columns}, str(folder))
-    return findings, _Table(files, labels, patients.to_numpy(), table["_test"].to_numpy(), notes=tuple(notes),
-                            attributes=attributes)
+    return findings, FileTable(files, labels, patients.to_numpy(), table["_test"].to_numpy(), notes=tuple(notes),
+                               attributes=attributes)
 
 
 @register_dataset("chexpert")

@@ -105,7 +105,7 @@ class FileDataset(Dataset):
 
 
 @dataclass(frozen=True)
-class _Table:
+class FileTable:
     """What a loader reads from disk before any pixel: files, labels, groups and the split of every row."""
 
     files: list[str]
@@ -172,7 +172,7 @@ def _task(labels: np.ndarray, num_classes: int) -> str:
     return "multilabel" if labels.ndim == 2 else ("binary" if num_classes == 2 else "multiclass")
 
 
-def assemble(name: str, class_names: tuple[str, ...], table: _Table, *, image_size: int, options: dict,
+def assemble(name: str, class_names: tuple[str, ...], table: FileTable, *, image_size: int, options: dict,
              skip_bad_images: bool, split_version: int = SPLIT_VERSION) -> FileDataset:
     """Decode (or reuse) the images, hold out the test split if the data has none, drop unreadable rows."""
     if image_size < MIN_IMAGE_SIZE:
@@ -303,7 +303,10 @@ def _split_folders(root: Path, options: dict) -> dict[str, Path]:
 
 
 def _ignored_note(root: Path, splits: dict[str, Path]) -> list[str]:
-    """One line naming the folders beside the split folders that are not read (TEST_SIMPLE, a nested copy)."""
+    """One line naming the folders beside the split folders that are not read (TEST_SIMPLE, a nested copy); without
+    split folders every folder is a class and none is ignored."""
+    if not splits:
+        return []
     ignored = [p.name for p in _subfolders(root) if p not in splits.values()]
     if not ignored:
         return []
@@ -347,7 +350,7 @@ def _official_val_choice(options: dict, has_val: bool) -> str:
     return choice
 
 
-def merge_small_val(table: _Table, options: dict, val_folder: str = "val") -> _Table:
+def merge_small_val(table: FileTable, options: dict, val_folder: str = "val") -> FileTable:
     """Merge the official validation rows into the development pool when too small (or asked), with a note."""
     has_val = table.val is not None and bool(table.val.any())
     choice = _official_val_choice(options, has_val)
@@ -364,7 +367,7 @@ def merge_small_val(table: _Table, options: dict, val_folder: str = "val") -> _T
     return replace(table, val=None, notes=(*table.notes, note))
 
 
-def read_imagefolder(root: Path, options: dict | None = None) -> tuple[tuple[str, ...], _Table]:
+def read_imagefolder(root: Path, options: dict | None = None) -> tuple[tuple[str, ...], FileTable]:
     """(class names, table) of `root/[SPLIT/]CLASS/**/image`, with the notes of what was left out."""
     options = options or {}
     inner = _unwrap(root)
@@ -380,7 +383,7 @@ def read_imagefolder(root: Path, options: dict | None = None) -> tuple[tuple[str
     if masks:
         notes.append(f"left out {masks:,} images in {'/'.join(MASK_FOLDERS)} folders: segmentation masks, not images to classify")
     split_of = np.asarray(split_of)
-    table = _Table(files, np.asarray(labels, np.int64), None, split_of == "test" if splits else None,
+    table = FileTable(files, np.asarray(labels, np.int64), None, split_of == "test" if splits else None,
                    split_of == "val" if splits else None, tuple(notes))
     return tuple(classes), merge_small_val(table, options, splits["val"].name if "val" in splits else "val")
 
@@ -486,14 +489,14 @@ def _nih_test_rows(root: Path, names: pd.Series, table_name: str) -> np.ndarray 
     return test
 
 
-def read_nih(location: Path, options: dict | None = None) -> _Table:
+def read_nih(location: Path, options: dict | None = None) -> FileTable:
     """The table of the NIH release at `location` (folder or label CSV): image paths, labels, patients, test."""
     options = options or {}
     root, file = nih_table_file(location, options)
     table = _read_nih_csv(file)
     names = table["Image Index"].astype(str)
     attributes = read_attributes(table, {k: c for k, c in NIH_ATTRIBUTES.items() if c in table.columns}, str(file))
-    return _Table(_nih_image_paths(root, names), multi_hot(table["Finding Labels"], nih_label_names(options)),
+    return FileTable(_nih_image_paths(root, names), multi_hot(table["Finding Labels"], nih_label_names(options)),
                   table["Patient ID"].to_numpy(), _nih_test_rows(root, names, file.name), attributes=attributes)
 
 
@@ -522,7 +525,7 @@ def _columns(table: pd.DataFrame, names: list[str], file: Path) -> None:
         raise UserError(f"{file} line {row}: column {empty[0]!r} is empty; fill it in or drop the row")
 
 
-def read_csv_table(file: Path, options: dict) -> tuple[tuple[str, ...], _Table]:
+def read_csv_table(file: Path, options: dict) -> tuple[tuple[str, ...], FileTable]:
     """(class names, table) of a CSV described by the `image`, `label`, `group`, `split` options."""
     try:
         table = pd.read_csv(file)
@@ -551,7 +554,7 @@ def read_csv_table(file: Path, options: dict) -> tuple[tuple[str, ...], _Table]:
         test, val = (where == "test").to_numpy(), (where == "val").to_numpy()
     groups = table[group].astype(str).to_numpy() if group else None
     attributes = read_attributes(table, subgroup_columns(options.get("subgroups"), table, str(file)), str(file))
-    return class_names, _Table(files, labels, groups, test, val, attributes=attributes)
+    return class_names, FileTable(files, labels, groups, test, val, attributes=attributes)
 
 
 @register_dataset("csv")
