@@ -348,8 +348,10 @@ def test_train_metrics_come_from_the_training_pass_itself(one_epoch):
 
     data, epoch, forwards, (logits, labels) = one_epoch
     n_train, n_val = int((~data.official_val).sum()), int(data.official_val.sum())
-    # one image for the FLOP count, the training pass (drop_last), one validation and one test batch: no extra pass
-    assert forwards == [1] + [32] * (n_train // 32) + [n_val, len(data.test)]
+    # one image for the FLOP count, the training pass (drop_last), then validation and test in batches of the
+    # trial's own size (the memory it trains in): no extra pass
+    in_batches = lambda n: [32] * (n // 32) + [n % 32] * bool(n % 32)  # noqa: E731
+    assert forwards == [1] + [32] * (n_train // 32) + in_batches(n_val) + in_batches(len(data.test))
     # the train metrics are those of the pass's own outputs (in train mode, as the weights moved), not a re-scoring
     own = classification_metrics("binary", labels, probabilities("binary", logits))
     assert (epoch.metrics["train_acc"], epoch.metrics["train_auc"]) == pytest.approx((own["acc"], own["auc"]))

@@ -184,7 +184,7 @@ class DataParallelRun(SplitRun):
             dist.broadcast(buffer, 0)
         rows = np.array_split(np.arange(len(images)), self.world)[self.rank]
         if len(rows):
-            logits, labels = predict_logits(self.model, eval_loader(images.subset(rows), 512, self.device,
+            logits, labels = predict_logits(self.model, eval_loader(images.subset(rows), self.eval_batch, self.device,
                                                                     self.normalization), self.device, self.amp)
         else:  # fewer rows than ranks
             logits, labels = np.empty((0, self.dataset.num_classes), np.float32), images.labels[:0]
