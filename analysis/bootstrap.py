@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from trainables.training.metrics import binary_rates, predictions, safe_auc
+from trainables.training.metrics import confusion_rates, predictions, safe_auc
 
 N_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -59,11 +59,11 @@ def core_metrics(task: str, labels: np.ndarray, probs: np.ndarray, threshold: fl
             aucs = [safe_auc(labels[:, j], probs[:, j]) for j in range(labels.shape[1])]
             auc = np.nan if np.all(np.isnan(aucs)) else np.nanmean(aucs)
             return np.array([1.0 - skm.hamming_loss(labels, y_pred), skm.accuracy_score(labels, y_pred), auc])
-        acc, balanced = skm.accuracy_score(labels, y_pred), skm.balanced_accuracy_score(labels, y_pred)
+        acc, balanced, recalls = confusion_rates(labels, y_pred, probs.shape[1])
         if task == "multiclass":
             auc = safe_auc(labels, probs, multi_class="ovr", average="macro", labels=np.arange(probs.shape[1]))
             return np.array([acc, balanced, auc])
-        return np.array([acc, balanced, safe_auc(labels, probs[:, 1]), *binary_rates(labels, y_pred)])
+        return np.array([acc, balanced, safe_auc(labels, probs[:, 1]), recalls[1], recalls[0]])  # sensitivity, specificity
 
 
 def metrics_with_ci(task: str, labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5,

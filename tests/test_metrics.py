@@ -42,7 +42,7 @@ def test_auc_is_nan_when_validation_has_one_class():
 
 
 def test_sensitivity_and_specificity_are_nan_where_a_class_is_missing_the_same_in_logs_and_intervals():
-    """One rule (metrics.binary_rates) for the logged metric and the bootstrap: a split without negatives has no
+    """One rule (metrics.confusion_rates) for the logged metric and the bootstrap: a split without negatives has no
     specificity (NaN, not 0, which would read as 'every negative missed')."""
     from analysis.bootstrap import core_metrics, interval_metric_names
 
@@ -51,6 +51,32 @@ def test_sensitivity_and_specificity_are_nan_where_a_class_is_missing_the_same_i
     assert np.isnan(logged["specificity"]) and np.isnan(logged["auc"])
     interval = dict(zip(interval_metric_names("binary"), core_metrics("binary", labels, probs)))
     assert interval["sensitivity"] == 0.75 and np.isnan(interval["specificity"])
+
+
+@pytest.mark.parametrize("task,cases", [("binary", 300), ("binary", 5), ("multiclass", 300), ("multiclass", 4)])
+def test_the_bootstrap_s_metrics_from_one_confusion_matrix_equal_scikit_learn_s_scores(task, cases):
+    """The intervals' accuracy, balanced accuracy, sensitivity and specificity come from one confusion matrix per
+    resample; they equal scikit-learn's own scores, on small samples where a class is missing too."""
+    import warnings
+
+    from sklearn import metrics as skm
+
+    from analysis.bootstrap import core_metrics, interval_metric_names
+
+    rng, classes = np.random.default_rng(cases), 2 if task == "binary" else 3
+    for _ in range(20):
+        labels, probs = rng.integers(0, classes, cases), rng.dirichlet(np.ones(classes), cases)
+        predicted = probs.argmax(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a class missing from a small sample
+            expected = {"acc": skm.accuracy_score(labels, predicted),
+                        "balanced_acc": skm.balanced_accuracy_score(labels, predicted)}
+            if task == "binary":
+                recalls = skm.recall_score(labels, predicted, labels=[0, 1], average=None, zero_division=np.nan)
+                expected |= {"sensitivity": recalls[1], "specificity": recalls[0]}
+        got = dict(zip(interval_metric_names(task), core_metrics(task, labels, probs)))
+        for name, value in expected.items():
+            assert got[name] == pytest.approx(value, nan_ok=True), name
 
 
 @pytest.mark.parametrize("task", ["binary", "multilabel"])
