@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -93,7 +94,8 @@ def test_mlflow_models_serve_classifies_a_png_and_a_dicom_file_over_http(registe
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
                                "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              env={**os.environ, "MLFLOW_TRACKING_URI": search.uri},
+                              env={**os.environ, "MLFLOW_TRACKING_URI": search.uri,  # uvicorn as an active venv has it
+                                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -112,7 +114,8 @@ def test_mlflow_models_serve_classifies_a_png_and_a_dicom_file_over_http(registe
         with urllib.request.urlopen(request, timeout=60) as reply:
             answers = json.loads(reply.read())["predictions"]
     finally:
-        os.killpg(server.pid, 15)
+        if server.poll() is None:  # one that failed to start has ended already
+            os.killpg(server.pid, 15)
         server.wait(timeout=30)
     probs, labels = ExportedModel(out).predict([chest_png])
     names = json.loads((out / "preprocessing.json").read_text())["class_names"]
