@@ -1,4 +1,5 @@
-"""A search started before trainables/ was grouped by concern (commit 1ae823f) resumes and exports after it.
+"""A search started before trainables/ was grouped by concern (commit 1ae823f) resumes and exports after it, and a
+SIGKILLed search resumes without running a config twice or logging a trial twice (the fixture was killed so).
 
 Ray pickled that search's MLflow callback as `analysis.tracking.MLflowTrialCallback`; the fixture is such a search,
 made by that commit's tune.py (3 simple_cnn trials of 2 epochs on PneumoniaMNIST: one finished, one killed with
@@ -61,6 +62,9 @@ def test_a_search_from_the_previous_layout_resumes_and_exports(old_layout_resume
         trials = [r for r in runs if r.data.tags.get("medtune.role") == "trial"]
         assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
         assert len({r.data.tags["medtune.trial_id"] for r in trials}) == 3  # the killed trial kept its run
+        assert len({r.data.params["lr"] for r in trials}) == 3, "a config was evaluated twice"
+        (parent,) = [r for r in runs if r.data.tags.get("medtune.role") == "search"]
+        assert parent.info.status == "FINISHED"
 
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

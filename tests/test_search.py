@@ -1,21 +1,13 @@
 """End to end: real searches on PneumoniaMNIST through tune.py, Ray Tune and an MLflow server over HTTP.
 
-Cost: the suite's shared search (tests/conftest.py) and a killed-and-resumed one, both started with the session
-and run beside each other; one trial trained in-process."""
+Cost: the suite's shared search (tests/conftest.py), started with the session beside the other slow work; one trial
+trained in-process. A SIGKILLed search's resume is tests/test_old_layout.py's (its fixture was killed so)."""
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import mlflow
 import pytest
 import torch
-from conftest import background_job, new_mlflow_store
 
 from search_spaces import load_space
 from trainables.tracking.names import ARTIFACTS as TRIAL_ARTIFACTS
@@ -23,34 +15,7 @@ from trainables.tracking.names import GAN_ARTIFACTS
 from trainables.tracking.state import read_state
 from trainables.training.epochs import train
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
-
-TINY = """\
-description: tiny real search for the tests
-dataset: pneumoniamnist
-num_samples: {num_samples}
-max_concurrent: 2
-max_failures: 0
-scheduler: {{max_t: {max_t}, grace_period: 1, reduction_factor: 2}}
-resources: {{cpu: 1}}
-fixed: {{model: simple_cnn, batch_size: 256, optimizer: sgd, schedule: constant}}
-params:
-  lr: {lr}
-"""
-
-
-def tune_cmd(tmp: Path, data_root: Path, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "tune.py"), "--storage", str(tmp / "results"), "--data-root", str(data_root),
-            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *args]
-
-
-def local_runs(tmp: Path):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    found = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
-    parents = [r for r in found if r.data.tags.get("medtune.role") == "search"]
-    children = [r for r in found if r.data.tags.get("medtune.role") == "trial"]
-    return client, parents, children
 
 
 def completed(search):
@@ -147,43 +112,6 @@ def test_a_finished_trial_keeps_one_checkpoint_with_its_best_weights_only(shared
         state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
         assert state["final"] and "optimizer" not in state and "best_model" not in state
         assert state["best_epoch"] <= 2 and state["precision"] == "fp32"
-
-
-@background_job()
-def killed_and_resumed(started, tmp: Path) -> SimpleNamespace:
-    """A 3-trial search whose driver and Ray are SIGKILLed once a trial has ended, then `--resume`d.
-    Cost: two tune.py runs of about a minute each on 2 quiet cores, beside the shared search."""
-    space = tmp / "resumable.yaml"
-    space.write_text(TINY.format(num_samples=3, max_t=2, lr="{loguniform: [1.0e-3, 0.3]}"))
-    new_mlflow_store(started, tmp / "mlflow.db")
-    driver = started.popen(tune_cmd(tmp, started.data_root, "--space", str(space), "--name", "resumable", "--no-report"),
-                           cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, seen = time.time() + 600, []
-    for line in driver.stdout:
-        seen.append(line)
-        if "completed" in line or "stopped early" in line or time.time() > deadline:
-            break
-    time.sleep(2)  # let a second trial get going, then pull the plug on the driver and its Ray processes
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    resume = [a for a in tune_cmd(tmp, started.data_root, "--resume", "resumable", "--no-report")
-              if a != str(started.data_root)]
-    resume.remove("--data-root")  # the search keeps its own: a resume refuses flags that would change it
-    return SimpleNamespace(tmp=tmp, before_the_kill="".join(seen), resumed=started.run(resume, cwd=tmp, timeout=900))
-
-
-def test_sigkilled_search_resumes_without_repeating_a_config(killed_and_resumed):
-    before, resumed = killed_and_resumed.before_the_kill, killed_and_resumed.resumed
-    assert "completed" in before or "stopped early" in before, before[-3000:]
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "3 trials:" in resumed.stdout
-    _, parents, children = local_runs(killed_and_resumed.tmp)
-    trial_ids = [c.data.tags["medtune.trial_id"] for c in children]
-    lrs = [c.data.params["lr"] for c in children if c.info.status != "KILLED"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(set(trial_ids)) == len(trial_ids), "a trial appears twice in MLflow"
-    assert len(lrs) == 3 and len(set(lrs)) == 3, "a config was evaluated twice"
-    assert all(c.info.status != "RUNNING" for c in children)
 
 
 def test_resnetd_depth_space_trains_a_trial_as_shipped(medmnist_root):
