@@ -384,7 +384,7 @@ def read_imagefolder(root: Path, options: dict | None = None) -> tuple[tuple[str
         notes.append(f"left out {masks:,} images in {'/'.join(MASK_FOLDERS)} folders: segmentation masks, not images to classify")
     split_of = np.asarray(split_of)
     table = FileTable(files, np.asarray(labels, np.int64), None, split_of == "test" if splits else None,
-                   split_of == "val" if splits else None, tuple(notes))
+                      split_of == "val" if splits else None, tuple(notes))
     return tuple(classes), merge_small_val(table, options, splits["val"].name if "val" in splits else "val")
 
 
@@ -497,7 +497,7 @@ def read_nih(location: Path, options: dict | None = None) -> FileTable:
     names = table["Image Index"].astype(str)
     attributes = read_attributes(table, {k: c for k, c in NIH_ATTRIBUTES.items() if c in table.columns}, str(file))
     return FileTable(_nih_image_paths(root, names), multi_hot(table["Finding Labels"], nih_label_names(options)),
-                  table["Patient ID"].to_numpy(), _nih_test_rows(root, names, file.name), attributes=attributes)
+                     table["Patient ID"].to_numpy(), _nih_test_rows(root, names, file.name), attributes=attributes)
 
 
 @register_dataset("nih_chestxray14")
