@@ -16,11 +16,15 @@ logs them), so a stop takes seconds whatever the tracking server does. A second 
 from __future__ import annotations
 
 import datetime as dt
+import glob
+import json
 import logging
 import os
+import pickletools
 import re
 import shlex
 import signal
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,9 +145,6 @@ class SearchStop:
 def _whole(data: bytes, name: str) -> bool:
     """Whether a state file Ray wrote reads to its end: JSON parses; a pickle's opcodes run to its STOP (walked by
     pickletools, never unpickled: nothing in it is executed here)."""
-    import json
-    import pickletools
-
     try:
         if name.endswith(".json"):
             json.loads(data)
@@ -160,8 +161,6 @@ def put_back_ray_state(experiment: str) -> str | None:
     storage's copy was cut short (a storage that filled up while Ray overwrote them in place): Tuner.restore would
     log the error and start the search afresh, or fail on the searcher's pickle. Which copy was put back; None when
     the storage's copies read. UserError when they cannot be put back."""
-    import glob
-    import tempfile
 
     import pyarrow.fs
 
