@@ -30,7 +30,7 @@ from trainables.training.checkpoint import best_weights, with_old_defaults
 from trainables.training.split_run import build_model, eval_loader, predict_logits
 
 CPU = torch.device("cpu")
-EVAL_BATCH = 512  # the trial's evaluation batch size: same batches, same arithmetic
+OLD_EVAL_BATCH = 512  # what trials evaluated in before checkpoints recorded "eval_batch"
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -61,6 +61,7 @@ class Replay:
     trial: Setting  # how the trial evaluated (from the checkpoint)
     replayed: Setting  # how `trial_logits` evaluates here: the trial's setting where this machine has it
     stem: str = "imagenet"  # the stem the network was built with (resolved: imagenet | small | fixed)
+    eval_batch: int = OLD_EVAL_BATCH  # the trial's evaluation batch: same batches, same arithmetic, same memory
 
     @property
     def val(self) -> ImageSet:
@@ -88,12 +89,12 @@ class Replay:
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)  # as the trial evaluated
         amp = self.replayed.precision == "bf16"
-        return predict_logits(model, eval_loader(images, EVAL_BATCH, device, self.normalization), device, amp)
+        return predict_logits(model, eval_loader(images, self.eval_batch, device, self.normalization), device, amp)
 
     def logits(self, model, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
         """(logits, labels) of `model` (eager or TorchScript) on `images`, float32 on the CPU, with the trial's
         normalisation."""
-        return logits_of(model, images, self.normalization)
+        return logits_of(model, images, self.normalization, self.eval_batch)
 
 
 def trial_setting(state: dict) -> Setting:
@@ -135,7 +136,7 @@ def replay(state: dict, data_root: str | None = None) -> Replay:
     trial = trial_setting(state)
     normalization = Normalization.from_meta(meta)  # checkpoints from before `normalize`: [-1, 1]
     return Replay(config, dataset, train_index, val_index, model.eval(), normalization, trial, replay_setting(trial),
-                  stem)
+                  stem, int(state.get("eval_batch", OLD_EVAL_BATCH)))
 
 
 def trial_stem(state: dict, image_size: int) -> str:
@@ -145,6 +146,7 @@ def trial_stem(state: dict, image_size: int) -> str:
     return state.get("stem") or resolve_stem(config["model"], config["stem"], image_size)
 
 
-def logits_of(model, images: ImageSet, normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of `model` (eager or TorchScript) on `images`, float32 on the CPU."""
-    return predict_logits(model, eval_loader(images, EVAL_BATCH, CPU, normalization), CPU)
+def logits_of(model, images: ImageSet, normalization: Normalization,
+              batch: int = OLD_EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of `model` (eager or TorchScript) on `images`, float32 on the CPU, `batch` images at a time."""
+    return predict_logits(model, eval_loader(images, batch, CPU, normalization), CPU)

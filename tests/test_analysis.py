@@ -572,6 +572,30 @@ def test_replay_refuses_a_checkpoint_without_the_best_weights(monkeypatch):
         replay({**final, "final": False})  # epoch 3's weights only: never used in place of epoch 2's
 
 
+def test_replay_scores_in_the_batches_the_trial_evaluated_in(monkeypatch):
+    """Same batches as the trial: its arithmetic (the exact-reproduction check), and its memory (a fixed 512 needs
+    6.7 GiB for a small CNN at 224 px). A checkpoint from before the batch was recorded evaluated at 512."""
+    data = toy_dataset()
+    config = resolve_config({**TOY, "epochs": 1, "batch_size": 24})
+    (epoch,) = iterate_epochs(config, data)
+    monkeypatch.setattr(analysis.replay, "load_dataset", lambda spec, **kwargs: data)
+    batches = []
+
+    def spied(images, batch, *args, **kwargs):
+        batches.append(batch)
+        return eval_loader(images, batch, *args, **kwargs)
+
+    monkeypatch.setattr(analysis.replay, "eval_loader", spied)
+    rep = replay(epoch.state)
+    logits, _ = rep.trial_logits(data.test)
+    rep.logits(rep.model, data.test)
+    assert batches == [24, 24]
+    assert np.allclose(probabilities("binary", logits), epoch.test_probs, atol=1e-6)
+    older = {key: value for key, value in epoch.state.items() if key != "eval_batch"}
+    replay(older).trial_logits(data.test)
+    assert batches[-1] == 512
+
+
 def test_precision_change_counts_flipped_predictions_and_metric_moves():
     setting = analysis.replay.Setting("cuda", "bf16")
     binary = argparse.Namespace(dataset=argparse.Namespace(task="binary", class_names=("no", "yes")),

@@ -66,7 +66,7 @@ def iterate_epochs(config: dict, dataset: Dataset, resume: dict | None = None, *
         state = {"config": config, "epoch": epoch, "final": final,
                  "best_score": metrics[f"best_{config['metric']}"] if cv else lead.best_score,
                  "best_epoch": lead.best_epoch, "history": history, "precision": "bf16" if amp else "fp32",
-                 "device": device.type, "stem": lead.stem, "dataset": lead.dataset_meta()}
+                 "eval_batch": lead.eval_batch, "device": device.type, "stem": lead.stem, "dataset": lead.dataset_meta()}
         if cv:
             state |= {"best_fold": best, "folds": [fold_state(run, epoch, final) for run in runs],
                       **({"oof": out_of_fold(runs)} if final else {})}
