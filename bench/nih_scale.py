@@ -10,7 +10,8 @@ Measures, in this order:
 2. what every trial pays to open the dataset by path (table, file listing, the cache found), the train/validation
    split and the leak report, on the driver as tune.py makes them;
 3. a model's own need: the peak anonymous memory of a bare PyTorch process training the same model on random
-   batches of the same shape, then scoring at the trial's evaluation batch (512) without autograd (nothing of medtune);
+   batches of the same shape, then scoring batches of the same size without autograd, as a trial evaluates (nothing
+   of medtune);
 4. a search through tune.py: `--trials` trials of `--model`, 1 epoch, all in parallel (1 CPU each): the peak
    anonymous memory (RssAnon; USS beside it) of the driver and of each trial, sampled from /proc every 2 seconds,
    the time from tune.py's start to the first trial's first batch (bench/first_batch/sitecustomize.py, on
@@ -163,21 +164,17 @@ for _ in range(5):
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), torch.zeros({batch}, 14))
     optimizer.zero_grad(); loss.backward(); optimizer.step()
 model.eval()
-with torch.no_grad():  # a trial scores validation and test in batches of {eval_batch} (split_run.eval_loader)
+with torch.no_grad():  # a trial scores validation and test in batches of its own batch size (SplitRun.eval_batch)
     for _ in range(2 if {evaluate} else 0):
-        model(torch.randint(0, 256, ({eval_batch}, 1, {size}, {size}), dtype=torch.uint8).float() / 255)
+        model(torch.randint(0, 256, ({batch}, 1, {size}, {size}), dtype=torch.uint8).float() / 255)
 """
-
-
-EVAL_BATCH = 512  # what SplitRun scores validation and test with
 
 
 def model_need(model: str, size: int, batch: int, evaluate: bool) -> int:
     """Peak anonymous memory (sampled every 0.2 s) of a bare PyTorch process that does what a trial's model does:
-    training steps at `batch`, then (`evaluate`) forward passes without autograd at the trial's evaluation batch."""
+    training steps at `batch`, then (`evaluate`) forward passes without autograd at the same batch, as a trial scores."""
     peak = {"anon": 0}
-    script = MODEL_NEED.format(repo=str(REPO), model=model, size=size, batch=batch, eval_batch=EVAL_BATCH,
-                               evaluate=evaluate)
+    script = MODEL_NEED.format(repo=str(REPO), model=model, size=size, batch=batch, evaluate=evaluate)
     process = subprocess.Popen([sys.executable, "-c", script])
     while process.poll() is None:
         peak["anon"] = max(peak["anon"], proc_memory(process.pid).get("anon", 0))
@@ -264,7 +261,7 @@ def main() -> None:
           f"{steps['leak_seconds']:.1f} s ({steps['sizes']}, {steps['leaks']}); RssAnon after "
           f"{steps['anon_after'] / GB:.2f} GiB", flush=True)
     need = model_need(args.model, size, args.batch_size, evaluate=not args.time_budget)
-    scored = "no evaluation (cut before it)" if args.time_budget else f"eval batch {EVAL_BATCH}"
+    scored = "no evaluation (cut before it)" if args.time_budget else f"eval batch {args.batch_size}"
     print(f"model need: {args.model} at {size} px, train batch {args.batch_size}, {scored}, bare PyTorch: RssAnon "
           f"{need / GB:.2f} GiB", flush=True)
 

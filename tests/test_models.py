@@ -5,7 +5,8 @@ import torch
 from trainables.errors import UserError
 from trainables.models import count_trainable, create_model, model_names
 
-SMALL = ["resnet18d", "resnet18", "simple_cnn", "vgg_like", "vit_small_patch8", "efficientnet_b0", "densenet121"]
+SMALL = ["resnet18d", "resnet18", "simple_cnn", "vgg_like", "vit_small_patch8", "efficientnet_b0", "densenet121",
+         "mobilenetv3_small_050"]
 
 
 def test_every_issue_model_is_registered():

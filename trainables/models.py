@@ -85,7 +85,9 @@ def _timm(arch: str, **fixed):
 
 TIMM_MODELS = [f"resnet{d}d" for d in (18, 34, 50, 101, 152, 200)] + [
     f"resnet{d}" for d in (18, 34, 50, 101, 152)
-] + ["densenet121", "densenet161", "efficientnet_b0"]
+] + ["densenet121", "densenet161", "efficientnet_b0"] + [
+    "mobilenetv3_small_050", "mobilenetv3_small_100"  # fast baselines at 224 px on a CPU (75 / 33 training img/s a core)
+]
 for _arch in TIMM_MODELS:
     register_model(_arch)(_timm(_arch))
 
