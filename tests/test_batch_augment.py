@@ -60,9 +60,10 @@ def test_rotation_angles_come_from_the_same_distribution_on_both_paths():
     assert torch.allclose(params["scale"], torch.full((n, 2), zoom))
 
 
-def test_autoaugment_stays_per_sample_and_auto_batches_on_cuda_only():
+def test_autoaugment_stays_per_sample_and_auto_batches_on_cuda_or_without_augmentation():
     assert split_names("hflip+autoaugment_cifar10+rotation") == (["hflip", "rotation"], ["autoaugment_cifar10"])
     assert use_batched("auto", torch.device("cuda")) and not use_batched("auto", torch.device("cpu"))
+    assert use_batched("auto", torch.device("cpu"), augments=False) and not use_batched("cpu", torch.device("cpu"), False)
     assert use_batched("batch", torch.device("cpu")) and not use_batched("cpu", torch.device("cuda"))
     with pytest.raises(UserError, match="augment_device"):
         resolve_config({"augment_device": "gpu"})
@@ -76,3 +77,25 @@ def test_a_trial_trains_with_batched_augmentation_and_minority_copies(toy):
     assert final.metrics["train_images"] > 128  # the copies are in
     assert final.train_examples["images"].dtype == np.uint8 and final.train_examples["copy"].any()
     assert [e.metrics["train_loss"] for e in runs[0]] == [e.metrics["train_loss"] for e in runs[1]]  # seeded
+
+
+def test_an_unaugmented_cpu_trial_reads_whole_batches_and_learns_as_per_image(toy, monkeypatch):
+    """`auto` reads an unaugmented trial's batches in one index each (at 224 px: half the step time, a flat heap):
+    the same images in the same order, so it learns what the per-image path learns (to float rounding: the
+    normalisation runs on a batch instead of on each image)."""
+    import trainables.training.split_run as split_run
+
+    paths = []
+    real = split_run.build_train_loader
+    monkeypatch.setattr(split_run, "build_train_loader",
+                        lambda *args: paths.append(args[-1]) or real(*args))
+    config = {"model": "simple_cnn", "epochs": 2, "batch_size": 32, "lr": 3e-3, "image_size": 16, "seed": 1,
+              "device": "cpu"}
+    auto, per_image = (list(iterate_epochs({**config, "augment_device": choice}, toy())) for choice in ("auto", "cpu"))
+    assert paths == [True, False]
+    for mine, theirs in zip(auto, per_image):
+        assert mine.metrics["train_loss"] == pytest.approx(theirs.metrics["train_loss"], rel=1e-5)
+        assert mine.metrics["val_loss"] == pytest.approx(theirs.metrics["val_loss"], rel=1e-5)
+    assert np.allclose(auto[-1].test_probs, per_image[-1].test_probs, atol=1e-5)
+    shuffled = list(iterate_epochs({**config, "seed": 2}, toy()))  # the check can fail: another order differs
+    assert not np.allclose(shuffled[-1].test_probs, per_image[-1].test_probs, atol=1e-5)

@@ -116,7 +116,9 @@ class DeviceInputs:
         return (unit - mean) / std
 
 
-def use_batched(choice: str, device: torch.device) -> bool:
+def use_batched(choice: str, device: torch.device, augments: bool = True) -> bool:
     """`augment_device`: batch = on the trial's device; cpu = per sample in the DataLoader; auto = batched on
-    CUDA (where the CPU would starve the GPU), per sample on CPU (the path every earlier result used)."""
-    return choice == "batch" or (choice == "auto" and device.type == "cuda")
+    CUDA (where the CPU would starve the GPU) and for a trial that `augments` nothing (the same inputs either way,
+    read in one index per batch instead of one per image: at 224 px on a CPU half the step time, and a heap that
+    stops growing, BENCHMARKS.md section 9); per sample for augmented CPU trials (the path earlier results used)."""
+    return choice == "batch" or (choice == "auto" and (device.type == "cuda" or not augments))

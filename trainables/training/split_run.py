@@ -342,7 +342,8 @@ class SplitRun:
         self.extra = minority_copies(self.train_set.labels, float(config["minority_aug_pct"]), config["seed"])
         # generated minority images, from a GAN trained on this split's training rows only (None without synthetic_pct)
         self.synthetic = synthetic_training_images(self.train_set, config, dataset, device)
-        batched = use_batched(config["augment_device"], device)
+        batched = use_batched(config["augment_device"], device, augments=any(split_names(config["augment"]))
+                              or len(self.extra) > 0)
         self.train_data, self.batch_augment = training_data(config, with_synthetic(self.train_set, self.synthetic),
                                                             self.extra, self.normalization, channels, batched)
         self.prepare = DeviceInputs(self.batch_augment, self.normalization) if batched else None
