@@ -80,7 +80,7 @@ def test_a_trial_trains_with_batched_augmentation_and_minority_copies(toy):
 
 
 def test_an_unaugmented_cpu_trial_reads_whole_batches_and_learns_as_per_image(toy, monkeypatch):
-    """`auto` reads an unaugmented trial's batches in one index each (at 224 px: half the step time, a flat heap):
+    """`auto` reads an unaugmented trial's batches in one index each (at 224 px a flat heap, BENCHMARKS.md 9):
     the same images in the same order, so it learns what the per-image path learns (to float rounding: the
     normalisation runs on a batch instead of on each image)."""
     import trainables.training.split_run as split_run

@@ -119,6 +119,6 @@ class DeviceInputs:
 def use_batched(choice: str, device: torch.device, augments: bool = True) -> bool:
     """`augment_device`: batch = on the trial's device; cpu = per sample in the DataLoader; auto = batched on
     CUDA (where the CPU would starve the GPU) and for a trial that `augments` nothing (the same inputs either way,
-    read in one index per batch instead of one per image: at 224 px on a CPU half the step time, and a heap that
-    stops growing, BENCHMARKS.md section 9); per sample for augmented CPU trials (the path earlier results used)."""
+    read in one index per batch instead of one per image, whose small allocations grew a trial's heap by GiBs in an
+    epoch at 224 px: BENCHMARKS.md section 9); per sample for augmented CPU trials (the path earlier results used)."""
     return choice == "batch" or (choice == "auto" and (device.type == "cuda" or not augments))
