@@ -61,7 +61,8 @@ class TrialConfig(BaseModel):
     crop_scale: float = Field(0.8, gt=0.0, le=1.0)  # smallest area kept by "crop" (random resized crop)
     noise_std: float = Field(0.05, ge=0.0)  # std (on the 0-1 scale) for "noise"
     minority_aug_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra augmented copies
-    augment_device: Literal["auto", "cpu", "batch"] = "auto"  # cpu: per image; batch: Kornia on the device; auto: batch on CUDA
+    # cpu: per image; batch: Kornia on the device; auto: batch on CUDA or for a trial without augmentation (use_batched)
+    augment_device: Literal["auto", "cpu", "batch"] = "auto"
     sampling: Literal["none", "oversample", "undersample"] = "none"  # class-balanced draws (multi-label: rarest positive label)
     # generated minority images (trainables/augment/synthetic.py): a class-conditional DCGAN trained on the training split
     synthetic_pct: float = Field(0.0, ge=0.0, le=1000.0)  # each minority class gets this % extra generated images
